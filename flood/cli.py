@@ -1,0 +1,68 @@
+"""What every Flood command shares: one-line errors, option types, credentials and db lookup."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+DEFAULT_DB = "flood.db"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
+
+
+def log_level(text: str) -> str:
+    level = text.lower()
+    if level == "warn":
+        level = "warning"
+    if level not in ("debug", "info", "warning", "error", "critical"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a level (debug, info, warning, error, critical)")
+    return level
+
+
+def db_path(option: str | None) -> str:
+    """--db, else $FLOOD_DB, else ./flood.db; made absolute so every process agrees."""
+    return os.path.abspath(option or os.environ.get("FLOOD_DB") or DEFAULT_DB)
+
+
+def fail(prog: str, message: str, code: int) -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code

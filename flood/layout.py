@@ -1,0 +1,175 @@
+"""The server directory: SERVER_DIR/{incoming_tmp,incoming,processing,failed,completed}/P/B/key."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from flood.errors import InvalidName, LayoutError
+from flood.jobs import FileRef
+
+INCOMING_TMP = "incoming_tmp"
+INCOMING = "incoming"
+PROCESSING = "processing"
+FAILED = "failed"
+COMPLETED = "completed"
+STATES = (INCOMING_TMP, INCOMING, PROCESSING, FAILED, COMPLETED)
+
+MAX_KEY_BYTES = 1024
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BACKUP_RE = re.compile(r"\.~(\d+)~$")
+
+
+def check_profile(name: str) -> str:
+    """Return `name` if it can be a profile directory, else raise InvalidName."""
+    if name in ("", ".", "..") or "/" in name or _CONTROL_RE.search(name):
+        raise InvalidName("invalid_profile", f"invalid profile name {name!r}")
+    _check_utf8(name, "invalid_profile")
+    return name
+
+
+def check_bucket(name: str) -> str:
+    """Return `name` if S3 accepts it as a bucket name (3-63 of a-z 0-9 . -), else raise."""
+    if not _BUCKET_RE.match(name) or ".." in name:
+        raise InvalidName(
+            "invalid_bucket",
+            f"invalid bucket name {name!r}: S3 wants 3-63 characters of lowercase letters, "
+            "digits, dots and hyphens, starting and ending with a letter or digit",
+        )
+    return name
+
+
+def check_key(key: str) -> str:
+    """Return `key` if every segment is a real name and it fits S3's 1,024 bytes, else raise."""
+    raw = _check_utf8(key, "invalid_utf8")
+    segments = key.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        raise InvalidName("invalid_key", f"key {key!r} has an empty, '.' or '..' segment")
+    if _CONTROL_RE.search(key):
+        raise InvalidName("invalid_key", f"key {key!r} contains a control character")
+    if len(raw) > MAX_KEY_BYTES:
+        raise InvalidName("key_too_long", f"key is {len(raw)} bytes in UTF-8, over 1024")
+    return key
+
+
+def _check_utf8(text: str, reason: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise InvalidName(reason, f"name {shown!r} is not valid UTF-8") from None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one server directory; the only place that knows how they are built."""
+
+    root: Path
+
+    def state_dir(self, state: str) -> str:
+        return os.path.join(self.root, state)
+
+    def path(self, state: str, ref: FileRef) -> str:
+        return os.path.join(self.root, state, ref.profile, ref.bucket, ref.key)
+
+    def bucket_dir(self, state: str, profile: str, bucket: str) -> str:
+        return os.path.join(self.root, state, profile, bucket)
+
+    def parse(self, state: str, path: str) -> FileRef | None:
+        """The file a path in `state` stands for; None when it is not below P/B/ (misplaced)."""
+        rel = os.path.relpath(path, self.state_dir(state))
+        parts = rel.split(os.sep)
+        if len(parts) < 3 or parts[0] in ("..", "."):
+            return None
+        return FileRef(parts[0], parts[1], "/".join(parts[2:]))
+
+    def profiles_present(self) -> set[str]:
+        """Profile directory names found under any of the five state directories."""
+        found: set[str] = set()
+        for state in STATES:
+            found.update(_subdirs(self.state_dir(state)))
+        return found
+
+    def buckets_present(self, profile: str) -> set[str]:
+        """Bucket directory names of `profile` found under any of the five state directories."""
+        found: set[str] = set()
+        for state in STATES:
+            found.update(_subdirs(os.path.join(self.state_dir(state), profile)))
+        return found
+
+    def prepare(self, profiles: Iterable[str]) -> None:
+        """Create the five directories, each profile's under each, and mirror bucket dirs."""
+        if not self.root.is_dir():
+            raise LayoutError(f"server directory {self.root} does not exist or is not a directory")
+        for state in STATES:
+            os.makedirs(self.state_dir(state), mode=0o750, exist_ok=True)
+        self.check_one_filesystem()
+        for profile in sorted(set(profiles) | self.profiles_present()):
+            buckets = self.buckets_present(profile)
+            for state in STATES:
+                os.makedirs(os.path.join(self.state_dir(state), profile), mode=0o750, exist_ok=True)
+                for bucket in buckets:
+                    os.makedirs(self.bucket_dir(state, profile, bucket), mode=0o750, exist_ok=True)
+
+    def check_one_filesystem(self) -> None:
+        """Refuse state directories on different filesystems: a cross-device move is a copy."""
+        devices = {state: os.stat(self.state_dir(state)).st_dev for state in STATES}
+        if len(set(devices.values())) > 1:
+            where = ", ".join(f"{s} on device {d}" for s, d in devices.items())
+            raise LayoutError(f"the state directories of {self.root} span filesystems: {where}")
+
+    def wipe_incoming_tmp(self) -> int:
+        """Delete what producers left half-written in incoming_tmp; return how many entries."""
+        top = self.state_dir(INCOMING_TMP)
+        count = 0
+        for entry in os.scandir(top):
+            if entry.is_dir(follow_symlinks=False):
+                count += sum(len(files) + len(dirs) for _, dirs, files in os.walk(entry.path))
+                shutil.rmtree(entry.path)
+                os.mkdir(entry.path, 0o750)
+            else:
+                os.unlink(entry.path)
+            count += 1
+        return count
+
+    def walk_files(self, state: str, profile: str | None = None) -> Iterator[str]:
+        """Every non-directory below `state` (or one profile of it), streamed, links not followed."""
+        top = self.state_dir(state) if profile is None else os.path.join(self.state_dir(state), profile)
+        yield from _walk(top)
+
+
+def _walk(top: str) -> Iterator[str]:
+    try:
+        entries = list(os.scandir(top))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    for entry in sorted(entries, key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path)
+        else:
+            yield entry.path
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def backup_name(path: str) -> str:
+    """The next free `path.~N~` name, as `mv --backup=numbered` picks it."""
+    directory, base = os.path.split(path)
+    highest = 0
+    prefix = base + ".~"
+    for name in os.listdir(directory):
+        if name.startswith(prefix):
+            match = _BACKUP_RE.search(name)
+            if match and name == f"{base}.~{match.group(1)}~":
+                highest = max(highest, int(match.group(1)))
+    return f"{path}.~{highest + 1}~"

@@ -1,0 +1,106 @@
+"""boto3 clients for a profile (endpoint, region, provider quirks) and the bucket checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from flood import __version__
+from flood.credentials import Profile
+from flood.retry import classify
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 60.0
+
+# Bucket verdicts of a check.
+OK = "ok"
+MISSING = "missing"
+# Profile verdicts of a check.
+REJECTED = "rejected"
+UNREACHABLE = "unreachable"
+
+
+def make_client(profile: Profile, *, pool: int = 10) -> Any:
+    """A client for one profile. Call it in the process that uses it: clients are not fork-safe."""
+    extra: dict[str, Any] = {}
+    if profile.provider != "amazon":
+        # boto3 >= 1.36 sends CRC checksum headers by default: B2 answers 400, R2 has answered
+        # 501, and some servers store the trailer inside the object.
+        extra["request_checksum_calculation"] = "when_required"
+        extra["response_checksum_validation"] = "when_required"
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
+        # Flood's own policy does the long waits (flood.retry); botocore may only retry a blip.
+        retries={"mode": "standard", "total_max_attempts": 2},
+        s3={"addressing_style": "path" if profile.endpoint else "auto"},
+        max_pool_connections=pool,
+        tcp_keepalive=True,
+        user_agent_extra=f"flood/{__version__}",
+        **extra,
+    )
+    session = boto3.session.Session(
+        aws_access_key_id=profile.access_key_id,
+        aws_secret_access_key=profile.secret_access_key,
+        region_name=profile.region,
+    )
+    return session.client("s3", endpoint_url=profile.endpoint, config=config)
+
+
+@dataclass
+class ProfileCheck:
+    """The outcome of checking a profile: its own verdict, and one per bucket when it is OK."""
+
+    status: str
+    detail: str = ""
+    buckets: dict[str, str] = field(default_factory=dict)
+
+
+def check_profile(client: Any, buckets: Iterable[str]) -> ProfileCheck:
+    """ListBuckets, or HeadBucket per bucket where listing is denied (bucket-scoped keys)."""
+    wanted = sorted(set(buckets))
+    try:
+        listed = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    except (ClientError, BotoCoreError) as exc:
+        verdict = classify(exc)
+        if verdict.transient:
+            return ProfileCheck(UNREACHABLE, _describe(exc))
+        if verdict.scope == "profile":
+            return ProfileCheck(REJECTED, verdict.reason)
+        listed = set()
+    result = ProfileCheck(OK)
+    for bucket in wanted:
+        if bucket in listed:
+            result.buckets[bucket] = OK
+            continue
+        head = check_bucket(client, bucket)
+        if head.status != OK:
+            return head
+        result.buckets[bucket] = head.detail
+    return result
+
+
+def check_bucket(client: Any, bucket: str) -> ProfileCheck:
+    """HeadBucket one bucket: ProfileCheck(OK, detail=OK|MISSING) or the profile's failure."""
+    try:
+        client.head_bucket(Bucket=bucket)
+    except (ClientError, BotoCoreError) as exc:
+        verdict = classify(exc)
+        if verdict.transient:
+            return ProfileCheck(UNREACHABLE, _describe(exc))
+        if verdict.scope == "profile":
+            return ProfileCheck(REJECTED, verdict.reason)
+        if verdict.reason in ("NotFound", "NoSuchBucket"):
+            return ProfileCheck(OK, MISSING)
+        # 403 on HEAD: a write-only key may still PUT. Let the upload itself decide.
+    return ProfileCheck(OK, OK)
+
+
+def _describe(exc: BaseException) -> str:
+    """An error's text for logs: botocore's messages name the endpoint, never a credential."""
+    return f"{type(exc).__name__}: {exc}"

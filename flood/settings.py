@@ -1,0 +1,39 @@
+"""One frozen Settings, built and validated once by a command and passed down explicitly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flood.credentials import Profile
+
+MiB = 1024 * 1024
+# Names editors and rsync write before renaming into place; matched against the file name.
+DEFAULT_IGNORE = (".*", "*.tmp", "*.swp", "*~")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a Flood process needs to know, in plain values (it crosses process starts)."""
+
+    server_dir: Path
+    db_path: str
+    credentials_path: str
+    profiles: Mapping[str, Profile] = field(repr=False)
+    workers: int = 4
+    retry_base: float = 30.0
+    max_retries: int = 10
+    retry_max_delay: float | None = None
+    log_file: str | None = None
+    log_level: str = "info"
+    multipart_threshold: int = 16 * MiB
+    multipart_chunksize: int = 16 * MiB
+    settle_seconds: float = 1.0
+    rescan_interval: float = 300.0
+    recheck_interval: float = 30.0
+    grace: float = 20.0
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def secrets(self) -> list[str]:
+        return [p.secret_access_key for p in self.profiles.values()]

@@ -1,0 +1,301 @@
+"""One file becomes one object: claim, PUT, verify, record, move."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from flood import fsops, records, retry
+from flood.errors import InvalidName
+from flood.jobs import FileRef, Job
+from flood.layout import COMPLETED, FAILED, INCOMING, PROCESSING, Layout, backup_name
+from flood.layout import check_bucket, check_key
+from flood.settings import Settings
+
+# Outcomes of one pass over a job, for the uploader role to act on.
+DONE = "done"          # completed/ or failed/: nothing more to do
+SKIPPED = "skipped"    # not there any more (a duplicate event), or left waiting in incoming/
+RETRY = "retry"        # transient failure or a retry not yet due: run again at `due`
+BUSY = "busy"          # the same path is still in processing/: try again shortly, in order
+CHANGED = "changed"    # the file changed while it was read: upload again once it settles
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: str
+    due: float = 0.0
+
+
+def _protected_hardlinks() -> bool:
+    try:
+        with open("/proc/sys/fs/protected_hardlinks") as handle:
+            return handle.read().strip() == "1"
+    except OSError:
+        return False
+
+
+class FileUploader:
+    """Uploads the files of one profile; one per uploader process, holding its client."""
+
+    def __init__(self, settings: Settings, profile: str, client: Any, log: Any,
+                 checked_buckets: set[str] | None = None) -> None:
+        self.settings = settings
+        self.profile = profile
+        self.client = client
+        self.log = log
+        self.layout = Layout(settings.server_dir)
+        self.checked = set(checked_buckets or ())
+        self.holds: dict[tuple[str, str], str] = {}
+        self.holds_read_at = 0.0
+        self.kernel_guards_hardlinks = _protected_hardlinks()
+        self.transfer = TransferConfig(multipart_threshold=settings.multipart_threshold,
+                                       multipart_chunksize=settings.multipart_chunksize,
+                                       max_concurrency=4, use_threads=True)
+
+    # -- entry point ---------------------------------------------------------------------
+    def run(self, job: Job, now: float) -> Result:
+        ref = FileRef(self.profile, job.bucket, job.key)
+        if job.state == INCOMING:
+            if self.held(ref.bucket, now):
+                return Result(SKIPPED)
+            record_id = self.claim(ref)
+            if record_id is None or isinstance(record_id, Result):
+                return record_id or Result(SKIPPED)
+            return self.attempt(ref, record_id, 0, now)
+        return self.resume(ref, now)
+
+    # -- holds ---------------------------------------------------------------------------
+    def held(self, bucket: str, now: float) -> bool:
+        """True if the profile or bucket is paused (files stay in incoming/)."""
+        if now - self.holds_read_at > 1.0:
+            self.holds = records.holds()
+            self.holds_read_at = now
+        if (self.profile, "") in self.holds or (self.profile, bucket) in self.holds:
+            return True
+        if bucket not in self.checked:
+            return not self.check_new_bucket(bucket)
+        return False
+
+    def check_new_bucket(self, bucket: str) -> bool:
+        """A bucket directory seen for the first time: HeadBucket it before claiming files."""
+        from flood.s3 import MISSING, OK, check_bucket as head_bucket
+        try:
+            check_bucket(bucket)
+        except InvalidName:
+            self.checked.add(bucket)  # its files fail one by one with the reason
+            return True
+        verdict = head_bucket(self.client, bucket)
+        if verdict.status == OK and verdict.detail == MISSING:
+            self.pause(bucket, "NoSuchBucket", f"bucket {bucket} does not exist")
+            return False
+        if verdict.status != OK:
+            self.log.warning("bucket_check_failed", profile=self.profile, bucket=bucket,
+                             reason=verdict.status, error=verdict.detail)
+            return False
+        self.checked.add(bucket)
+        return True
+
+    def pause(self, bucket: str, reason: str, detail: str) -> None:
+        if records.hold(self.profile, bucket, reason, detail):
+            self.log.error("profile_paused" if not bucket else "bucket_paused",
+                           profile=self.profile, bucket=bucket or None, reason=reason, error=detail)
+        self.holds[(self.profile, bucket)] = reason
+
+    # -- claim ---------------------------------------------------------------------------
+    def claim(self, ref: FileRef) -> int | Result | None:
+        """Move incoming -> processing without overwriting; the passage's record id."""
+        src = self.layout.path(INCOMING, ref)
+        dst = self.layout.path(PROCESSING, ref)
+        try:
+            fsops.move_into(src, dst)
+        except FileNotFoundError:
+            return None
+        except FileExistsError:
+            return Result(BUSY)
+        try:
+            info = os.lstat(dst)
+            created = fsops.creation_date(dst)
+        except FileNotFoundError:
+            return None
+        record_id = records.record_claimed(ref, created, info.st_size)
+        self.log.info("file_claimed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
+                      path=dst, size=info.st_size, record_id=record_id)
+        return record_id
+
+    def resume(self, ref: FileRef, now: float) -> Result:
+        """A file found in processing/: continue its passage, honouring a retry's due time."""
+        path = self.layout.path(PROCESSING, ref)
+        try:
+            info = os.lstat(path)
+            created = fsops.creation_date(path)
+        except FileNotFoundError:
+            return Result(SKIPPED)
+        row = records.record_resumed(ref, created, info.st_size)
+        retries = int(row.retry_count or 0)
+        if row.next_attempt_at is not None:
+            due = row.next_attempt_at.replace(tzinfo=dt.UTC).timestamp()
+            if due > now:
+                return Result(RETRY, due)
+        return self.attempt(ref, int(row.id), retries, now)
+
+    # -- one attempt ---------------------------------------------------------------------
+    def attempt(self, ref: FileRef, record_id: int, attempt: int, now: float) -> Result:
+        """Upload processing/P/B/key once; `attempt` is the retry number (0: first upload)."""
+        path = self.layout.path(PROCESSING, ref)
+        try:
+            check_bucket(ref.bucket)
+            check_key(ref.key)
+        except InvalidName as exc:
+            return self.fail(ref, record_id, exc.reason, str(exc), attempt)
+        try:
+            fd, before = fsops.open_regular(path)
+        except fsops.NotRegularFile as exc:
+            return self.fail(ref, record_id, "not_regular_file", str(exc), attempt)
+        except FileNotFoundError:
+            self.log.warning("file_vanished", profile=ref.profile, bucket=ref.bucket,
+                             key=ref.key, path=path)
+            records.set_state(record_id, "failed", "vanished")
+            return Result(SKIPPED)
+        except PermissionError as exc:
+            return self.fail(ref, record_id, "unreadable", str(exc), attempt)
+        try:
+            return self._attempt_open(ref, record_id, attempt, fd, before, now)
+        finally:
+            os.close(fd)
+
+    def _attempt_open(self, ref: FileRef, record_id: int, attempt: int, fd: int,
+                      before: os.stat_result, now: float) -> Result:
+        if before.st_nlink > 1 and not self.kernel_guards_hardlinks:
+            return self.fail(ref, record_id, "hard_link",
+                             "file has other hard links and fs.protected_hardlinks is off",
+                             attempt)
+        started = time.monotonic()
+        try:
+            etag = self.put(fd, before.st_size, ref)
+            after = os.fstat(fd)
+            if _changed(before, after):
+                self.log.warning("source_modified", profile=ref.profile, bucket=ref.bucket,
+                                 key=ref.key, size=after.st_size)
+                return Result(CHANGED, now + self.settings.settle_seconds)
+            self.verify(ref, before.st_size)
+        except (ClientError, BotoCoreError, _Mismatch, OSError) as exc:
+            return self.failed_attempt(ref, record_id, attempt, exc, now)
+        return self.complete(ref, record_id, attempt, before, etag, time.monotonic() - started)
+
+    def put(self, fd: int, size: int, ref: FileRef) -> str | None:
+        """PUT the bytes read from fd: one request with Content-MD5 below the multipart size."""
+        if size < self.settings.multipart_threshold:
+            data = _read_all(fd, size)
+            digest = hashlib.md5(data, usedforsecurity=False)
+            answer = self.client.put_object(
+                Bucket=ref.bucket, Key=ref.key, Body=data,
+                ContentMD5=base64.b64encode(digest.digest()).decode("ascii"))
+            etag = str(answer.get("ETag", "")).strip('"')
+            if etag and "-" not in etag and etag != digest.hexdigest():
+                raise _Mismatch(f"ETag {etag} is not the MD5 {digest.hexdigest()} of the bytes")
+            return etag
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            self.client.upload_fileobj(handle, ref.bucket, ref.key, Config=self.transfer)
+        return None
+
+    def verify(self, ref: FileRef, size: int) -> None:
+        """HEAD the object: its size must be the file's. A denied HEAD is logged and accepted."""
+        try:
+            head = self.client.head_object(Bucket=ref.bucket, Key=ref.key)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (403, 405, 501):
+                self.log.info("verify_skipped", profile=ref.profile, bucket=ref.bucket,
+                              key=ref.key, reason=f"http_{status}")
+                return
+            raise
+        if int(head.get("ContentLength", -1)) != size:
+            raise _Mismatch(f"object has {head.get('ContentLength')} bytes, file has {size}")
+
+    # -- endings -------------------------------------------------------------------------
+    def complete(self, ref: FileRef, record_id: int, attempt: int, info: os.stat_result,
+                 etag: str | None, seconds: float) -> Result:
+        self.finish(COMPLETED, ref)
+        records.record_completed(record_id, info.st_size, etag, attempt)
+        self.log.info("upload_succeeded", profile=ref.profile, bucket=ref.bucket, key=ref.key,
+                      path=self.layout.path(COMPLETED, ref), size=info.st_size, etag=etag,
+                      duration=seconds, attempt=attempt, record_id=record_id)
+        return Result(DONE)
+
+    def fail(self, ref: FileRef, record_id: int, reason: str, error: str, attempt: int) -> Result:
+        self.finish(FAILED, ref)
+        records.record_failed(record_id, reason, error, attempt)
+        self.log.error("upload_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
+                       path=self.layout.path(FAILED, ref), reason=reason, error=error,
+                       attempt=attempt, record_id=record_id)
+        return Result(DONE)
+
+    def failed_attempt(self, ref: FileRef, record_id: int, attempt: int, exc: BaseException,
+                       now: float) -> Result:
+        """Classify an error: fail now, pause the profile or bucket too, or schedule a retry."""
+        verdict = _Mismatch.verdict(exc) or retry.classify(exc)
+        error = f"{type(exc).__name__}: {exc}"
+        if not verdict.transient:
+            if verdict.scope == "profile":
+                self.pause("", verdict.reason, f"the server refused profile {self.profile}'s key")
+            elif verdict.scope == "bucket":
+                self.pause(ref.bucket, verdict.reason, f"bucket {ref.bucket} does not exist")
+            return self.fail(ref, record_id, verdict.reason, error, attempt)
+        following = attempt + 1
+        if following > self.settings.max_retries:
+            return self.fail(ref, record_id, verdict.reason, error, attempt)
+        wait = retry.delay(following, self.settings.retry_base, self.settings.retry_max_delay)
+        due = now + wait
+        records.record_retry_scheduled(
+            record_id, following, dt.datetime.fromtimestamp(due, dt.UTC).replace(tzinfo=None),
+            error, attempt)
+        self.log.warning("upload_retry_scheduled", profile=ref.profile, bucket=ref.bucket,
+                         key=ref.key, reason=verdict.reason, error=error, attempt=attempt,
+                         next_attempt=following, delay=round(wait, 3), record_id=record_id)
+        return Result(RETRY, due)
+
+    def finish(self, state: str, ref: FileRef) -> None:
+        """Move processing -> completed/ or failed/, keeping an older file of the same name as
+        key.~N~ (mv --backup=numbered)."""
+        src = self.layout.path(PROCESSING, ref)
+        dst = self.layout.path(state, ref)
+        if os.path.lexists(dst):
+            fsops.rename_noreplace(dst, backup_name(dst))
+        fsops.move_into(src, dst)
+
+
+class _Mismatch(Exception):
+    """The server holds other bytes than the file: never completed/."""
+
+    @staticmethod
+    def verdict(exc: BaseException) -> retry.Verdict | None:
+        if isinstance(exc, _Mismatch):
+            return retry.Verdict(True, "file", "verify_mismatch")
+        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+            return retry.Verdict(True, "file", "read_error")
+        return None
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+        after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,1 @@
+"""The flood-supervisor command: start-up steps and the arbiter that owns the children."""

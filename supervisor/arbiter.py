@@ -1,0 +1,266 @@
+"""The arbiter: the only place that creates processes; it spawns, reaps and restarts them."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from flood import records
+from flood.errors import EX_SOFTWARE
+from flood.layout import Layout
+from flood.s3 import MISSING, OK, check_bucket, make_client
+from flood.settings import Settings
+from flood.supervisor import startup
+from flood.workers import uploader, watcher
+
+QUEUE_SIZE = 10_000          # jobs per uploader queue: bounded memory, back-pressure on scans
+RESTART_BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0          # a generation that lived this long resets the restart backoff
+PRELOAD = ["boto3", "botocore.session", "botocore.client", "peewee", "structlog", "pyinotify",
+           "flood.upload", "flood.workers.uploader", "flood.workers.watcher"]
+
+
+@dataclass
+class Child:
+    name: str
+    process: Any
+    conn: Connection
+    ready: bool = False
+
+
+@dataclass
+class Generation:
+    """One set of children with their own queues: rebuilt whole when any child dies, since a
+    child killed inside a queue operation can leave that queue's lock held for good."""
+
+    children: list[Child] = field(default_factory=list)
+    queues: list[Any] = field(default_factory=list)
+    started: float = 0.0
+
+
+class Arbiter:
+    def __init__(self, settings: Settings, layout: Layout, checked: dict[str, set[str]],
+                 log: Any) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.checked = checked
+        self.log = log
+        # forkserver: children start clean (no inherited threads, clients or db handles) but
+        # share the already-imported boto3 pages (about 11 MiB a child instead of 50 MiB).
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(PRELOAD)
+        self.generation = Generation()
+        self.stopping = False
+        self.exit_code = 0
+        self.restarts = 0
+        self.signals: list[int] = []
+        self.releases: queue.Queue[str] = queue.Queue()
+        self.checker = HoldChecker(settings, layout, log, self.releases)
+        self.watcher_conn: Connection | None = None
+
+    # -- main loop -----------------------------------------------------------------------
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda n, _: self.signals.append(n))
+        self.start_generation()
+        self.checker.start()
+        while not self.stopping:
+            self.tick(wake_r)
+        self.checker.halt()
+        self.stop_children("shutdown")
+        self.log.info("supervisor_stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def tick(self, wake_r: int) -> None:
+        gen = self.generation
+        handles: list[Any] = [wake_r]
+        handles += [c.process.sentinel for c in gen.children]
+        handles += [c.conn for c in gen.children]
+        ready = wait(handles, timeout=1.0)
+        if wake_r in ready:
+            _drain_pipe(wake_r)
+        self.on_signals()
+        for child in gen.children:
+            if child.conn in ready:
+                self.on_message(child)
+        dead = [c for c in gen.children if c.process.sentinel in ready or not c.process.is_alive()]
+        if dead and not self.stopping:
+            self.on_deaths(dead)
+        self.forward_releases()
+
+    def on_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.log.info("signal_received", signal="SIGHUP", reason="ignored for now")
+                continue
+            self.log.info("signal_received", signal=signal.Signals(signum).name,
+                          reason="stopping: in-flight uploads get the grace period")
+            self.stopping = True
+
+    def on_message(self, child: Child) -> None:
+        try:
+            while child.conn.poll():
+                message = child.conn.recv()
+                if message[0] == "ready":
+                    child.ready = True
+                elif message[0] == "drained":
+                    self.log.info("startup_drain_queued", files=message[1])
+        except (EOFError, OSError):
+            pass
+
+    def on_deaths(self, dead: list[Child]) -> None:
+        for child in dead:
+            child.process.join(timeout=1)
+            code = child.process.exitcode
+            if not child.ready:
+                self.log.error("child_boot_failed", child=child.name, exit_code=code)
+                print(f"flood-supervisor: {child.name} failed at start (exit code {code}); "
+                      "see the log above", flush=True, file=sys.stderr)
+                self.exit_code = code if code == 78 else EX_SOFTWARE
+                self.stopping = True
+                return
+            self.log.error("child_died", child=child.name, pid=child.process.pid, exit_code=code)
+        self.restart_generation()
+
+    def restart_generation(self) -> None:
+        stable = time.monotonic() - self.generation.started > STABLE_AFTER
+        self.restarts = 0 if stable else self.restarts + 1
+        wait_s = min(RESTART_BACKOFF_MAX, 0.5 * 2 ** max(0, self.restarts - 1)) if self.restarts else 0
+        self.stop_children("restart")
+        if wait_s:
+            self.log.info("restart_backoff", delay=wait_s)
+            time.sleep(wait_s)
+        self.start_generation()
+
+    # -- children ------------------------------------------------------------------------
+    def start_generation(self) -> None:
+        gen = Generation(started=time.monotonic())
+        queues: dict[str, list[Any]] = {}
+        for profile in sorted(self.settings.profiles):
+            queues[profile] = []
+            for slot in range(self.settings.workers):
+                jobs = self.ctx.Queue(QUEUE_SIZE)
+                queues[profile].append(jobs)
+                gen.queues.append(jobs)
+                gen.children.append(self.spawn(
+                    f"uploader-{profile}-{slot}", uploader.main,
+                    (self.settings, profile, slot, jobs, set(self.checked.get(profile, ())))))
+        child = self.spawn("watcher", watcher.main, (self.settings, queues))
+        gen.children.append(child)
+        self.watcher_conn = child.conn
+        self.generation = gen
+        self.log.info("children_started", count=len(gen.children),
+                      pids=[c.process.pid for c in gen.children])
+
+    def spawn(self, name: str, target: Any, args: tuple[Any, ...]) -> Child:
+        """Start one child; its entry point takes `args` and then its end of a duplex pipe."""
+        mine, theirs = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(target=target, name=name, args=(*args, theirs))
+        process.start()
+        theirs.close()
+        return Child(name, process, mine)
+
+    def stop_children(self, why: str) -> None:
+        """SIGTERM everyone (finish the current file), wait the grace period, then SIGKILL."""
+        gen = self.generation
+        for child in gen.children:
+            if child.process.is_alive():
+                child.process.terminate()
+        deadline = time.monotonic() + self.settings.grace
+        for child in gen.children:
+            child.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for child in gen.children:
+            if child.process.is_alive():
+                self.log.warning("child_killed", child=child.name, reason=f"{why}: grace over")
+                child.process.kill()
+                child.process.join(timeout=5)
+            child.conn.close()
+        for jobs in gen.queues:
+            jobs.cancel_join_thread()
+            jobs.close()
+        gen.children = []
+        gen.queues = []
+
+    def forward_releases(self) -> None:
+        while True:
+            try:
+                profile = self.releases.get_nowait()
+            except queue.Empty:
+                return
+            if self.watcher_conn is not None:
+                try:
+                    self.watcher_conn.send(("rescan", profile, "hold_released"))
+                except OSError:
+                    pass
+
+
+class HoldChecker(threading.Thread):
+    """Checks held profiles and buckets again, with backoff; a release triggers a rescan."""
+
+    def __init__(self, settings: Settings, layout: Layout, log: Any, releases: queue.Queue[str]):
+        super().__init__(name="hold-checker", daemon=True)
+        self.settings = settings
+        self.layout = layout
+        self.log = log
+        self.releases = releases
+        self.halted = threading.Event()
+        self.next_check: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def halt(self) -> None:
+        self.halted.set()
+
+    def run(self) -> None:
+        while not self.halted.wait(min(1.0, self.settings.recheck_interval)):
+            try:
+                self.check_due(time.monotonic())
+            except Exception:
+                self.log.exception("hold_check_crashed")
+
+    def check_due(self, now: float) -> None:
+        for (profile, bucket), _reason in records.holds().items():
+            due, interval = self.next_check.get((profile, bucket), (0.0, 0.0))
+            if now < due:
+                continue
+            if profile not in self.settings.profiles:
+                continue
+            released = self.check(profile, bucket)
+            if released:
+                self.next_check.pop((profile, bucket), None)
+                self.releases.put(profile)
+            else:
+                interval = min(600.0, interval * 2 if interval else self.settings.recheck_interval)
+                self.next_check[(profile, bucket)] = (now + interval, interval)
+
+    def check(self, profile: str, bucket: str) -> bool:
+        if not bucket:
+            ok = startup.check_one(self.settings, self.layout, profile, self.log)
+            held = records.holds()
+            if (profile, "") not in held:
+                self.log.info("profile_resumed", profile=profile, buckets=sorted(ok))
+                return True
+            return False
+        result = check_bucket(make_client(self.settings.profiles[profile]), bucket)
+        if result.status == OK and result.detail != MISSING:
+            records.release(profile, bucket)
+            self.log.info("bucket_resumed", profile=profile, bucket=bucket)
+            return True
+        return False
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass

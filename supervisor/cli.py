@@ -1,0 +1,107 @@
+"""The flood-supervisor command line: options into Settings, then start-up and the arbiter."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from flood import cli, credentials, logs, records
+from flood.errors import ConfigError, FloodError
+from flood.settings import DEFAULT_IGNORE, MiB, Settings
+from flood.supervisor import startup
+from flood.supervisor.arbiter import Arbiter
+
+DESCRIPTION = """\
+Uploads every file renamed into SERVER_DIR/incoming/PROFILE/BUCKET/path/to/key to bucket
+BUCKET of credentials profile PROFILE as key path/to/key, verifies it, and moves it to
+completed/ (or failed/, with the reason in the records). Layout:
+  SERVER_DIR/{incoming_tmp,incoming,processing,failed,completed}/PROFILE/BUCKET/key
+  producers write into incoming_tmp/ and rename into incoming/ (or use flood-copy)."""
+
+EPILOG = """\
+credentials: the first file that exists of $AWS_SHARED_CREDENTIALS_FILE, ~/.aws/credentials,
+--credentials; each [profile] names provider (amazon|cloudflare|backblaze),
+aws_access_key_id, aws_secret_access_key, aws_region, aws_endpoint.
+exit status: 0 stopped cleanly; 78 configuration error; 75 another supervisor holds the
+server directory; 70 a child failed at start."""
+
+
+def parser() -> cli.Parser:
+    p = cli.Parser(prog="flood-supervisor", description=DESCRIPTION, epilog=EPILOG,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("server_dir", metavar="SERVER_DIR", help="the spool directory")
+    p.add_argument("--workers", type=cli.positive_int, default=4, metavar="N",
+                   help="uploader processes per profile (default: 4)")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE nor "
+                        "~/.aws/credentials exists")
+    p.add_argument("--db", metavar="PATH",
+                   help="SQLite records (default: $FLOOD_DB, else ./flood.db)")
+    p.add_argument("--retry-base", type=cli.seconds, default=30.0, metavar="SECONDS",
+                   help="retry n waits d..2d with d = base * 2^(n-1) (default: 30)")
+    p.add_argument("--max-retries", type=cli.non_negative_int, default=10, metavar="N",
+                   help="retries after the first upload before failed/ (default: 10)")
+    p.add_argument("--retry-max-delay", type=cli.seconds, default=None, metavar="SECONDS",
+                   help="cap on one retry's wait (default: no cap)")
+    p.add_argument("--log-file", metavar="PATH", help="JSON log lines go here (default: stdout)")
+    p.add_argument("--log-level", type=cli.log_level, default="info", metavar="LEVEL",
+                   help="debug, info, warning, error or critical, any case (default: info)")
+    p.add_argument("--multipart-threshold", type=cli.positive_int, default=16, metavar="MIB",
+                   help="files this size or larger go up in parts (default: 16)")
+    p.add_argument("--settle", type=cli.seconds, default=1.0, metavar="SECONDS",
+                   help="a file found by a scan is claimed once unchanged this long (default: 1)")
+    p.add_argument("--rescan-interval", type=cli.seconds, default=300.0, metavar="SECONDS",
+                   help="reconciling scan of incoming/ (default: 300)")
+    p.add_argument("--recheck-interval", type=cli.seconds, default=30.0, metavar="SECONDS",
+                   help="first re-check of a paused profile or bucket, doubling (default: 30)")
+    p.add_argument("--grace", type=cli.seconds, default=20.0, metavar="SECONDS",
+                   help="on SIGTERM, time for uploads in flight to finish (default: 20)")
+    p.add_argument("--ignore", default=",".join(DEFAULT_IGNORE), metavar="PATTERNS",
+                   help="comma-separated file-name patterns left in incoming/ and logged "
+                        f"(default: {','.join(DEFAULT_IGNORE)}; '' ignores nothing)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        creds = credentials.load(args.credentials)
+    except ConfigError as exc:
+        return cli.fail("flood-supervisor", str(exc), exc.exit_code)
+    settings = Settings(
+        server_dir=Path(os.path.abspath(args.server_dir)),
+        db_path=cli.db_path(args.db),
+        credentials_path=str(creds.path),
+        profiles=creds.profiles,
+        workers=args.workers,
+        retry_base=args.retry_base,
+        max_retries=args.max_retries,
+        retry_max_delay=args.retry_max_delay,
+        log_file=os.path.abspath(args.log_file) if args.log_file else None,
+        log_level=args.log_level,
+        multipart_threshold=args.multipart_threshold * MiB,
+        multipart_chunksize=max(8, args.multipart_threshold) * MiB,
+        settle_seconds=args.settle,
+        rescan_interval=args.rescan_interval,
+        recheck_interval=args.recheck_interval,
+        grace=args.grace,
+        ignore=tuple(p for p in args.ignore.split(",") if p),
+    )
+    log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
+    log.info("credentials_loaded", path=str(creds.path), reason=f"first that exists: {creds.source}",
+             profiles=sorted(creds.profiles))
+    if creds.loose_permissions():
+        log.warning("credentials_file_exposed", path=str(creds.path),
+                    reason=f"mode {creds.mode & 0o777:o}: group or others can read it; "
+                           "chmod 600 it")
+    try:
+        # The lock comes first: a second supervisor must not wipe the first one's incoming_tmp.
+        startup.lock(settings.server_dir)
+        layout = startup.prepare(settings, log)
+        checked = startup.check_buckets(settings, layout, log)
+    except FloodError as exc:
+        log.error("startup_failed", error=str(exc))
+        return cli.fail("flood-supervisor", str(exc), exc.exit_code)
+    return Arbiter(settings, layout, checked, log).run()

@@ -1,0 +1,117 @@
+"""The ordered start-up steps: lock, directories, incoming_tmp wiped, records repaired, buckets."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+from flood import records
+from flood.errors import AlreadyRunning, LayoutError
+from flood.layout import COMPLETED, FAILED, INCOMING, INCOMING_TMP, PROCESSING, Layout
+from flood.jobs import FileRef
+from flood.s3 import MISSING, OK, REJECTED, check_profile, make_client
+from flood.settings import Settings
+
+LOCK_NAME = ".flood.lock"
+
+
+def lock(server_dir: Path) -> int:
+    """Hold the server directory's lock for this process's life (flock: it dies with us)."""
+    if not server_dir.is_dir():
+        raise LayoutError(f"server directory {server_dir} does not exist or is not a directory")
+    path = os.path.join(server_dir, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise LayoutError(f"cannot open lock file {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another flood-supervisor holds the lock {path}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def prepare(settings: Settings, log: Any) -> Layout:
+    """Wipe incoming_tmp, create the directories, open the records and repair them."""
+    layout = Layout(settings.server_dir)
+    if not layout.root.is_dir():
+        raise LayoutError(f"server directory {layout.root} does not exist or is not a directory")
+    os.makedirs(layout.state_dir(INCOMING_TMP), mode=0o750, exist_ok=True)
+    wiped = layout.wipe_incoming_tmp()
+    log.info("incoming_tmp_wiped", path=layout.state_dir(INCOMING_TMP), entries=wiped)
+    layout.prepare(settings.profiles)
+    log.info("directories_ready", path=str(layout.root), profiles=sorted(settings.profiles))
+    records.open_db(settings.db_path)
+    repair(layout, log)
+    return layout
+
+
+def repair(layout: Layout, log: Any) -> int:
+    """Make every open record agree with where its file is: the directories are the truth."""
+    fixed = 0
+    for row in records.open_passages():
+        ref = FileRef(row.profile, row.bucket, row.filepath)
+        state = _where(layout, ref, row.current_state)
+        if state is None or state == row.current_state:
+            continue
+        records.set_state(int(row.id), state, None if state != "abandoned" else "wiped")
+        if state == COMPLETED:
+            records.FileRecord.update(upload_outcome="success").where(
+                records.FileRecord.id == row.id).execute()
+        log.warning("record_repaired", profile=ref.profile, bucket=ref.bucket, key=ref.key,
+                    record_id=int(row.id), was=row.current_state, now=state)
+        fixed += 1
+    return fixed
+
+
+def _where(layout: Layout, ref: FileRef, recorded: str) -> str | None:
+    """The state an open passage's file is in now (None: leave the record as it is)."""
+    for state in (PROCESSING, INCOMING):
+        if os.path.lexists(layout.path(state, ref)):
+            return state
+    if recorded == INCOMING_TMP:
+        return "abandoned"  # incoming_tmp was wiped: the copy never reached incoming/
+    for state in (COMPLETED, FAILED):
+        if os.path.lexists(layout.path(state, ref)):
+            return state
+    return None
+
+
+def check_buckets(settings: Settings, layout: Layout, log: Any) -> dict[str, set[str]]:
+    """Check every profile's buckets on its server; hold what fails. The buckets found OK."""
+    records.Hold.delete().execute()
+    checked: dict[str, set[str]] = {}
+    for name in sorted(settings.profiles):
+        checked[name] = check_one(settings, layout, name, log)
+    for name in sorted(layout.profiles_present() - set(settings.profiles)):
+        log.warning("profile_unknown", profile=name,
+                    reason="directory has no profile in the credentials file; files left alone")
+    return checked
+
+
+def check_one(settings: Settings, layout: Layout, name: str, log: Any) -> set[str]:
+    """Check one profile now; record holds for it or its buckets; the buckets that are OK."""
+    buckets = sorted(layout.buckets_present(name))
+    result = check_profile(make_client(settings.profiles[name]), buckets)
+    if result.status != OK:
+        reason = "key_rejected" if result.status == REJECTED else "unreachable"
+        if records.hold(name, "", reason, result.detail):
+            log.error("profile_paused", profile=name, reason=reason, error=result.detail)
+        return set()
+    records.release(name, "")
+    ok = set()
+    for bucket, verdict in result.buckets.items():
+        if verdict == MISSING:
+            if records.hold(name, bucket, "NoSuchBucket", f"bucket {bucket} does not exist"):
+                    log.error("bucket_paused", profile=name, bucket=bucket, reason="NoSuchBucket",
+                          error="bucket does not exist on the server; its files stay in incoming/")
+        else:
+            records.release(name, bucket)
+            ok.add(bucket)
+    log.info("profile_checked", profile=name, buckets=sorted(ok))
+    return ok

@@ -1,0 +1,1 @@
+"""The child roles the supervisor starts: the watcher and the uploaders."""

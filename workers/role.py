@@ -1,0 +1,65 @@
+"""The skeleton every child role shares: boot, setup(), while alive: loop(), teardown()."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from flood.errors import FloodError
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Role(Protocol):
+    alive: bool
+
+    def setup(self) -> None: ...
+    def loop(self, now: float) -> None: ...
+    def stop(self) -> None: ...
+    def teardown(self) -> None: ...
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (no orphan keeps uploading)."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
+
+
+def serve(role: Role, conn: Connection) -> None:
+    """Run a role in this (child) process until it stops; tell the supervisor once it is ready.
+
+    SIGINT is ignored (a terminal's Ctrl-C reaches the whole group; the supervisor decides);
+    SIGTERM means: finish the current file, then exit."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: role.stop())
+    try:
+        role.setup()
+    except FloodError as exc:
+        print(f"flood: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
+    conn.send(("ready", os.getpid()))
+    try:
+        while role.alive:
+            role.loop(time.time())
+    finally:
+        role.teardown()
+
+
+def send(conn: Connection | None, *message: Any) -> None:
+    """Tell the supervisor something; a supervisor that is gone is not an error here."""
+    if conn is None:
+        return
+    try:
+        conn.send(message)
+    except (BrokenPipeError, OSError):
+        pass

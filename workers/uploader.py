@@ -1,0 +1,118 @@
+"""The uploader role: takes jobs from its own queue and retries that come due, one at a time."""
+
+from __future__ import annotations
+
+import heapq
+import os
+import queue
+from multiprocessing.connection import Connection
+from typing import Any
+
+from flood import logs, records
+from flood.jobs import SHUTDOWN, FileRef, Job
+from flood.layout import PROCESSING
+from flood.s3 import make_client
+from flood.settings import Settings
+from flood.upload import BUSY, CHANGED, RETRY, SKIPPED, FileUploader, Result
+from flood.workers.role import serve
+
+BUSY_WAIT = 0.5       # the same path is still in processing/: look again this much later
+ERROR_WAIT = 5.0      # an unexpected error: leave the file where it is, look again later
+IDLE_WAIT = 0.2
+
+
+class UploaderRole:
+    """One uploader process of one profile. Files waiting for a retry sit in a heap keyed by
+    their due time, so they never hold the uploader while other files flow."""
+
+    def __init__(self, settings: Settings, profile: str, slot: int, jobs: Any,
+                 checked_buckets: set[str]) -> None:
+        self.settings = settings
+        self.profile = profile
+        self.slot = slot
+        self.jobs = jobs
+        self.checked_buckets = checked_buckets
+        self.alive = True
+        self.waiting: list[tuple[float, int, Job]] = []
+        self.waiting_keys: set[tuple[str, str]] = set()
+        self.counter = 0
+        self.log: Any = None
+        self.uploader: FileUploader | None = None
+
+    def setup(self) -> None:
+        self.log = logs.configure("uploader", self.settings.log_level, self.settings.log_file,
+                                  self.settings.secrets())
+        records.open_db(self.settings.db_path)
+        client = make_client(self.settings.profiles[self.profile])
+        self.uploader = FileUploader(self.settings, self.profile, client, self.log,
+                                     self.checked_buckets)
+        self.log.info("uploader_started", profile=self.profile, slot=self.slot)
+
+    def stop(self) -> None:
+        self.alive = False
+
+    def teardown(self) -> None:
+        self.log.info("uploader_stopped", profile=self.profile, slot=self.slot,
+                      waiting=len(self.waiting))
+        records.close_db()
+
+    def loop(self, now: float) -> None:
+        job = self.next_job(now)
+        if job is None:
+            return
+        self.handle(job, now)
+
+    def next_job(self, now: float) -> Job | None:
+        """A retry that has come due, else the next job from the queue (waiting briefly)."""
+        if self.waiting and self.waiting[0][0] <= now:
+            _, _, job = heapq.heappop(self.waiting)
+            self.waiting_keys.discard((job.bucket, job.key))
+            return job
+        timeout = IDLE_WAIT
+        if self.waiting:
+            timeout = max(0.0, min(timeout, self.waiting[0][0] - now))
+        try:
+            job = self.jobs.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if job is SHUTDOWN:
+            self.alive = False
+            return None
+        if job.state == PROCESSING and (job.bucket, job.key) in self.waiting_keys:
+            return None  # a rescan found a file this process already waits on
+        return Job(*job)
+
+    def handle(self, job: Job, now: float) -> None:
+        assert self.uploader is not None
+        try:
+            result = self.uploader.run(job, now)
+        except Exception:  # the per-file boundary: log it, keep the file, take the next one
+            self.log.exception("upload_crashed", profile=self.profile, bucket=job.bucket,
+                               key=job.key)
+            # Look again later wherever the file now is (it may have been claimed already).
+            claimed = os.path.lexists(self.uploader.layout.path(
+                PROCESSING, FileRef(self.profile, job.bucket, job.key)))
+            job = Job(PROCESSING if claimed else job.state, job.bucket, job.key)
+            self.push(now + ERROR_WAIT, job)
+            return
+        self.schedule(job, result, now)
+
+    def schedule(self, job: Job, result: Result, now: float) -> None:
+        if result.outcome == BUSY:
+            self.push(now + BUSY_WAIT, job)
+        elif result.outcome in (RETRY, CHANGED):
+            self.push(result.due, Job(PROCESSING, job.bucket, job.key))
+        elif result.outcome == SKIPPED:
+            self.log.debug("job_skipped", profile=self.profile, bucket=job.bucket, key=job.key)
+
+    def push(self, due: float, job: Job) -> None:
+        self.counter += 1
+        heapq.heappush(self.waiting, (due, self.counter, job))
+        if job.state == PROCESSING:
+            self.waiting_keys.add((job.bucket, job.key))
+
+
+def main(settings: Settings, profile: str, slot: int, jobs: Any, checked_buckets: set[str],
+         conn: Connection) -> None:
+    """Process entry point (started by the supervisor's arbiter)."""
+    serve(UploaderRole(settings, profile, slot, jobs, checked_buckets), conn)

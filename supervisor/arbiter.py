@@ -164,9 +164,9 @@ class Arbiter:
                       pids=[c.process.pid for c in gen.children])
 
     def spawn(self, name: str, target: Any, args: tuple[Any, ...]) -> Child:
-        """Start one child; its entry point takes `args` and then its end of a duplex pipe."""
+        """Start one child; its entry point takes `args`, its end of a duplex pipe, our pid."""
         mine, theirs = self.ctx.Pipe(duplex=True)
-        process = self.ctx.Process(target=target, name=name, args=(*args, theirs))
+        process = self.ctx.Process(target=target, name=name, args=(*args, theirs, os.getpid()))
         process.start()
         theirs.close()
         return Child(name, process, mine)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -25,21 +27,36 @@ class Role(Protocol):
     def teardown(self) -> None: ...
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (no orphan keeps uploading)."""
+def die_with_supervisor(supervisor_pid: int) -> None:
+    """SIGKILL this process as soon as the supervisor dies, so no orphan keeps uploading.
+
+    PR_SET_PDEATHSIG alone is not enough: our parent is the forkserver, and the forkserver only
+    exits once every child has closed its inherited "alive" pipe, which ours never would. So a
+    thread also waits on a pidfd of the supervisor itself."""
     parent = os.getppid()
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the request was in place
         os._exit(1)
+    try:
+        pidfd = os.pidfd_open(supervisor_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    threading.Thread(target=_kill_self_when_readable, args=(pidfd,), name="supervisor-watch",
+                     daemon=True).start()
 
 
-def serve(role: Role, conn: Connection) -> None:
+def _kill_self_when_readable(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def serve(role: Role, conn: Connection, supervisor_pid: int) -> None:
     """Run a role in this (child) process until it stops; tell the supervisor once it is ready.
 
     SIGINT is ignored (a terminal's Ctrl-C reaches the whole group; the supervisor decides);
     SIGTERM means: finish the current file, then exit."""
-    die_with_parent()
+    die_with_supervisor(supervisor_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: role.stop())
     try:

@@ -113,6 +113,6 @@ class UploaderRole:
 
 
 def main(settings: Settings, profile: str, slot: int, jobs: Any, checked_buckets: set[str],
-         conn: Connection) -> None:
+         conn: Connection, supervisor_pid: int) -> None:
     """Process entry point (started by the supervisor's arbiter)."""
-    serve(UploaderRole(settings, profile, slot, jobs, checked_buckets), conn)
+    serve(UploaderRole(settings, profile, slot, jobs, checked_buckets), conn, supervisor_pid)

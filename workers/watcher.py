@@ -238,6 +238,7 @@ class WatcherRole:
                 self.rescan(message[2], message[1])
 
 
-def main(settings: Settings, queues: dict[str, list[Any]], conn: Connection) -> None:
+def main(settings: Settings, queues: dict[str, list[Any]], conn: Connection,
+         supervisor_pid: int) -> None:
     """Process entry point (started by the supervisor's arbiter)."""
-    serve(WatcherRole(settings, queues, conn), conn)
+    serve(WatcherRole(settings, queues, conn), conn, supervisor_pid)

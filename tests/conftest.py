@@ -1,0 +1,42 @@
+"""Fixtures: one real local S3 server (SeaweedFS, auth on) for the session, a bucket and a
+server directory per test."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+
+from flood.localserver import LocalS3  # noqa: E402
+from spool import Spool, new_bucket  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    server = LocalS3(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3: LocalS3) -> str:
+    return new_bucket(s3)
+
+
+@pytest.fixture
+def client(s3: LocalS3) -> Any:
+    return s3.client()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, s3: LocalS3) -> Iterator[Spool]:
+    """A server dir whose credentials file has profile `p1` (the admin key of the server)."""
+    sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1")})
+    yield sp
+    sp.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import cast
 
 import backoff
 from botocore.exceptions import (
@@ -73,14 +74,14 @@ def classify(exc: BaseException) -> Verdict:
 
 def _root(exc: BaseException) -> BaseException:
     """The S3 or connection error behind a wrapper such as boto3's S3UploadFailedError."""
-    seen = exc
+    seen: BaseException = exc
     for _ in range(8):
         if isinstance(seen, ClientError | ConnectionError | HTTPClientError):
-            return seen
-        nxt = seen.__cause__ or seen.__context__
-        if nxt is None:
+            return cast(BaseException, seen)  # botocore's classes are untyped (Any)
+        following = seen.__cause__ or seen.__context__
+        if following is None:
             break
-        seen = nxt
+        seen = following
     return exc
 
 

@@ -16,8 +16,18 @@ from botocore.exceptions import BotoCoreError, ClientError
 from flood import fsops, records, retry
 from flood.errors import InvalidName
 from flood.jobs import FileRef, Job
-from flood.layout import COMPLETED, FAILED, INCOMING, PROCESSING, Layout, backup_name
-from flood.layout import check_bucket, check_key
+from flood.layout import (
+    COMPLETED,
+    FAILED,
+    INCOMING,
+    PROCESSING,
+    Layout,
+    backup_name,
+    check_bucket,
+    check_key,
+)
+from flood.s3 import MISSING, REJECTED
+from flood.s3 import check_bucket as head_bucket
 from flood.settings import Settings
 
 # Outcomes of one pass over a job, for the uploader role to act on.
@@ -85,20 +95,22 @@ class FileUploader:
         return False
 
     def check_new_bucket(self, bucket: str) -> bool:
-        """A bucket directory seen for the first time: HeadBucket it before claiming files."""
-        from flood.s3 import MISSING, OK, check_bucket as head_bucket
+        """A bucket directory seen for the first time: HeadBucket it before claiming files.
+
+        Only a definite answer holds files back (missing bucket, rejected key). A server that
+        cannot be reached now is no reason to leave files unclaimed: their uploads meet the
+        same error and go through the retry schedule, on record."""
         try:
             check_bucket(bucket)
         except InvalidName:
             self.checked.add(bucket)  # its files fail one by one with the reason
             return True
         verdict = head_bucket(self.client, bucket)
-        if verdict.status == OK and verdict.detail == MISSING:
-            self.pause(bucket, "NoSuchBucket", f"bucket {bucket} does not exist")
+        if verdict.status == REJECTED:
+            self.pause("", verdict.detail, f"the server refused profile {self.profile}'s key")
             return False
-        if verdict.status != OK:
-            self.log.warning("bucket_check_failed", profile=self.profile, bucket=bucket,
-                             reason=verdict.status, error=verdict.detail)
+        if verdict.detail == MISSING:
+            self.pause(bucket, "NoSuchBucket", f"bucket {bucket} does not exist")
             return False
         self.checked.add(bucket)
         return True

@@ -1,0 +1,198 @@
+"""Retries through a fault proxy: transient errors wait with backoff, permanent ones do not."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faultproxy import FaultProxy
+from spool import Spool, new_bucket, object_bytes, object_keys, wait_for
+
+from flood.localserver import LocalS3, random_identity
+
+pytestmark = pytest.mark.timeout(240)
+FAST = ("--retry-base", "0.05", "--max-retries", "3")
+
+
+@pytest.fixture
+def proxy(s3: LocalS3) -> Iterator[FaultProxy]:
+    with FaultProxy("127.0.0.1", s3.port) as fp:
+        yield fp
+
+
+@pytest.fixture
+def proxied(tmp_path: Path, s3: LocalS3, proxy: FaultProxy) -> Iterator[Spool]:
+    """A spool whose profile p1 reaches the local S3 server through the fault proxy."""
+    sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1", endpoint=proxy.endpoint)})
+    yield sp
+    sp.close()
+
+
+def attempts(spool: Spool, key: str) -> list[Any]:
+    return spool.query(
+        "SELECT a.* FROM retry_attempts a JOIN file_records r ON a.file_record_id = r.id "
+        "WHERE r.filepath = ? ORDER BY a.attempt", key)
+
+
+def started(spool: Spool) -> None:
+    wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+
+
+@pytest.mark.parametrize("fault", ["refuse", "reset", "503"])
+def test_outage_longer_than_all_retries_ends_in_failed(
+        proxied: Spool, proxy: FaultProxy, bucket: str, fault: str) -> None:
+    """With 3 retries the file ends in failed/ with exactly 3 attempt rows, in time order."""
+    proxied.start(*FAST, workers=1)
+    started(proxied)
+    proxy.set_mode(fault)
+    proxied.drop("p1", bucket, "doomed.txt", b"never arrives")
+    proxied.wait_done("p1", bucket, ["doomed.txt"], state="failed", timeout=60)
+    rows = attempts(proxied, "doomed.txt")
+    assert [(r["attempt"], r["outcome"]) for r in rows] == [(n, "failure") for n in (1, 2, 3)]
+    times = [r["attempted_at"] for r in rows]
+    assert times == sorted(times) and len(set(times)) == 3
+    [record] = proxied.records("doomed.txt")
+    assert (record["current_state"], record["upload_outcome"]) == ("failed", "failure")
+    assert record["error"]
+    assert proxied.events("upload_failed")
+
+
+def test_outage_that_ends_completes_with_the_right_bytes(
+        proxied: Spool, proxy: FaultProxy, bucket: str, client: Any) -> None:
+    """A 503 outage that ends after a couple of retries: completed, last attempt a success."""
+    proxied.start("--retry-base", "0.2", "--max-retries", "8", workers=1)
+    started(proxied)
+    proxy.set_mode("503")
+    proxied.drop("p1", bucket, "patient.txt", b"worth the wait")
+    wait_for(lambda: len(attempts(proxied, "patient.txt")) >= 2, 60, "two failed retries")
+    proxy.set_mode("pass")
+    proxied.wait_done("p1", bucket, ["patient.txt"], timeout=60)
+    assert object_bytes(client, bucket, "patient.txt") == b"worth the wait"
+    rows = attempts(proxied, "patient.txt")
+    assert rows[-1]["outcome"] == "success"
+    assert all(r["outcome"] == "failure" for r in rows[:-1])
+    [record] = proxied.records("patient.txt")
+    assert (record["upload_outcome"], record["retry_count"], record["next_attempt_at"]) == \
+        ("success", 0, None)
+
+
+def test_a_waiting_file_does_not_hold_the_uploader(
+        proxied: Spool, proxy: FaultProxy, bucket: str, client: Any) -> None:
+    """While one file waits for its retry, other files of the profile upload (one uploader)."""
+    proxied.start("--retry-base", "30", workers=1)
+    started(proxied)
+    proxy.set_mode("503")
+    proxied.drop("p1", bucket, "waiting.txt", b"later")
+    wait_for(lambda: proxied.events("upload_retry_scheduled"), 30, "a scheduled retry")
+    proxy.set_mode("pass")
+    others = [f"other/{i}" for i in range(20)]
+    for key in others:
+        proxied.drop("p1", bucket, key, key.encode())
+    proxied.wait_done("p1", bucket, others, timeout=30)
+    assert proxied.where("p1", bucket, "waiting.txt") == ["processing"]
+    assert "waiting.txt" not in object_keys(client, bucket)
+
+
+def test_a_restart_continues_the_retry_count(
+        proxied: Spool, proxy: FaultProxy, bucket: str) -> None:
+    """After a restart a waiting file is retried when due, its count going on from the db."""
+    sup = proxied.start("--retry-base", "1", "--max-retries", "3", workers=1)
+    started(proxied)
+    proxy.set_mode("refuse")
+    proxied.drop("p1", bucket, "survivor.txt", b"x")
+    wait_for(lambda: attempts(proxied, "survivor.txt"), 60, "the first retry row")
+    assert sup.terminate() == 0
+    [record] = proxied.records("survivor.txt")
+    count_before, due = record["retry_count"], record["next_attempt_at"]
+    assert count_before >= 2
+    proxied.start("--retry-base", "1", "--max-retries", "3", workers=1)
+    proxied.wait_done("p1", bucket, ["survivor.txt"], state="failed", timeout=90)
+    rows = attempts(proxied, "survivor.txt")
+    assert [r["attempt"] for r in rows] == [1, 2, 3]
+    resumed = [r for r in rows if r["attempt"] >= count_before]
+    assert resumed and all(r["attempted_at"] >= due for r in resumed)
+
+
+def test_access_denied_fails_at_once_without_retries(tmp_path: Path, s3: LocalS3,
+                                                      bucket: str) -> None:
+    """A read-only key (AccessDenied on PUT) sends the file to failed/ well before any retry."""
+    assert s3.readonly is not None
+    sp = Spool(tmp_path, s3, {"ro": s3.credentials_ini("ro", s3.readonly)})
+    try:
+        sp.start(workers=1)  # default 30 s base: a retry would take at least 30 s
+        started(sp)
+        sp.drop("ro", bucket, "denied.txt", b"no")
+        sp.wait_done("ro", bucket, ["denied.txt"], state="failed", timeout=15)
+        assert attempts(sp, "denied.txt") == []
+        [record] = sp.records("denied.txt")
+        assert record["reason"] == "AccessDenied"
+    finally:
+        sp.close()
+
+
+def test_key_rejected_at_startup_holds_the_profile(tmp_path: Path, s3: LocalS3,
+                                                   bucket: str) -> None:
+    """An unknown key at start-up: its files stay in incoming/, one error names the profile."""
+    bogus = random_identity("bogus", ("Read",))
+    sp = Spool(tmp_path, s3, {"bad": s3.credentials_ini("bad", bogus),
+                              "p1": s3.credentials_ini("p1")})
+    try:
+        sp.drop("bad", bucket, "stays.txt", b"s")
+        sp.start("--recheck-interval", "0.3")
+        sp.drop("p1", bucket, "flows.txt", b"f")
+        sp.wait_done("p1", bucket, ["flows.txt"])
+        wait_for(lambda: sp.events("profile_paused"), 10, "profile_paused")
+        wait_for(lambda: len(sp.events("profile_checked")) >= 1, 10, "checks")
+        assert sp.where("bad", bucket, "stays.txt") == ["incoming"]
+        paused = sp.events("profile_paused")
+        assert len(paused) == 1 and paused[0]["flood"]["profile"] == "bad"
+    finally:
+        sp.close()
+
+
+def test_revoked_key_pauses_its_profile_and_resumes_when_restored(tmp_path: Path) -> None:
+    """A key revoked mid-run: one file to failed/, the rest wait in incoming/ while another
+    profile flows; once the key is restored they upload without restarting Flood."""
+    worker = random_identity("worker", ("Read", "Write", "List"))
+    server = LocalS3(tmp_path / "s3", identities=None)
+    server.start()
+    admin = server.admin
+    try:
+        server.restart(identities=[admin, worker])
+        b1, b2 = new_bucket(server), new_bucket(server)
+        (tmp_path / "sp").mkdir()
+        sp = Spool(tmp_path / "sp", server, {
+            "rev": server.credentials_ini("rev", worker), "ok": server.credentials_ini("ok")})
+        sp.start("--recheck-interval", "0.5", "--retry-base", "0.2", workers=1)
+        started(sp)
+        server.restart(identities=[admin])  # the worker key is revoked
+        sp.drop("rev", b1, "first.txt", b"1")
+        sp.wait_done("rev", b1, ["first.txt"], state="failed", timeout=60)
+        rest = [f"rest/{i}" for i in range(5)]
+        for key in rest:
+            sp.drop("rev", b1, key, b"r")
+        sp.drop("ok", b2, "other.txt", b"o")
+        sp.wait_done("ok", b2, ["other.txt"], timeout=60)
+        assert all(sp.where("rev", b1, k) == ["incoming"] for k in rest)
+        assert [r["reason"] for r in sp.records("first.txt")] == ["InvalidAccessKeyId"]
+        server.restart(identities=[admin, worker])  # the key is back
+        sp.wait_done("rev", b1, rest, timeout=90)
+        assert object_keys(server.client(), b1) == sorted(rest)
+        sp.close()
+    finally:
+        server.stop()
+
+
+def test_retry_rows_carry_utc_timestamps(proxied: Spool, proxy: FaultProxy, bucket: str) -> None:
+    """attempted_at is UTC: within a minute of the test's UTC clock."""
+    proxied.start(*FAST, workers=1)
+    started(proxied)
+    proxy.set_mode("503")
+    proxied.drop("p1", bucket, "clock.txt", b"c")
+    wait_for(lambda: attempts(proxied, "clock.txt"), 30, "an attempt row")
+    stamp = dt.datetime.fromisoformat(attempts(proxied, "clock.txt")[0]["attempted_at"])
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    assert abs((now - stamp).total_seconds()) < 60

@@ -1,4 +1,4 @@
-"""The SQLite records (peewee): one row per passage of a file, and every state change as a function."""
+"""The SQLite records (peewee): a row per passage of a file, each state change a function."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import peewee as pw
-from playhouse.sqlite_ext import AutoIncrementField
+from playhouse.sqlite_ext import AutoIncrementField  # type: ignore[import-untyped]
 
 from flood.jobs import FileRef
 
@@ -127,8 +127,11 @@ def record_queued(ref: FileRef, state: str, created: dt.datetime | None, size: i
     """A producer's copy reached `state` (incoming_tmp, then incoming): one passage, one row."""
     with write():
         if record_id is not None:
+            # Only forward: the supervisor may have claimed the file between the producer's
+            # rename and this update, and a claimed passage must not go back to incoming.
             FileRecord.update(current_state=state, last_updated=utcnow()).where(
-                FileRecord.id == record_id).execute()
+                (FileRecord.id == record_id) & (FileRecord.current_state == "incoming_tmp")
+            ).execute()
             return record_id
         row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=ref.key,
                                 file_creation_date=created, current_state=state, size=size)
@@ -138,7 +141,8 @@ def record_queued(ref: FileRef, state: str, created: dt.datetime | None, size: i
 def record_claimed(ref: FileRef, created: dt.datetime | None, size: int) -> int:
     """The file was moved into processing/: continue a producer's passage or start a new one."""
     with write():
-        row = newest(ref, ("incoming_tmp", "incoming"))
+        # The passage that reached incoming/ first; a newer copy may still be in incoming_tmp.
+        row = newest(ref, ("incoming",)) or newest(ref, ("incoming_tmp",))
         if row is not None:
             FileRecord.update(current_state="processing", last_updated=utcnow(), size=size,
                               file_creation_date=row.file_creation_date or created).where(
@@ -157,7 +161,7 @@ def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> File
     with write():
         row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=ref.key,
                                 file_creation_date=created, current_state="processing", size=size)
-    return row  # type: ignore[no-any-return]
+    return row
 
 
 def record_completed(record_id: int, size: int, etag: str | None, attempt: int) -> None:

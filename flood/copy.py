@@ -1,0 +1,738 @@
+"""The flood-copy command: queue local files into incoming/, keyed as `aws s3 cp` keys them."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import fnmatch
+import os
+import shutil
+import stat
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import peewee as pw
+
+from flood import cli, credentials, fsops, records
+from flood.errors import ConfigError, FloodError, InvalidName, LayoutError
+from flood.jobs import FileRef
+from flood.layout import INCOMING, INCOMING_TMP, Layout, check_bucket, check_key, check_profile
+from flood.settings import DEFAULT_IGNORE, MiB
+
+PROG = "flood-copy"
+DEFAULT_SERVER_DIR = "/srv/flood"
+CHUNK = MiB
+BAR_THRESHOLD = 8 * MiB
+REDRAW_SECONDS = 0.1
+POLL_SECONDS = 0.2
+EX_USAGE = 2
+EX_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EX_TIMEOUT = 124  # timeout(1)
+SHOWN_AT_MOST = 10
+TERMINAL_STATES = ("completed", "failed", "abandoned")
+
+USAGE = (f"{PROG} [-h] [-q] [-r] [--server-dir DIR] [--credentials FILE] [--db PATH] "
+         "[--wait [--timeout S]] SOURCE... s3://PROFILE/BUCKET/[KEY]")
+DESCRIPTION = """\
+Queues SOURCE files for upload by a flood-supervisor: each file is copied into
+SERVER_DIR/incoming_tmp/PROFILE/BUCKET/KEY, synced, and renamed into incoming/. Keys follow
+`aws s3 cp`: s3://p/b/ names a file by its own name, s3://p/b/x/y.txt names it x/y.txt, and
+-r DIR s3://p/b/pre/ gives pre/<path below DIR>. Several sources need a prefix ending in '/'
+(like cp a b c dir/); there each directory keeps its own name. No network is used."""
+EPILOG = """\
+server dir: --server-dir, else $FLOOD_SERVER_DIR, else /srv/flood. Credentials are found as
+flood-supervisor finds them; records go to --db, else $FLOOD_DB, else ./flood.db.
+exit status: 0 all queued (with --wait: all completed); 1 some file was not queued or failed;
+2 bad usage or input; 78 configuration error; 124 --wait timed out; 130 interrupted."""
+
+
+class Refused(FloodError):
+    """The command line asks for something that cannot be done: nothing is queued."""
+
+    exit_code = EX_USAGE
+
+
+class NotQueued(Exception):
+    """One file could not be queued; `reason` is the stable code its record gets."""
+
+    def __init__(self, detail: str, reason: str = "copy_failed") -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class Interrupted(Exception):
+    """Ctrl-C during one file's copy; `published` says whether it had reached incoming/."""
+
+    def __init__(self, published: bool, record_id: int | None) -> None:
+        super().__init__("interrupted")
+        self.published = published
+        self.record_id = record_id
+
+
+# -- the command line ----------------------------------------------------------------------
+def parser() -> cli.Parser:
+    p = cli.Parser(prog=PROG, usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="files (directories with -r)")
+    p.add_argument("destination", metavar="s3://PROFILE/BUCKET/[KEY]")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="copy every file below a directory SOURCE")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--server-dir", metavar="DIR",
+                   help=f"spool directory (default: $FLOOD_SERVER_DIR, else {DEFAULT_SERVER_DIR})")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE nor "
+                        "~/.aws/credentials exists")
+    p.add_argument("--db", metavar="PATH",
+                   help="SQLite records (default: $FLOOD_DB, else ./flood.db)")
+    p.add_argument("--wait", action="store_true",
+                   help="block until every queued file is in completed/ or failed/")
+    p.add_argument("--timeout", type=cli.seconds, metavar="S",
+                   help="with --wait: give up after S seconds (exit 124)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.timeout is not None and not args.wait:
+        p.error("--timeout needs --wait")
+    try:
+        return run(args)
+    except FloodError as exc:
+        return cli.fail(PROG, str(exc), exc.exit_code)
+    except KeyboardInterrupt:  # before or after the copy loop: no file is half-queued
+        return cli.fail(PROG, "interrupted", EX_INTERRUPTED)
+    finally:
+        records.close_db()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything, copy every file, report, and wait if asked."""
+    target = parse_target(args.destination)
+    root = server_dir(args.server_dir)
+    creds = credentials.load(args.credentials)
+    if target.profile not in creds.profiles:
+        raise Refused(f"unknown profile {target.profile!r}: {creds.path} ({creds.source}) has "
+                      f"{', '.join(sorted(creds.profiles))}")
+    plan = make_plan(args.sources, target, args.recursive)
+    for line in plan.skipped + _ignored_warnings(plan.items):
+        print(f"{PROG}: {line}", file=sys.stderr)
+    layout = Layout(root)
+    prepare_dirs(layout, target)
+    _open_records(cli.db_path(args.db))
+    report = Copier(layout, target, _progress(plan.items, args.quiet)).run(plan.items)
+    code = report.tell(target, args.quiet, plan.failed)
+    if args.wait and code != EX_INTERRUPTED:
+        waited = wait_outcomes([(target.uri(i.key), rid) for i, rid in report.queued], args.timeout)
+        code = waited if waited != 0 else code
+    return code
+
+
+# -- the destination and the server dir ----------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """s3://PROFILE/BUCKET/KEY as given: `key` may be empty or end in '/' (a prefix)."""
+
+    profile: str
+    bucket: str
+    key: str
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.profile}/{self.bucket}/{key}"
+
+    def prefix(self) -> str:
+        return self.key.rstrip("/")
+
+
+def parse_target(uri: str) -> Target:
+    """Split and check s3://PROFILE/BUCKET/[KEY]; raise Refused naming what is wrong."""
+    if not uri.startswith("s3://"):
+        raise Refused(f"destination {_short(uri)} is not s3://PROFILE/BUCKET/[KEY]")
+    profile, _, rest = uri.removeprefix("s3://").partition("/")
+    bucket, _, key = rest.partition("/")
+    if not profile or not bucket:
+        raise Refused(f"destination {_short(uri)} names no {'profile' if not profile else 'bucket'}"
+                      " (s3://PROFILE/BUCKET/[KEY])")
+    try:
+        check_profile(profile)
+        check_bucket(bucket)
+        if key:
+            check_key(key.removesuffix("/"))
+    except InvalidName as exc:
+        raise Refused(f"invalid destination {_short(uri)}: {exc}") from None
+    return Target(profile, bucket, key)
+
+
+def server_dir(option: str | None) -> Path:
+    """--server-dir, else $FLOOD_SERVER_DIR, else the default; it must exist."""
+    if option:
+        path, source = option, "from --server-dir"
+    elif os.environ.get("FLOOD_SERVER_DIR"):
+        path, source = os.environ["FLOOD_SERVER_DIR"], "from $FLOOD_SERVER_DIR"
+    else:
+        path, source = DEFAULT_SERVER_DIR, "the default; set --server-dir or $FLOOD_SERVER_DIR"
+    root = Path(os.path.abspath(path))
+    if not root.is_dir():
+        raise LayoutError(f"server directory {root} ({source}) does not exist or is not a "
+                          "directory")
+    return root
+
+
+def prepare_dirs(layout: Layout, target: Target) -> None:
+    """Create incoming_tmp/P/B and incoming/P/B; refuse them on different filesystems."""
+    states = (INCOMING_TMP, INCOMING)
+    try:
+        for state in states:
+            make_dirs(layout.state_dir(state))
+        _same_filesystem([layout.state_dir(s) for s in states])
+        buckets = [layout.bucket_dir(s, target.profile, target.bucket) for s in states]
+        for path in buckets:
+            make_dirs(path)
+        _same_filesystem(buckets)
+    except OSError as exc:
+        raise LayoutError(f"cannot create {exc.filename}: {exc.strerror}") from None
+
+
+def make_dirs(path: str) -> None:
+    """mkdir -p with mode 0750 at every level (os.makedirs gives it to the last one only)."""
+    if os.path.isdir(path):
+        return
+    make_dirs(os.path.dirname(path))
+    with suppress(FileExistsError):
+        os.mkdir(path, 0o750)
+
+
+def _same_filesystem(paths: list[str]) -> None:
+    devices = [os.stat(p).st_dev for p in paths]
+    if len(set(devices)) > 1:
+        where = " and ".join(f"{p} (device {d})" for p, d in zip(paths, devices, strict=True))
+        raise LayoutError(f"{where} are on different filesystems: the rename into incoming/ "
+                          "would not be atomic")
+
+
+def _open_records(path: str) -> None:
+    try:
+        records.open_db(path)
+    except (OSError, pw.PeeweeException) as exc:
+        raise ConfigError(f"cannot open the records database {path}: {exc}") from None
+
+
+# -- which files, under which keys ---------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One file to queue: the path opened (a link inside the tree resolved), as shown, its key."""
+
+    path: str
+    shown: str
+    key: str
+    size: int
+
+
+@dataclass
+class Plan:
+    items: list[Item] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def make_plan(sources: Sequence[str], target: Target, recursive: bool) -> Plan:
+    """Every file to copy with its key; raise Refused for a source or key that cannot be."""
+    several = len(sources) > 1
+    if several and target.key and not target.key.endswith("/"):
+        raise Refused(f"several sources need a destination ending in '/' (like cp a b dir/), "
+                      f"not {_short(target.uri(target.key))}")
+    plan = Plan()
+    for source in sources:
+        info = _stat_source(source)
+        name = _name(source)
+        if stat.S_ISDIR(info.st_mode):
+            if not recursive:
+                raise Refused(f"{source} is a directory (use -r to copy the files below it)")
+            prefix = _join(target.prefix(), name) if several else target.prefix()
+            _walk_tree(source, prefix, plan)
+        elif stat.S_ISREG(info.st_mode):
+            key = target.key + name if not target.key or target.key.endswith("/") else target.key
+            plan.items.append(Item(source, source, key, info.st_size))
+        else:
+            raise Refused(f"{source} is a {_kind(info.st_mode)}, not a regular file")
+    _check_keys(plan.items)
+    return plan
+
+
+def _stat_source(source: str) -> os.stat_result:
+    try:
+        return os.stat(source)
+    except FileNotFoundError:
+        raise Refused(f"{source}: no such file or directory") from None
+    except OSError as exc:
+        raise Refused(f"{source}: {exc.strerror}") from None
+
+
+def _name(source: str) -> str:
+    """The name a source contributes to its keys ('' for '.', '..' and '/', as cp does)."""
+    name = os.path.basename(os.path.normpath(source))
+    return "" if name in ("", ".", "..") else name
+
+
+def _join(prefix: str, rel: str) -> str:
+    return f"{prefix}/{rel}" if prefix and rel else prefix or rel
+
+
+def _walk_tree(top: str, prefix: str, plan: Plan) -> None:
+    """Add every file below `top`; links leading out of it, and special files, are skipped."""
+    root = os.path.realpath(top)
+    stack = [("", top)]
+    while stack:
+        rel, path = stack.pop()
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name, reverse=True)
+        except OSError as exc:
+            plan.failed.append((path, f"cannot list the directory: {exc.strerror}"))
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((_join(rel, entry.name), entry.path))
+            else:
+                _add_entry(entry, root, top, _join(prefix, _join(rel, entry.name)), plan)
+    plan.items.sort(key=lambda i: i.key)
+
+
+def _add_entry(entry: os.DirEntry[str], root: str, top: str, key: str, plan: Plan) -> None:
+    try:
+        if entry.is_symlink():
+            _add_link(entry.path, root, top, key, plan)
+            return
+        info = entry.stat(follow_symlinks=False)
+    except OSError as exc:
+        plan.failed.append((entry.path, exc.strerror or type(exc).__name__))
+        return
+    if stat.S_ISREG(info.st_mode):
+        plan.items.append(Item(entry.path, entry.path, key, info.st_size))
+    else:
+        plan.skipped.append(f"skipped {entry.path}: {_kind(info.st_mode)}, not a regular file")
+
+
+def _add_link(path: str, root: str, top: str, key: str, plan: Plan) -> None:
+    """Copy a link to a file inside the tree; skip one that leaves it, dangles or is a dir."""
+    real = os.path.realpath(path)
+    shown = f"symlink {path} -> {os.readlink(path)}"
+    if os.path.commonpath([real, root]) != root:
+        plan.skipped.append(f"skipped {shown}: it leads out of {top}")
+        return
+    try:
+        info = os.stat(real)
+    except FileNotFoundError:
+        plan.skipped.append(f"skipped {shown}: dangling")
+        return
+    if stat.S_ISREG(info.st_mode):
+        plan.items.append(Item(real, path, key, info.st_size))
+    elif stat.S_ISDIR(info.st_mode):
+        plan.skipped.append(f"skipped {shown}: a link to a directory is not followed")
+    else:
+        plan.skipped.append(f"skipped {shown}: {_kind(info.st_mode)}, not a regular file")
+
+
+def _check_keys(items: list[Item]) -> None:
+    seen: dict[str, str] = {}
+    for item in items:
+        try:
+            check_key(item.key)
+        except InvalidName as exc:
+            raise Refused(f"{item.shown}: {exc}") from None
+        if item.key in seen:
+            raise Refused(f"{seen[item.key]} and {item.shown} would both become key {item.key!r}")
+        seen[item.key] = item.shown
+
+
+def _ignored_warnings(items: list[Item]) -> list[str]:
+    """Files the supervisor's default --ignore leaves in incoming/: say so before queueing."""
+    patterns = ",".join(DEFAULT_IGNORE)
+    return [f"note: {i.key} matches flood-supervisor's default --ignore ({patterns}): it waits "
+            "in incoming/ unless the supervisor ignores other names"
+            for i in items
+            if any(fnmatch.fnmatchcase(i.key.rsplit("/", 1)[-1], p) for p in DEFAULT_IGNORE)]
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"),
+                       (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _short(text: str, width: int = 80) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+# -- progress --------------------------------------------------------------------------------
+class Progress:
+    """Files and bytes done, rate and time left on one stderr line, redrawn <= 10 times a second."""
+
+    def __init__(self, stream: TextIO | None, files: int, total: int) -> None:
+        self.stream = stream
+        self.files = files
+        self.total = total
+        self.done_files = 0
+        self.done_bytes = 0
+        self.started = time.monotonic()
+        self.drawn_at = float("-inf")
+        self.width = 0
+
+    def advance(self, nbytes: int) -> None:
+        self.done_bytes += nbytes
+        self._tick()
+
+    def file_done(self) -> None:
+        self.done_files += 1
+        self._tick()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.stream is not None and now - self.drawn_at >= REDRAW_SECONDS:
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        assert self.stream is not None
+        line = self.line(now)[: _columns(self.stream) - 1]
+        self.stream.write("\r" + line + " " * max(0, self.width - len(line)))
+        self.stream.flush()
+        self.width = len(line)
+        self.drawn_at = now
+
+    def line(self, now: float) -> str:
+        rate = self.done_bytes / max(now - self.started, 1e-3)
+        left = (self.total - self.done_bytes) / rate if rate > 0 else None
+        done = self.done_bytes / self.total if self.total else self.done_files / max(self.files, 1)
+        bar = "#" * int(20 * min(done, 1.0))
+        return (f"[{bar:<20}] {self.done_files}/{self.files} files  "
+                f"{_size(self.done_bytes)}/{_size(self.total)}  {_size(rate)}/s  "
+                f"{_clock(left)} left")
+
+
+def _progress(items: list[Item], quiet: bool) -> Progress:
+    total = sum(i.size for i in items)
+    wanted = not quiet and sys.stderr.isatty() and (len(items) > 1 or total > BAR_THRESHOLD)
+    return Progress(sys.stderr if wanted else None, len(items), total)
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (OSError, ValueError):
+        return shutil.get_terminal_size().columns
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# -- copying -----------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """What a run queued (with record ids), what it could not, and whether it was cut short."""
+
+    total: int
+    queued: list[tuple[Item, int]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    not_reached: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    def stop(self, not_reached: list[str]) -> None:
+        self.not_reached = not_reached
+        self.interrupted = True
+
+    def tell(self, target: Target, quiet: bool, plan_failed: list[tuple[str, str]]) -> int:
+        """Say what happened; the exit status so far."""
+        for shown, why in plan_failed + self.failed:
+            print(f"{PROG}: not queued: {shown}: {why}", file=sys.stderr)
+        if self.interrupted:
+            missed = [s for s, _ in self.failed] + self.not_reached
+            print(f"{PROG}: interrupted: queued {len(self.queued)} of {_files(self.total)}; "
+                  f"not queued: {_names(missed)}", file=sys.stderr)
+            return EX_INTERRUPTED
+        if not quiet:
+            size = _size(sum(i.size for i, _ in self.queued))
+            total = self.total + len(plan_failed)
+            count = f"{len(self.queued)} of " if len(self.queued) < total else ""
+            print(f"queued {count}{_files(total)} ({size}) to {target.uri(target.key)}")
+        return 1 if self.failed or plan_failed else 0
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
+
+
+def _names(names: list[str]) -> str:
+    if not names:
+        return "none"
+    more = len(names) - SHOWN_AT_MOST
+    return ", ".join(names[:SHOWN_AT_MOST]) + (f" and {more} more" if more > 0 else "")
+
+
+class Passage:
+    """One file on its way: the incoming_tmp file this copy holds (locked) and its record."""
+
+    def __init__(self, layout: Layout, ref: FileRef) -> None:
+        self.ref = ref
+        self.tmp = layout.path(INCOMING_TMP, ref)
+        self.final = layout.path(INCOMING, ref)
+        self.fd: int | None = None
+        self.record_id: int | None = None
+
+    def published(self) -> bool:
+        return self.fd is not None and _same_file(self.fd, self.final)
+
+    def abandon(self, reason: str) -> bool:
+        """Undo what did not reach incoming/; True if the file had reached it after all."""
+        if self.published():
+            return True
+        if self.fd is not None and _same_file(self.fd, self.tmp):
+            with suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+        if self.record_id is not None:
+            records.set_state(self.record_id, "abandoned", reason)
+        return False
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+class Copier:
+    """Copies planned files into incoming_tmp, syncs them, and renames them into incoming/."""
+
+    def __init__(self, layout: Layout, target: Target, progress: Progress) -> None:
+        self.layout = layout
+        self.target = target
+        self.progress = progress
+        self.synced_dirs: set[str] = set()
+
+    def run(self, items: list[Item]) -> Report:
+        report = Report(total=len(items))
+        try:
+            for index, item in enumerate(items):
+                try:
+                    report.queued.append((item, self.queue_one(item)))
+                except NotQueued as exc:
+                    report.failed.append((item.shown, str(exc)))
+                except Interrupted as exc:
+                    if exc.published and exc.record_id is not None:
+                        report.queued.append((item, exc.record_id))
+                    report.stop([i.shown for i in items[index + 1 if exc.published else index:]])
+                    break
+                except KeyboardInterrupt:  # between files: this one was not started
+                    report.stop([i.shown for i in items[index:]])
+                    break
+                self.progress.file_done()
+        finally:
+            self.progress.close()
+        self.sync_dirs()
+        return report
+
+    def queue_one(self, item: Item) -> int:
+        """incoming_tmp, fsync, rename into incoming/, recording both states; the record id."""
+        src, info = _open_source(item.path)
+        passage = Passage(self.layout, FileRef(self.target.profile, self.target.bucket, item.key))
+        try:
+            return self._queue(src, info, item, passage)
+        except NotQueued as exc:
+            passage.abandon(exc.reason)
+            raise
+        except (OSError, pw.PeeweeException) as exc:
+            if not passage.abandon("copy_failed") or passage.record_id is None:
+                raise NotQueued(_describe(exc)) from None
+            return passage.record_id  # it reached incoming/; the supervisor continues the record
+        except KeyboardInterrupt:
+            raise Interrupted(passage.abandon("interrupted"), passage.record_id) from None
+        finally:
+            os.close(src)
+            passage.close()
+
+    def _queue(self, src: int, info: os.stat_result, item: Item, passage: Passage) -> int:
+        passage.fd = _open_tmp(passage.tmp)
+        created = fsops.creation_date(item.path)
+        rid = passage.record_id = records.record_queued(passage.ref, INCOMING_TMP, created,
+                                                        info.st_size)
+        self._copy(src, passage.fd)
+        os.fsync(passage.fd)
+        self._publish(passage)
+        records.record_queued(passage.ref, INCOMING, created, info.st_size, record_id=rid)
+        return rid
+
+    def _copy(self, src: int, dst: int) -> None:
+        while True:
+            try:
+                chunk = os.read(src, CHUNK)
+            except OSError as exc:
+                raise NotQueued(f"read error: {exc.strerror}", "read_error") from None
+            if not chunk:
+                return
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst, view):]
+            self.progress.advance(len(chunk))
+
+    def _publish(self, passage: Passage) -> None:
+        """Rename incoming_tmp -> incoming; a wiped incoming_tmp leaves the file not queued."""
+        assert passage.fd is not None
+        if not _same_file(passage.fd, passage.tmp):
+            raise NotQueued(_WIPED, "wiped")
+        make_dirs(os.path.dirname(passage.final))
+        try:
+            fsops.move_into(passage.tmp, passage.final)
+        except FileNotFoundError:
+            raise NotQueued(_WIPED, "wiped") from None
+        except FileExistsError:
+            # An older copy of the same key still waits in incoming/, not yet claimed. Decided
+            # with the lead: the newer copy supersedes it, as a second `cp` over the same
+            # destination would; the older passage's record is closed as superseded.
+            os.rename(passage.tmp, passage.final)
+            _supersede(passage.ref, passage.record_id)
+        self.synced_dirs.add(os.path.dirname(passage.final))
+
+    def sync_dirs(self) -> None:
+        """fsync the directories renamed into, so the renames survive a power cut."""
+        for path in sorted(self.synced_dirs):
+            with suppress(OSError):
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+_WIPED = "incoming_tmp was wiped under the copy (a flood-supervisor started); copy it again"
+
+
+def _open_source(path: str) -> tuple[int, os.stat_result]:
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise NotQueued(f"cannot read: {exc.strerror}", "unreadable") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotQueued(f"{_kind(info.st_mode)}, not a regular file any more", "not_regular_file")
+    return fd, info
+
+
+def _open_tmp(path: str) -> int:
+    """Open incoming_tmp's file for this copy alone: a concurrent copy of the same key holds
+    the flock until it has renamed its file away; a file left by a killed copy is reused."""
+    make_dirs(os.path.dirname(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        fd = os.open(path, flags, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, path):
+                os.ftruncate(fd, 0)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # renamed away while we waited for the lock: open the name afresh
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        there = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    ours = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _supersede(ref: FileRef, record_id: int | None) -> None:
+    older = records.FileRecord.select(records.FileRecord.id).where(
+        (records.FileRecord.profile == ref.profile) & (records.FileRecord.bucket == ref.bucket)
+        & (records.FileRecord.filepath == ref.key)
+        & (records.FileRecord.current_state == INCOMING)
+        & (records.FileRecord.id != record_id))
+    for row in list(older):
+        records.set_state(int(row.id), "abandoned", "superseded")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot write{where}: {exc.strerror or type(exc).__name__}"
+    return f"records: {exc}"
+
+
+# -- waiting -----------------------------------------------------------------------------------
+def wait_outcomes(queued: Sequence[tuple[str, int]], timeout: float | None) -> int:
+    """Poll the records until each file is completed or failed; print one line per file."""
+    pending = {rid: uri for uri, rid in queued}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed = False
+    try:
+        while pending:
+            for rid, line, ok in _finished(pending):
+                del pending[rid]
+                print(line, flush=True)
+                failed = failed or not ok
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                _say_pending(f"timed out after {timeout or 0:g} s", pending)
+                return EX_TIMEOUT
+            if pending:
+                time.sleep(POLL_SECONDS)  # a polling interval against the deadline above
+    except KeyboardInterrupt:
+        _say_pending("interrupted", pending)
+        return EX_INTERRUPTED
+    return 1 if failed else 0
+
+
+def _finished(pending: dict[int, str]) -> list[tuple[int, str, bool]]:
+    """(record id, outcome line, completed?) for each pending file that has finished."""
+    return list(_outcomes(pending))
+
+
+def _outcomes(pending: dict[int, str]) -> Iterator[tuple[int, str, bool]]:
+    ids = list(pending)
+    found: set[int] = set()
+    for start in range(0, len(ids), 500):
+        rows = records.FileRecord.select().where(records.FileRecord.id.in_(ids[start:start + 500]))
+        for row in rows:
+            rid = int(row.id)
+            found.add(rid)
+            if row.current_state == "completed":
+                yield rid, f"completed {pending[rid]}", True
+            elif row.current_state in TERMINAL_STATES:
+                why = row.reason or row.current_state
+                error = f" ({row.error})" if row.error else ""
+                yield rid, f"failed {pending[rid]}: {why}{error}", False
+    for rid in set(ids) - found:
+        yield rid, f"failed {pending[rid]}: its record was deleted", False
+
+
+def _say_pending(what: str, pending: dict[int, str]) -> None:
+    print(f"{PROG}: {what}; {_files(len(pending))} not finished (still queued): "
+          f"{_names(list(pending.values()))}", file=sys.stderr)

@@ -127,8 +127,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, configparser.ParsingError):
         lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
         return f"line {lines} is not 'key = value'"
-    if isinstance(exc, configparser.DuplicateSectionError | configparser.DuplicateOptionError):
-        return f"duplicate {'profile' if isinstance(exc, configparser.DuplicateSectionError) else 'key'} at line {exc.lineno}"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"profile [{exc.section}] appears twice (line {exc.lineno})"
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"a key appears twice in profile [{exc.section}] (line {exc.lineno})"
     if isinstance(exc, UnicodeDecodeError):
         return "it is not UTF-8 text"
     if isinstance(exc, OSError):

@@ -138,9 +138,9 @@ class Layout:
         return count
 
     def walk_files(self, state: str, profile: str | None = None) -> Iterator[str]:
-        """Every non-directory below `state` (or one profile of it), streamed, links not followed."""
-        top = self.state_dir(state) if profile is None else os.path.join(self.state_dir(state), profile)
-        yield from _walk(top)
+        """Every non-directory below `state` (or one profile of it), streamed, no links followed."""
+        top = self.state_dir(state)
+        yield from _walk(top if profile is None else os.path.join(top, profile))
 
 
 def _walk(top: str) -> Iterator[str]:

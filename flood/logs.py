@@ -105,7 +105,7 @@ def configure(role: str, level: str = "info", log_file: str | None = None,
             _ecs_fields,
             _Redactor(secrets),
             structlog.processors.format_exc_info,
-            ecs_logging.StructlogFormatter(),
+            ecs_logging.StructlogFormatter(),  # type: ignore[list-item]
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
         logger_factory=lambda *_: _LineWriter(fd),

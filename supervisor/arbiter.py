@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -136,7 +137,9 @@ class Arbiter:
     def restart_generation(self) -> None:
         stable = time.monotonic() - self.generation.started > STABLE_AFTER
         self.restarts = 0 if stable else self.restarts + 1
-        wait_s = min(RESTART_BACKOFF_MAX, 0.5 * 2 ** max(0, self.restarts - 1)) if self.restarts else 0
+        wait_s = 0.0
+        if self.restarts:
+            wait_s = min(RESTART_BACKOFF_MAX, 0.5 * 2 ** (self.restarts - 1))
         self.stop_children("restart")
         if wait_s:
             self.log.info("restart_backoff", delay=wait_s)
@@ -199,10 +202,8 @@ class Arbiter:
             except queue.Empty:
                 return
             if self.watcher_conn is not None:
-                try:
+                with contextlib.suppress(OSError):
                     self.watcher_conn.send(("rescan", profile, "hold_released"))
-                except OSError:
-                    pass
 
 
 class HoldChecker(threading.Thread):

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from flood import cli, credentials, logs, records
+from flood import cli, credentials, logs
 from flood.errors import ConfigError, FloodError
 from flood.settings import DEFAULT_IGNORE, MiB, Settings
 from flood.supervisor import startup
@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ignore=tuple(p for p in args.ignore.split(",") if p),
     )
     log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
-    log.info("credentials_loaded", path=str(creds.path), reason=f"first that exists: {creds.source}",
-             profiles=sorted(creds.profiles))
+    log.info("credentials_loaded", path=str(creds.path),
+             reason=f"first that exists: {creds.source}", profiles=sorted(creds.profiles))
     if creds.loose_permissions():
         log.warning("credentials_file_exposed", path=str(creds.path),
                     reason=f"mode {creds.mode & 0o777:o}: group or others can read it; "
@@ -104,4 +104,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FloodError as exc:
         log.error("startup_failed", error=str(exc))
         return cli.fail("flood-supervisor", str(exc), exc.exit_code)
-    return Arbiter(settings, layout, checked, log).run()
+    return int(Arbiter(settings, layout, checked, log).run())

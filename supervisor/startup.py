@@ -9,8 +9,8 @@ from typing import Any
 
 from flood import records
 from flood.errors import AlreadyRunning, LayoutError
-from flood.layout import COMPLETED, FAILED, INCOMING, INCOMING_TMP, PROCESSING, Layout
 from flood.jobs import FileRef
+from flood.layout import COMPLETED, FAILED, INCOMING, INCOMING_TMP, PROCESSING, Layout
 from flood.s3 import MISSING, OK, REJECTED, check_profile, make_client
 from flood.settings import Settings
 

@@ -12,8 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
-from flood.localserver import LocalS3  # noqa: E402
-from spool import Spool, new_bucket  # noqa: E402
+from spool import Spool, new_bucket
+
+from flood.localserver import LocalS3
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -76,7 +77,5 @@ def send(conn: Connection | None, *message: Any) -> None:
     """Tell the supervisor something; a supervisor that is gone is not an error here."""
     if conn is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         conn.send(message)
-    except (BrokenPipeError, OSError):
-        pass

@@ -156,6 +156,8 @@ def _walk(top: str) -> Iterator[str]:
 
 
 def _subdirs(path: str) -> list[str]:
+    if os.path.islink(path):  # a symlinked profile directory is not walked
+        return []
     try:
         return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
@@ -165,11 +167,15 @@ def _subdirs(path: str) -> list[str]:
 def backup_name(path: str) -> str:
     """The next free `path.~N~` name, as `mv --backup=numbered` picks it."""
     directory, base = os.path.split(path)
+    return os.path.join(directory, next_backup(os.listdir(directory), base))
+
+
+def next_backup(names: Iterable[str], base: str) -> str:
+    """`base.~N~` with N one above the highest backup of base among names."""
     highest = 0
-    prefix = base + ".~"
-    for name in os.listdir(directory):
-        if name.startswith(prefix):
+    for name in names:
+        if name.startswith(base + ".~"):
             match = _BACKUP_RE.search(name)
             if match and name == f"{base}.~{match.group(1)}~":
                 highest = max(highest, int(match.group(1)))
-    return f"{path}.~{highest + 1}~"
+    return f"{base}.~{highest + 1}~"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -13,7 +14,7 @@ from typing import Any
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from flood import fsops, records, retry
+from flood import crashpoints, fsops, records, retry
 from flood.errors import InvalidName
 from flood.jobs import FileRef, Job
 from flood.layout import (
@@ -22,9 +23,9 @@ from flood.layout import (
     INCOMING,
     PROCESSING,
     Layout,
-    backup_name,
     check_bucket,
     check_key,
+    next_backup,
 )
 from flood.s3 import MISSING, REJECTED
 from flood.s3 import check_bucket as head_bucket
@@ -124,32 +125,50 @@ class FileUploader:
     # -- claim ---------------------------------------------------------------------------
     def claim(self, ref: FileRef) -> int | Result | None:
         """Move incoming -> processing without overwriting; the passage's record id."""
-        src = self.layout.path(INCOMING, ref)
-        dst = self.layout.path(PROCESSING, ref)
+        parts, name = _split(ref)
         try:
-            fsops.move_into(src, dst)
+            src = fsops.open_dir(self.layout.state_dir(INCOMING), parts)
+        except FileNotFoundError:
+            return None
+        except fsops.EscapesTree as exc:
+            self.log.warning("path_escapes", profile=ref.profile, bucket=ref.bucket,
+                             key=ref.key, reason=str(exc))
+            return None
+        try:
+            dst = fsops.open_dir(self.layout.state_dir(PROCESSING), parts, create=True)
+            try:
+                fsops.renameat_noreplace(src, name, dst, name)
+                info = os.stat(name, dir_fd=dst, follow_symlinks=False)
+                created = fsops.creation_date(name, dst)
+            finally:
+                os.close(dst)
         except FileNotFoundError:
             return None
         except FileExistsError:
             return Result(BUSY)
-        try:
-            info = os.lstat(dst)
-            created = fsops.creation_date(dst)
-        except FileNotFoundError:
-            return None
+        finally:
+            os.close(src)
+        crashpoints.point("after_claim")
         record_id = records.record_claimed(ref, created, info.st_size)
         self.log.info("file_claimed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                      path=dst, size=info.st_size, record_id=record_id)
+                      path=self.layout.path(PROCESSING, ref), size=info.st_size,
+                      record_id=record_id)
         return record_id
 
     def resume(self, ref: FileRef, now: float) -> Result:
         """A file found in processing/: continue its passage, honouring a retry's due time."""
-        path = self.layout.path(PROCESSING, ref)
+        parts, name = _split(ref)
         try:
-            info = os.lstat(path)
-            created = fsops.creation_date(path)
+            folder = fsops.open_dir(self.layout.state_dir(PROCESSING), parts)
+        except (FileNotFoundError, fsops.EscapesTree):
+            return Result(SKIPPED)
+        try:
+            info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            created = fsops.creation_date(name, folder)
         except FileNotFoundError:
             return Result(SKIPPED)
+        finally:
+            os.close(folder)
         row = records.record_resumed(ref, created, info.st_size)
         retries = int(row.retry_count or 0)
         if row.next_attempt_at is not None:
@@ -161,27 +180,42 @@ class FileUploader:
     # -- one attempt ---------------------------------------------------------------------
     def attempt(self, ref: FileRef, record_id: int, attempt: int, now: float) -> Result:
         """Upload processing/P/B/key once; `attempt` is the retry number (0: first upload)."""
-        path = self.layout.path(PROCESSING, ref)
+        parts, name = _split(ref)
+        try:
+            folder = fsops.open_dir(self.layout.state_dir(PROCESSING), parts)
+        except (FileNotFoundError, fsops.EscapesTree):
+            return self.vanished(ref, record_id)
+        try:
+            return self._attempt_in(folder, name, ref, record_id, attempt, now)
+        finally:
+            os.close(folder)
+
+    def _attempt_in(self, folder: int, name: str, ref: FileRef, record_id: int, attempt: int,
+                    now: float) -> Result:
         try:
             check_bucket(ref.bucket)
             check_key(ref.key)
         except InvalidName as exc:
             return self.fail(ref, record_id, exc.reason, str(exc), attempt)
         try:
-            fd, before = fsops.open_regular(path)
+            fd, before = fsops.open_regular(name, dir_fd=folder)
         except fsops.NotRegularFile as exc:
-            return self.fail(ref, record_id, "not_regular_file", str(exc), attempt)
+            return self.fail(ref, record_id, "not_regular_file",
+                             f"{exc.kind}, not a regular file", attempt)
         except FileNotFoundError:
-            self.log.warning("file_vanished", profile=ref.profile, bucket=ref.bucket,
-                             key=ref.key, path=path)
-            records.set_state(record_id, "failed", "vanished")
-            return Result(SKIPPED)
+            return self.vanished(ref, record_id)
         except PermissionError as exc:
             return self.fail(ref, record_id, "unreadable", str(exc), attempt)
         try:
             return self._attempt_open(ref, record_id, attempt, fd, before, now)
         finally:
             os.close(fd)
+
+    def vanished(self, ref: FileRef, record_id: int) -> Result:
+        self.log.warning("file_vanished", profile=ref.profile, bucket=ref.bucket, key=ref.key,
+                         path=self.layout.path(PROCESSING, ref), record_id=record_id)
+        records.set_state(record_id, "failed", "vanished")
+        return Result(SKIPPED)
 
     def _attempt_open(self, ref: FileRef, record_id: int, attempt: int, fd: int,
                       before: os.stat_result, now: float) -> Result:
@@ -191,13 +225,16 @@ class FileUploader:
                              attempt)
         started = time.monotonic()
         try:
+            crashpoints.point("after_put_start")
             etag = self.put(fd, before.st_size, ref)
+            crashpoints.point("after_put")
             after = os.fstat(fd)
             if _changed(before, after):
                 self.log.warning("source_modified", profile=ref.profile, bucket=ref.bucket,
                                  key=ref.key, size=after.st_size)
                 return Result(CHANGED, now + self.settings.settle_seconds)
             self.verify(ref, before.st_size)
+            crashpoints.point("after_head")
         except (ClientError, BotoCoreError, _Mismatch, OSError) as exc:
             return self.failed_attempt(ref, record_id, attempt, exc, now)
         return self.complete(ref, record_id, attempt, before, etag, time.monotonic() - started)
@@ -235,16 +272,20 @@ class FileUploader:
     # -- endings -------------------------------------------------------------------------
     def complete(self, ref: FileRef, record_id: int, attempt: int, info: os.stat_result,
                  etag: str | None, seconds: float) -> Result:
-        self.finish(COMPLETED, ref)
         records.record_completed(record_id, info.st_size, etag, attempt)
+        crashpoints.point("after_record")
+        self.finish(COMPLETED, ref, info.st_ino)
+        crashpoints.point("after_move_completed")
         self.log.info("upload_succeeded", profile=ref.profile, bucket=ref.bucket, key=ref.key,
                       path=self.layout.path(COMPLETED, ref), size=info.st_size, etag=etag,
                       duration=seconds, attempt=attempt, record_id=record_id)
         return Result(DONE)
 
     def fail(self, ref: FileRef, record_id: int, reason: str, error: str, attempt: int) -> Result:
-        self.finish(FAILED, ref)
         records.record_failed(record_id, reason, error, attempt)
+        crashpoints.point("after_fail_record")
+        self.finish(FAILED, ref)
+        crashpoints.point("after_move_failed")
         self.log.error("upload_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
                        path=self.layout.path(FAILED, ref), reason=reason, error=error,
                        attempt=attempt, record_id=record_id)
@@ -269,19 +310,38 @@ class FileUploader:
         records.record_retry_scheduled(
             record_id, following, dt.datetime.fromtimestamp(due, dt.UTC).replace(tzinfo=None),
             error, attempt)
+        crashpoints.point("after_retry_record")
         self.log.warning("upload_retry_scheduled", profile=ref.profile, bucket=ref.bucket,
                          key=ref.key, reason=verdict.reason, error=error, attempt=attempt,
                          next_attempt=following, delay=round(wait, 3), record_id=record_id)
         return Result(RETRY, due)
 
-    def finish(self, state: str, ref: FileRef) -> None:
+    def finish(self, state: str, ref: FileRef, inode: int | None = None) -> None:
         """Move processing -> completed/ or failed/, keeping an older file of the same name as
-        key.~N~ (mv --backup=numbered)."""
-        src = self.layout.path(PROCESSING, ref)
-        dst = self.layout.path(state, ref)
-        if os.path.lexists(dst):
-            fsops.rename_noreplace(dst, backup_name(dst))
-        fsops.move_into(src, dst)
+        key.~N~ (mv --backup=numbered). With `inode`, only that file is moved (what we read)."""
+        parts, name = _split(ref)
+        src = fsops.open_dir(self.layout.state_dir(PROCESSING), parts)
+        try:
+            if inode is not None and os.stat(name, dir_fd=src,
+                                             follow_symlinks=False).st_ino != inode:
+                raise _Mismatch(f"processing/{ref.key} is no longer the file that was uploaded")
+            dst = fsops.open_dir(self.layout.state_dir(state), parts, create=True)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.stat(name, dir_fd=dst, follow_symlinks=False)
+                    backup = next_backup(os.listdir(dst), name)
+                    fsops.renameat_noreplace(dst, name, dst, backup)
+                fsops.renameat_noreplace(src, name, dst, name)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+
+def _split(ref: FileRef) -> tuple[list[str], str]:
+    """The directories below STATE/ leading to a file, and its name."""
+    *dirs, name = ref.key.split("/")
+    return [ref.profile, ref.bucket, *dirs], name
 
 
 class _Mismatch(Exception):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from flood import records
+from flood import crashpoints, records
 from flood.errors import EX_SOFTWARE
 from flood.layout import Layout
 from flood.s3 import MISSING, OK, check_bucket, make_client
@@ -56,6 +56,7 @@ class Arbiter:
         self.log = log
         # forkserver: children start clean (no inherited threads, clients or db handles) but
         # share the already-imported boto3 pages (about 11 MiB a child instead of 50 MiB).
+        os.environ[crashpoints.SUPERVISOR_PID_ENV] = str(os.getpid())  # inherited by children
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(PRELOAD)
         self.generation = Generation()

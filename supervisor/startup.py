@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flood import records
+from flood import crashpoints, records
 from flood.errors import AlreadyRunning, LayoutError
 from flood.jobs import FileRef
 from flood.layout import COMPLETED, FAILED, INCOMING, INCOMING_TMP, PROCESSING, Layout
@@ -44,10 +44,12 @@ def prepare(settings: Settings, log: Any) -> Layout:
     os.makedirs(layout.state_dir(INCOMING_TMP), mode=0o750, exist_ok=True)
     wiped = layout.wipe_incoming_tmp()
     log.info("incoming_tmp_wiped", path=layout.state_dir(INCOMING_TMP), entries=wiped)
+    crashpoints.point("after_wipe")
     layout.prepare(settings.profiles)
     log.info("directories_ready", path=str(layout.root), profiles=sorted(settings.profiles))
     records.open_db(settings.db_path)
     repair(layout, log)
+    crashpoints.point("after_repair")
     return layout
 
 

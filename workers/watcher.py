@@ -13,7 +13,7 @@ from typing import Any
 
 import pyinotify
 
-from flood import logs
+from flood import crashpoints, logs
 from flood.jobs import Job
 from flood.layout import INCOMING, PROCESSING, Layout
 from flood.settings import Settings
@@ -89,8 +89,10 @@ class WatcherRole:
         count = 0
         for path in self.layout.walk_files(PROCESSING):
             count += self.dispatch(PROCESSING, path)
+        crashpoints.point("after_drain_processing")
         for path in self.layout.walk_files(INCOMING):
             count += self.dispatch_found(path, started)
+        crashpoints.point("after_drain_incoming")
         self.log.info("startup_drain_dispatched", files=count)
         send(self.conn, "drained", count)
 

@@ -61,7 +61,7 @@ def locate(option: str | None, environ: Mapping[str, str] | None = None) -> tupl
         if not candidate:
             tried.append(f"{source} (not set)")
             continue
-        path = Path(candidate).expanduser()
+        path = Path(os.path.abspath(Path(candidate).expanduser()))
         if path.exists():
             return path, source
         tried.append(f"{source} ({path}: absent)")

@@ -57,6 +57,12 @@ class Arbiter:
         # forkserver: children start clean (no inherited threads, clients or db handles) but
         # share the already-imported boto3 pages (about 11 MiB a child instead of 50 MiB).
         os.environ[crashpoints.SUPERVISOR_PID_ENV] = str(os.getpid())  # inherited by children
+        # The forkserver starts as `python -c`, which would put the working directory first on
+        # its sys.path: run from a directory holding a `flood/` folder (a spool named flood, a
+        # source tree), children would import that. PYTHONSAFEPATH keeps it off; and like any
+        # daemon we leave the working directory (every path in Settings is absolute).
+        os.environ["PYTHONSAFEPATH"] = "1"
+        os.chdir("/")
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(PRELOAD)
         self.generation = Generation()

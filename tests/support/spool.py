@@ -40,7 +40,8 @@ class Supervisor:
         self.handle = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(BIN / "flood-supervisor"), *args], env=env, stdout=self.handle,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=log_path.parent)
 
     @property
     def pid(self) -> int:

@@ -94,9 +94,15 @@ def open_regular(name: str, dir_fd: int | None = None) -> tuple[int, os.stat_res
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotRegularFile(name, "symlink") from None
+        # A socket answers ENXIO, a device may answer anything: say what the name is.
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(name, _kind(mode)) from None
         raise
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):

@@ -20,6 +20,18 @@ BUSY_TIMEOUT_MS = 15_000
 db = pw.SqliteDatabase(None)
 
 
+def text(value: str | None) -> str | None:
+    """A str SQLite can store: names that are not UTF-8 (surrogate escapes) are kept
+    readable with backslash escapes (b'bad\\xff' is stored as 'bad\\xff')."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return os.fsencode(value).decode("utf-8", "backslashreplace")
+
+
 def utcnow() -> dt.datetime:
     """Naive UTC: every timestamp in the database is UTC."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
@@ -116,7 +128,7 @@ def write() -> Any:
 def newest(ref: FileRef, states: tuple[str, ...] | None = None) -> FileRecord | None:
     query = FileRecord.select().where(
         (FileRecord.profile == ref.profile) & (FileRecord.bucket == ref.bucket)
-        & (FileRecord.filepath == ref.key))
+        & (FileRecord.filepath == text(ref.key)))
     if states is not None:
         query = query.where(FileRecord.current_state.in_(states))
     return query.order_by(FileRecord.id.desc()).first()  # type: ignore[no-any-return]
@@ -133,7 +145,7 @@ def record_queued(ref: FileRef, state: str, created: dt.datetime | None, size: i
                 (FileRecord.id == record_id) & (FileRecord.current_state == "incoming_tmp")
             ).execute()
             return record_id
-        row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=ref.key,
+        row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=text(ref.key),
                                 file_creation_date=created, current_state=state, size=size)
         return int(row.id)
 
@@ -148,7 +160,7 @@ def record_claimed(ref: FileRef, created: dt.datetime | None, size: int) -> int:
                               file_creation_date=row.file_creation_date or created).where(
                 FileRecord.id == row.id).execute()
             return int(row.id)
-        row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=ref.key,
+        row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=text(ref.key),
                                 file_creation_date=created, current_state="processing", size=size)
         return int(row.id)
 
@@ -159,7 +171,7 @@ def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> File
     if row is not None:
         return row
     with write():
-        row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=ref.key,
+        row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=text(ref.key),
                                 file_creation_date=created, current_state="processing", size=size)
     return row
 
@@ -177,22 +189,22 @@ def record_completed(record_id: int, size: int, etag: str | None, attempt: int) 
 def record_failed(record_id: int, reason: str, error: str, attempt: int) -> None:
     with write():
         FileRecord.update(current_state="failed", upload_outcome="failure", reason=reason,
-                          error=error, next_attempt_at=None, last_updated=utcnow()).where(
+                          error=text(error), next_attempt_at=None, last_updated=utcnow()).where(
             FileRecord.id == record_id).execute()
         if attempt > 0:
             RetryAttempt.create(file_record_id=record_id, attempt=attempt, outcome="failure",
-                                error=error)
+                                error=text(error))
 
 
 def record_retry_scheduled(record_id: int, attempt: int, due: dt.datetime, error: str,
                            failed_attempt: int) -> None:
     """Attempt `failed_attempt` failed (0: the first upload); retry number `attempt` is due then."""
     with write():
-        FileRecord.update(retry_count=attempt, next_attempt_at=due, error=error,
+        FileRecord.update(retry_count=attempt, next_attempt_at=due, error=text(error),
                           last_updated=utcnow()).where(FileRecord.id == record_id).execute()
         if failed_attempt > 0:
             RetryAttempt.create(file_record_id=record_id, attempt=failed_attempt,
-                                outcome="failure", error=error)
+                                outcome="failure", error=text(error))
 
 
 def set_state(record_id: int, state: str, reason: str | None = None) -> None:
@@ -215,7 +227,7 @@ def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
     """Put a profile (bucket '') or bucket on hold; True if it was not held already."""
     with write():
         inserted = Hold.insert(profile=profile, bucket=bucket, reason=reason,
-                               detail=detail).on_conflict_ignore().execute()
+                               detail=text(detail)).on_conflict_ignore().execute()
     return bool(inserted)
 
 

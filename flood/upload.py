@@ -291,6 +291,15 @@ class FileUploader:
                        attempt=attempt, record_id=record_id)
         return Result(DONE)
 
+    def give_up(self, ref: FileRef, error: str) -> None:
+        """A file whose handling keeps raising: failed/ with reason internal_error."""
+        row = records.newest(ref, ("processing",))
+        if row is not None:
+            records.record_failed(int(row.id), "internal_error", error, 0)
+        self.finish(FAILED, ref)
+        self.log.error("upload_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
+                       path=self.layout.path(FAILED, ref), reason="internal_error", error=error)
+
     def failed_attempt(self, ref: FileRef, record_id: int, attempt: int, exc: BaseException,
                        now: float) -> Result:
         """Classify an error: fail now, pause the profile or bucket too, or schedule a retry."""

@@ -58,6 +58,9 @@ def parser() -> cli.Parser:
                    help="first re-check of a paused profile or bucket, doubling (default: 30)")
     p.add_argument("--grace", type=cli.seconds, default=20.0, metavar="SECONDS",
                    help="on SIGTERM, time for uploads in flight to finish (default: 20)")
+    p.add_argument("--strict-permissions", action="store_true",
+                   help="refuse (exit 78) a credentials file group or others can read, "
+                        "instead of warning")
     p.add_argument("--ignore", default=",".join(DEFAULT_IGNORE), metavar="PATTERNS",
                    help="comma-separated file-name patterns left in incoming/ and logged "
                         f"(default: {','.join(DEFAULT_IGNORE)}; '' ignores nothing)")
@@ -93,9 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("credentials_loaded", path=str(creds.path),
              reason=f"first that exists: {creds.source}", profiles=sorted(creds.profiles))
     if creds.loose_permissions():
-        log.warning("credentials_file_exposed", path=str(creds.path),
-                    reason=f"mode {creds.mode & 0o777:o}: group or others can read it; "
-                           "chmod 600 it")
+        why = (f"credentials file {creds.path} has mode {creds.mode & 0o777:o}: group or "
+               "others can read it; chmod 600 it")
+        if args.strict_permissions:
+            log.error("credentials_file_exposed", path=str(creds.path), reason=why)
+            return cli.fail("flood-supervisor", why, 78)
+        log.warning("credentials_file_exposed", path=str(creds.path), reason=why)
     try:
         # The lock comes first: a second supervisor must not wipe the first one's incoming_tmp.
         startup.lock(settings.server_dir)

@@ -18,6 +18,7 @@ from flood.workers.role import serve
 
 BUSY_WAIT = 0.5       # the same path is still in processing/: look again this much later
 ERROR_WAIT = 5.0      # an unexpected error: leave the file where it is, look again later
+MAX_CRASHES = 3       # ...this many times for one file, then it goes to failed/
 IDLE_WAIT = 0.2
 
 
@@ -36,6 +37,7 @@ class UploaderRole:
         self.waiting: list[tuple[float, int, Job]] = []
         self.waiting_keys: set[tuple[str, str]] = set()
         self.counter = 0
+        self.crashes: dict[tuple[str, str], int] = {}
         self.log: Any = None
         self.uploader: FileUploader | None = None
 
@@ -86,16 +88,32 @@ class UploaderRole:
         assert self.uploader is not None
         try:
             result = self.uploader.run(job, now)
-        except Exception:  # the per-file boundary: log it, keep the file, take the next one
+        except Exception as exc:  # the per-file boundary: log it, keep the file, go on
             self.log.exception("upload_crashed", profile=self.profile, bucket=job.bucket,
                                key=job.key)
-            # Look again later wherever the file now is (it may have been claimed already).
-            claimed = os.path.lexists(self.uploader.layout.path(
-                PROCESSING, FileRef(self.profile, job.bucket, job.key)))
-            job = Job(PROCESSING if claimed else job.state, job.bucket, job.key)
-            self.push(now + ERROR_WAIT, job)
+            self.crashed(job, exc, now)
             return
+        self.crashes.pop((job.bucket, job.key), None)
         self.schedule(job, result, now)
+
+    def crashed(self, job: Job, exc: Exception, now: float) -> None:
+        """Look again later wherever the file now is (it may have been claimed already); a
+        file whose handling keeps failing goes to failed/ (internal_error), never loops."""
+        assert self.uploader is not None
+        ref = FileRef(self.profile, job.bucket, job.key)
+        count = self.crashes.get((job.bucket, job.key), 0) + 1
+        self.crashes[(job.bucket, job.key)] = count
+        claimed = os.path.lexists(self.uploader.layout.path(PROCESSING, ref))
+        if claimed and count >= MAX_CRASHES:
+            try:
+                self.uploader.give_up(ref, f"{type(exc).__name__}: {exc}")
+                self.crashes.pop((job.bucket, job.key), None)
+                return
+            except Exception:
+                self.log.exception("give_up_failed", profile=self.profile, bucket=job.bucket,
+                                   key=job.key)
+        retry_in = ERROR_WAIT * 2 ** min(count - 1, 6)
+        self.push(now + retry_in, Job(PROCESSING if claimed else job.state, job.bucket, job.key))
 
     def schedule(self, job: Job, result: Result, now: float) -> None:
         if result.outcome == BUSY:

@@ -251,9 +251,23 @@ class FileUploader:
             if etag and "-" not in etag and etag != digest.hexdigest():
                 raise _Mismatch(f"ETag {etag} is not the MD5 {digest.hexdigest()} of the bytes")
             return etag
+        self.abort_leftovers(ref)
         with os.fdopen(os.dup(fd), "rb") as handle:
             self.client.upload_fileobj(handle, ref.bucket, ref.key, Config=self.transfer)
         return None
+
+    def abort_leftovers(self, ref: FileRef) -> None:
+        """Abort incomplete multipart uploads of this very key: the file is in our processing/,
+        so they are earlier attempts of ours that a kill or crash interrupted."""
+        answer = self.client.list_multipart_uploads(Bucket=ref.bucket, Prefix=ref.key)
+        for upload in answer.get("Uploads", []):
+            if upload.get("Key") != ref.key:
+                continue
+            self.client.abort_multipart_upload(Bucket=ref.bucket, Key=ref.key,
+                                               UploadId=upload["UploadId"])
+            self.log.info("multipart_aborted", profile=ref.profile, bucket=ref.bucket,
+                          key=ref.key, upload_id=upload["UploadId"],
+                          reason="left by an interrupted attempt")
 
     def verify(self, ref: FileRef, size: int) -> None:
         """HEAD the object: its size must be the file's. A denied HEAD is logged and accepted."""

@@ -1,0 +1,65 @@
+"""Counting hooks for the benchmark's accounting run, loaded as `sitecustomize` (bench.py copies
+this file under that name onto PYTHONPATH): every HTTP request botocore sends and every SQL
+statement SQLite runs, per process, written to $FLOOD_BENCH_COUNT_DIR/<pid>.json as they happen.
+
+Loaded only when that variable is set; Flood's code is not touched. Children forked by the
+forkserver inherit the patched modules and write their own file."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+_DIR = os.environ.get("FLOOD_BENCH_COUNT_DIR")
+_counts: dict[str, int] = {}
+_owner = 0
+
+
+def _bump(name: str) -> None:
+    global _owner
+    if _owner != os.getpid():  # a forked child starts from zero, not from its parent's counts
+        _counts.clear()
+        _owner = os.getpid()
+    _counts[name] = _counts.get(name, 0) + 1
+    fd = os.open(os.path.join(_DIR or ".", f"{_owner}.json"),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(_counts).encode())
+    finally:
+        os.close(fd)
+
+
+def _sql(statement: str) -> None:
+    word = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
+    if word == "BEGIN":
+        _bump("db_transaction_" + (statement.split()[1].lower() if " " in statement.strip()
+                                   else "deferred"))
+    else:
+        _bump("db_" + word.lower())
+
+
+def _install() -> None:
+    import botocore.endpoint
+    import peewee
+
+    send = botocore.endpoint.Endpoint._send
+
+    def counted_send(self: Any, request: Any) -> Any:
+        _bump(f"s3_{request.method}")
+        return send(self, request)
+
+    setattr(botocore.endpoint.Endpoint, "_send", counted_send)  # noqa: B010 - patching
+
+    connect = getattr(peewee.SqliteDatabase, "_connect")  # noqa: B009 - a private method
+
+    def counted_connect(self: Any) -> Any:
+        conn = connect(self)
+        conn.set_trace_callback(_sql)
+        return conn
+
+    setattr(peewee.SqliteDatabase, "_connect", counted_connect)  # noqa: B010 - patching
+
+
+if _DIR:
+    _install()

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import os
+import ssl
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from xml.etree import ElementTree
 
 import boto3
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.credentials import Credentials
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+from botocore.httpsession import get_cert_path
 
 from flood import __version__
 from flood.credentials import Profile
@@ -104,3 +121,107 @@ def check_bucket(client: Any, bucket: str) -> ProfileCheck:
 def _describe(exc: BaseException) -> str:
     """An error's text for logs: botocore's messages name the endpoint, never a credential."""
     return f"{type(exc).__name__}: {exc}"
+
+
+class LeanPut:
+    """Single-request PUTs over one kept-alive http.client connection, signed by botocore's
+    own S3SigV4Auth. It skips boto3's per-request layers (endpoint rules, event hooks,
+    user-agent building, checksum handlers): about a fifth of put_object's CPU per small file.
+
+    Errors come out as botocore's exceptions (ClientError with the server's code and status,
+    EndpointConnectionError, ConnectionClosedError, timeouts), so flood.retry classifies them
+    like any other. Only for profiles with an endpoint (path-style addressing)."""
+
+    def __init__(self, profile: Profile) -> None:
+        assert profile.endpoint
+        url = urllib.parse.urlsplit(profile.endpoint)
+        self.endpoint = profile.endpoint.rstrip("/")
+        self.origin = f"{url.scheme}://{url.netloc}"
+        self.https = url.scheme == "https"
+        self.host = url.hostname or ""
+        self.port = url.port or (443 if self.https else 80)
+        self.base = url.path.rstrip("/")
+        self.auth = S3SigV4Auth(Credentials(profile.access_key_id, profile.secret_access_key),
+                                "s3", profile.region)
+        self.conn: http.client.HTTPConnection | None = None
+
+    def put(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
+        """PUT body as bucket/key; the ETag. A connection kept alive that the server closed
+        meanwhile is retried once at once on a new one (the only blip handled here)."""
+        path = f"{self.base}/{bucket}/{urllib.parse.quote(key, safe='/~')}"
+        headers = self.sign(path, body, content_md5)
+        reused = self.conn is not None
+        try:
+            return self.send(path, body, headers)
+        except (ConnectionClosedError, EndpointConnectionError):
+            if not reused:
+                raise
+            return self.send(path, body, headers)
+
+    def sign(self, path: str, body: bytes, content_md5: str) -> dict[str, str]:
+        request = AWSRequest(method="PUT", url=self.origin + path, data=body,
+                             headers={"Content-MD5": content_md5})
+        self.auth.add_auth(request)
+        headers = dict(request.headers.items())
+        headers["Host"] = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
+        headers["Content-Length"] = str(len(body))
+        headers["User-Agent"] = f"flood/{__version__}"
+        return headers
+
+    def send(self, path: str, body: bytes, headers: dict[str, str]) -> str:
+        conn = self.connection()
+        try:
+            conn.request("PUT", path, body=body, headers=headers)
+            response = conn.getresponse()
+            payload = response.read()
+        except TimeoutError:
+            self.close()
+            raise ReadTimeoutError(endpoint_url=self.endpoint) from None
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise ConnectionClosedError(endpoint_url=self.endpoint) from exc
+        if response.getheader("Connection", "").lower() == "close":
+            self.close()
+        if response.status == 200:
+            return str(response.getheader("ETag", ""))
+        raise _client_error(response, payload)
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.conn is not None:
+            return self.conn
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        kwargs: dict[str, Any] = {"timeout": CONNECT_TIMEOUT}
+        if self.https:
+            kwargs["context"] = ssl.create_default_context(
+                cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
+        conn = cls(self.host, self.port, **kwargs)
+        try:
+            conn.connect()
+        except TimeoutError:
+            raise ConnectTimeoutError(endpoint_url=self.endpoint) from None
+        except OSError as exc:
+            raise EndpointConnectionError(endpoint_url=self.endpoint) from exc
+        assert conn.sock is not None
+        conn.sock.settimeout(READ_TIMEOUT)
+        self.conn = conn
+        return conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def _client_error(response: http.client.HTTPResponse, payload: bytes) -> ClientError:
+    """The server's error answer as botocore would raise it."""
+    code, message = "", ""
+    with contextlib.suppress(ElementTree.ParseError):
+        root = ElementTree.fromstring(payload) if payload else None
+        if root is not None:
+            code = root.findtext("Code") or ""
+            message = root.findtext("Message") or ""
+    return ClientError({
+        "Error": {"Code": code or str(response.status), "Message": message},
+        "ResponseMetadata": {"HTTPStatusCode": response.status,
+                             "HTTPHeaders": {k.lower(): v for k, v in response.getheaders()}},
+    }, "PutObject")

@@ -34,6 +34,11 @@ class Settings:
     recheck_interval: float = 30.0
     grace: float = 20.0
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    # "content-md5": single PUTs are proven by the server's Content-MD5 check and the ETag;
+    # multipart uploads and non-MD5 ETags are HEADed. "head": HEAD every object as well.
+    verify: str = "content-md5"
+    # Single PUTs to a configured endpoint go over http.client with botocore's signer.
+    lean_put: bool = True
 
     def secrets(self) -> list[str]:
         return [p.secret_access_key for p in self.profiles.values()]

@@ -27,7 +27,7 @@ from flood.layout import (
     check_key,
     next_backup,
 )
-from flood.s3 import MISSING, REJECTED
+from flood.s3 import MISSING, REJECTED, LeanPut
 from flood.s3 import check_bucket as head_bucket
 from flood.settings import Settings
 
@@ -67,6 +67,8 @@ class FileUploader:
         self.holds: dict[tuple[str, str], str] = {}
         self.holds_read_at = 0.0
         self.kernel_guards_hardlinks = _protected_hardlinks()
+        account = settings.profiles[profile]
+        self.lean = LeanPut(account) if settings.lean_put and account.endpoint else None
         self.transfer = TransferConfig(multipart_threshold=settings.multipart_threshold,
                                        multipart_chunksize=settings.multipart_chunksize,
                                        max_concurrency=4, use_threads=True)
@@ -226,35 +228,43 @@ class FileUploader:
         started = time.monotonic()
         try:
             crashpoints.point("after_put_start")
-            etag = self.put(fd, before.st_size, ref)
+            etag, proven = self.put(fd, before.st_size, ref)
             crashpoints.point("after_put")
             after = os.fstat(fd)
             if _changed(before, after):
                 self.log.warning("source_modified", profile=ref.profile, bucket=ref.bucket,
                                  key=ref.key, size=after.st_size)
                 return Result(CHANGED, now + self.settings.settle_seconds)
-            self.verify(ref, before.st_size)
+            if not proven or self.settings.verify == "head":
+                self.verify(ref, before.st_size)
             crashpoints.point("after_head")
         except (ClientError, BotoCoreError, _Mismatch, OSError) as exc:
             return self.failed_attempt(ref, record_id, attempt, exc, now)
         return self.complete(ref, record_id, attempt, before, etag, time.monotonic() - started)
 
-    def put(self, fd: int, size: int, ref: FileRef) -> str | None:
-        """PUT the bytes read from fd: one request with Content-MD5 below the multipart size."""
+    def put(self, fd: int, size: int, ref: FileRef) -> tuple[str | None, bool]:
+        """PUT the bytes read from fd; the ETag, and whether the answer itself proves the bytes.
+
+        Below the multipart size: one request with Content-MD5, which the server checks
+        against what it received (refusing a difference with BadDigest); its ETag must then be
+        the MD5 Flood computed from the bytes it read. An ETag that is not an MD5 (SSE-KMS,
+        some providers) proves nothing and the caller HEADs the object."""
         if size < self.settings.multipart_threshold:
             data = _read_all(fd, size)
             digest = hashlib.md5(data, usedforsecurity=False)
-            answer = self.client.put_object(
-                Bucket=ref.bucket, Key=ref.key, Body=data,
-                ContentMD5=base64.b64encode(digest.digest()).decode("ascii"))
-            etag = str(answer.get("ETag", "")).strip('"')
-            if etag and "-" not in etag and etag != digest.hexdigest():
-                raise _Mismatch(f"ETag {etag} is not the MD5 {digest.hexdigest()} of the bytes")
-            return etag
+            content_md5 = base64.b64encode(digest.digest()).decode("ascii")
+            if self.lean is not None:
+                etag = self.lean.put(ref.bucket, ref.key, data, content_md5)
+            else:
+                answer = self.client.put_object(Bucket=ref.bucket, Key=ref.key, Body=data,
+                                                ContentMD5=content_md5)
+                etag = str(answer.get("ETag", ""))
+            etag = etag.strip('"')
+            return etag, etag == digest.hexdigest()
         self.abort_leftovers(ref)
         with os.fdopen(os.dup(fd), "rb") as handle:
             self.client.upload_fileobj(handle, ref.bucket, ref.key, Config=self.transfer)
-        return None
+        return None, False
 
     def abort_leftovers(self, ref: FileRef) -> None:
         """Abort incomplete multipart uploads of this very key: the file is in our processing/,

@@ -58,6 +58,12 @@ def parser() -> cli.Parser:
                    help="first re-check of a paused profile or bucket, doubling (default: 30)")
     p.add_argument("--grace", type=cli.seconds, default=20.0, metavar="SECONDS",
                    help="on SIGTERM, time for uploads in flight to finish (default: 20)")
+    p.add_argument("--verify", choices=("content-md5", "head"), default="content-md5",
+                   help="content-md5: a single PUT is proven by the server's Content-MD5 "
+                        "check and its ETag, HEAD only for multipart or non-MD5 ETags; "
+                        "head: also HEAD every object (default: content-md5)")
+    p.add_argument("--boto3-put", action="store_true",
+                   help="send single PUTs through boto3 instead of the lean signed path")
     p.add_argument("--strict-permissions", action="store_true",
                    help="refuse (exit 78) a credentials file group or others can read, "
                         "instead of warning")
@@ -91,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recheck_interval=args.recheck_interval,
         grace=args.grace,
         ignore=tuple(p for p in args.ignore.split(",") if p),
+        verify=args.verify,
+        lean_put=not args.boto3_put,
     )
     log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
     log.info("credentials_loaded", path=str(creds.path),

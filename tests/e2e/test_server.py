@@ -124,6 +124,21 @@ def test_large_file_goes_up_in_parts(spool: Spool, bucket: str, client: Any) -> 
         hashlib.sha256(data).digest()
 
 
+@pytest.mark.parametrize("options", [(), ("--verify", "head"), ("--boto3-put",)])
+def test_each_upload_path_stores_the_right_bytes(
+        spool: Spool, bucket: str, client: Any, options: tuple[str, ...]) -> None:
+    """The lean PUT, HEAD verification and boto3's put_object each store identical bytes."""
+    files = {f"path/{i}.bin": os.urandom(i * 1000) for i in range(5)}
+    spool.start(*options)
+    for key, data in files.items():
+        spool.drop("p1", bucket, key, data)
+    spool.wait_done("p1", bucket, list(files))
+    for key, data in files.items():
+        assert object_bytes(client, bucket, key) == data
+    etags = {r["filepath"]: r["etag"] for r in spool.records()}
+    assert etags == {k: hashlib.md5(d).hexdigest() for k, d in files.items()}
+
+
 def test_two_profiles_two_buckets_are_routed(tmp_path: Path, s3: Any) -> None:
     """Each file goes to its own profile's server under its own bucket."""
     b1, b2, b3 = new_bucket(s3), new_bucket(s3), new_bucket(s3)

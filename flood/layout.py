@@ -144,15 +144,17 @@ class Layout:
 
 
 def _walk(top: str) -> Iterator[str]:
+    """Depth first, streamed: one open directory iterator per level, never a list of a whole
+    directory (a spool may hold 100,000 files in one)."""
     try:
-        entries = list(os.scandir(top))
+        with os.scandir(top) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from _walk(entry.path)
+                else:
+                    yield entry.path
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return
-    for entry in sorted(entries, key=lambda e: e.name):
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(entry.path)
-        else:
-            yield entry.path
 
 
 def _subdirs(path: str) -> list[str]:

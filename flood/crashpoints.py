@@ -18,6 +18,8 @@ POINTS = (
     "after_move_completed",
     # uploader, failure path
     "after_fail_record", "after_move_failed", "after_retry_record",
+    # every child, after its setup and before it reports ready (a failure at boot)
+    "before_ready",
     # watcher and supervisor start-up
     "after_drain_processing", "after_drain_incoming", "after_wipe", "after_repair",
 )

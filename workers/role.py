@@ -14,6 +14,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from flood import crashpoints
 from flood.errors import FloodError
 
 _PR_SET_PDEATHSIG = 1
@@ -65,6 +66,7 @@ def serve(role: Role, conn: Connection, supervisor_pid: int) -> None:
     except FloodError as exc:
         print(f"flood: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
+    crashpoints.point("before_ready")
     conn.send(("ready", os.getpid()))
     try:
         while role.alive:

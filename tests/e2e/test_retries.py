@@ -196,3 +196,18 @@ def test_retry_rows_carry_utc_timestamps(proxied: Spool, proxy: FaultProxy, buck
     stamp = dt.datetime.fromisoformat(attempts(proxied, "clock.txt")[0]["attempted_at"])
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     assert abs((now - stamp).total_seconds()) < 60
+
+
+def test_endpoint_unreachable_at_startup_waits_then_flows(
+        proxied: Spool, proxy: FaultProxy, bucket: str, client: Any) -> None:
+    """A server that cannot be reached at start-up holds its profile; files flow once it can."""
+    proxy.set_mode("refuse")
+    proxied.drop("p1", bucket, "early.txt", b"early")
+    sup = proxied.start("--recheck-interval", "0.3")
+    wait_for(lambda: proxied.events("profile_paused"), 30, "profile_paused")
+    assert proxied.events("profile_paused")[0]["event"]["reason"] == "unreachable"
+    assert sup.proc.poll() is None
+    assert proxied.where("p1", bucket, "early.txt") == ["incoming"]
+    proxy.set_mode("pass")
+    proxied.wait_done("p1", bucket, ["early.txt"], timeout=60)
+    assert object_bytes(client, bucket, "early.txt") == b"early"

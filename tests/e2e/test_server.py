@@ -337,3 +337,27 @@ def test_sigint_is_a_graceful_stop_too(spool: Spool, bucket: str) -> None:
     wait_for(lambda: spool.events("startup_drain_queued"), 30, "the drain")
     os.kill(sup.pid, signal.SIGINT)
     assert sup.proc.wait(40) == 0
+
+
+def test_child_failing_at_boot_stops_the_supervisor(spool: Spool, bucket: str) -> None:
+    """A child that dies before it is ready stops the supervisor (exit 70), no restart loop."""
+    sup = spool.start(env=spool.env(FLOOD_CRASH_AT="before_ready"))
+    assert sup.proc.wait(60) == 70
+    assert len(spool.events("child_boot_failed")) == 1
+    assert "failed at start" in sup.stderr()
+    assert spool.events("children_started") and not spool.events("child_died")
+    wait_for(lambda: not _session_pids(sup.pid), 10, "no process left in the session")
+
+
+def test_unknown_profile_directory_is_left_alone(spool: Spool, bucket: str) -> None:
+    """Files under a profile the credentials file lacks stay put; one log line says so."""
+    spool.drop("stranger", bucket, "theirs.txt", b"t")
+    spool.start()
+    spool.drop("stranger", bucket, "more.txt", b"m")
+    spool.drop("p1", bucket, "ours.txt", b"o")
+    spool.wait_done("p1", bucket, ["ours.txt"])
+    assert spool.where("stranger", bucket, "theirs.txt") == ["incoming"]
+    assert spool.where("stranger", bucket, "more.txt") == ["incoming"]
+    unknown = [e for e in spool.events("profile_unknown")
+               if e["flood"].get("profile") == "stranger" or "stranger" in str(e)]
+    assert 1 <= len(unknown) <= 2  # once at start-up, once from the watcher

@@ -38,9 +38,10 @@ class Supervisor:
     def __init__(self, args: Sequence[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self.handle = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.errors = open(log_path.with_suffix(".stderr"), "ab")  # noqa: SIM115 - as above
         self.proc = subprocess.Popen(
             [str(BIN / "flood-supervisor"), *args], env=env, stdout=self.handle,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            stderr=self.errors, stdin=subprocess.DEVNULL, start_new_session=True,
             cwd=log_path.parent)
 
     @property
@@ -68,6 +69,13 @@ class Supervisor:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.handle.close()
+        self.errors.close()
+
+    def stderr(self) -> str:
+        """What the supervisor and its children wrote to stderr (not JSON: tracebacks, the
+        one-line refusals)."""
+        self.errors.flush()
+        return self.log_path.with_suffix(".stderr").read_text(errors="replace")
 
 
 class Spool:

@@ -32,6 +32,8 @@ _SIGNATURE_RE = re.compile(
     r"(AWS4-HMAC-SHA256\s+Credential=\S+|X-Amz-Signature=[0-9a-fA-F]+|X-Amz-Security-Token=[^&\s]+"
     r"|Signature=[0-9a-fA-F]{16,})")
 REDACTED = "[REDACTED]"
+_FD: int | None = None
+_ROLE = "flood"
 
 
 class _LineWriter:
@@ -96,9 +98,13 @@ class _StdlibBridge(logging.Handler):
 def configure(role: str, level: str = "info", log_file: str | None = None,
               secrets: Iterable[str] = ()) -> structlog.stdlib.BoundLogger:
     """Set up logging for this process (call once, in the process itself) and return its logger."""
+    global _FD
     level_no = logging.getLevelNamesMapping()[level.upper()]
     fd = (os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
           if log_file else sys.stdout.fileno())
+    if _FD is not None and sys.stdout.fileno() != _FD:
+        os.close(_FD)  # configured again (a reload): the old log file fd goes
+    _FD = fd
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -120,7 +126,14 @@ def configure(role: str, level: str = "info", log_file: str | None = None,
         lib.handlers[:] = []
         lib.propagate = True
         lib.setLevel(max(level_no, logging.INFO))
+    global _ROLE
+    _ROLE = role
+    bind_thread()
+    return structlog.get_logger()  # type: ignore[no-any-return]
+
+
+def bind_thread() -> None:
+    """Give this thread the process's log context (contextvars do not cross threads)."""
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(
-        **{"process.pid": os.getpid(), "flood.role": role, "service.name": "flood"})
-    return structlog.get_logger()  # type: ignore[no-any-return]
+        **{"process.pid": os.getpid(), "flood.role": _ROLE, "service.name": "flood"})

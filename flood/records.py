@@ -164,6 +164,11 @@ _COMPLETE = ("UPDATE file_records SET current_state = 'completed', upload_outcom
              " next_attempt_at = NULL, last_updated = ? WHERE id = ?")
 
 
+def _sql(query: str, params: tuple[Any, ...]) -> Any:
+    """Run fixed SQL on this process's connection (peewee's execute_sql is untyped)."""
+    return db.execute_sql(query, params)  # type: ignore[no-untyped-call]
+
+
 def _stamp(value: dt.datetime | None) -> str | None:
     """A datetime as peewee's DateTimeField stores it in SQLite."""
     return None if value is None else str(value)
@@ -176,11 +181,11 @@ def record_claimed(ref: FileRef, created: dt.datetime | None, size: int) -> int:
     with write():
         # The passage that reached incoming/ first; a newer copy may still be in incoming_tmp.
         for state in ("incoming", "incoming_tmp"):
-            found = db.execute_sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, state)).fetchone()
+            found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, state)).fetchone()
             if found is not None:
-                db.execute_sql(_CONTINUE, (now, size, _stamp(created), found[0]))
+                _sql(_CONTINUE, (now, size, _stamp(created), found[0]))
                 return int(found[0])
-        cursor = db.execute_sql(_START, (ref.profile, ref.bucket, key, _stamp(created), now, size))
+        cursor = _sql(_START, (ref.profile, ref.bucket, key, _stamp(created), now, size))
         return int(cursor.lastrowid)
 
 
@@ -197,7 +202,7 @@ def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> File
 
 def record_completed(record_id: int, size: int, etag: str | None, attempt: int) -> None:
     with write():
-        db.execute_sql(_COMPLETE, (size, etag, _stamp(utcnow()), record_id))
+        _sql(_COMPLETE, (size, etag, _stamp(utcnow()), record_id))
         if attempt > 0:
             RetryAttempt.create(file_record_id=record_id, attempt=attempt, outcome="success")
 

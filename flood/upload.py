@@ -92,7 +92,12 @@ class FileUploader:
             self.holds = records.holds()
             self.holds_read_at = now
         if (self.profile, "") in self.holds or (self.profile, bucket) in self.holds:
-            return True
+            # A cached "held" is read again: the rescan that follows a release must not be
+            # skipped on a stale answer (only "not held" is cached, the common case).
+            self.holds = records.holds()
+            self.holds_read_at = now
+            if (self.profile, "") in self.holds or (self.profile, bucket) in self.holds:
+                return True
         if bucket not in self.checked:
             return not self.check_new_bucket(bucket)
         return False

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
+from flood.errors import LayoutError
+
 DEFAULT_DB = "flood.db"
+DEFAULT_SERVER_DIR = "/srv/flood"
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,6 +65,33 @@ def log_level(text: str) -> str:
 def db_path(option: str | None) -> str:
     """--db, else $FLOOD_DB, else ./flood.db; made absolute so every process agrees."""
     return os.path.abspath(option or os.environ.get("FLOOD_DB") or DEFAULT_DB)
+
+
+def server_dir(option: str | None) -> Path:
+    """--server-dir, else $FLOOD_SERVER_DIR, else the default; it must exist."""
+    if option:
+        path, source = option, "from --server-dir"
+    elif os.environ.get("FLOOD_SERVER_DIR"):
+        path, source = os.environ["FLOOD_SERVER_DIR"], "from $FLOOD_SERVER_DIR"
+    else:
+        path, source = DEFAULT_SERVER_DIR, "the default; set --server-dir or $FLOOD_SERVER_DIR"
+    root = Path(os.path.abspath(path))
+    if not root.is_dir():
+        raise LayoutError(f"server directory {root} ({source}) does not exist or is not a "
+                          "directory")
+    return root
+
+
+def add_location_options(parser: argparse.ArgumentParser) -> None:
+    """--server-dir, --credentials and --db, resolved as flood-copy and the supervisor do."""
+    parser.add_argument("--server-dir", metavar="DIR",
+                        help=f"spool directory (default: $FLOOD_SERVER_DIR, else "
+                             f"{DEFAULT_SERVER_DIR})")
+    parser.add_argument("--credentials", metavar="FILE",
+                        help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE "
+                             "nor ~/.aws/credentials exists")
+    parser.add_argument("--db", metavar="PATH",
+                        help="SQLite records (default: $FLOOD_DB, else ./flood.db)")
 
 
 def fail(prog: str, message: str, code: int) -> int:

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import peewee as pw
@@ -25,7 +24,7 @@ from flood.layout import INCOMING, INCOMING_TMP, Layout, check_bucket, check_key
 from flood.settings import DEFAULT_IGNORE, MiB
 
 PROG = "flood-copy"
-DEFAULT_SERVER_DIR = "/srv/flood"
+DEFAULT_SERVER_DIR = cli.DEFAULT_SERVER_DIR
 CHUNK = MiB
 BAR_THRESHOLD = 8 * MiB
 REDRAW_SECONDS = 0.1
@@ -115,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Check everything, copy every file, report, and wait if asked."""
     target = parse_target(args.destination)
-    root = server_dir(args.server_dir)
+    root = cli.server_dir(args.server_dir)
     creds = credentials.load(args.credentials)
     if target.profile not in creds.profiles:
         raise Refused(f"unknown profile {target.profile!r}: {creds.path} ({creds.source}) has "
@@ -167,21 +166,6 @@ def parse_target(uri: str) -> Target:
     except InvalidName as exc:
         raise Refused(f"invalid destination {_short(uri)}: {exc}") from None
     return Target(profile, bucket, key)
-
-
-def server_dir(option: str | None) -> Path:
-    """--server-dir, else $FLOOD_SERVER_DIR, else the default; it must exist."""
-    if option:
-        path, source = option, "from --server-dir"
-    elif os.environ.get("FLOOD_SERVER_DIR"):
-        path, source = os.environ["FLOOD_SERVER_DIR"], "from $FLOOD_SERVER_DIR"
-    else:
-        path, source = DEFAULT_SERVER_DIR, "the default; set --server-dir or $FLOOD_SERVER_DIR"
-    root = Path(os.path.abspath(path))
-    if not root.is_dir():
-        raise LayoutError(f"server directory {root} ({source}) does not exist or is not a "
-                          "directory")
-    return root
 
 
 def prepare_dirs(layout: Layout, target: Target) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from flood import crashpoints, records
-from flood.errors import EX_SOFTWARE
+from flood import crashpoints, credentials, logs, records
+from flood.errors import EX_SOFTWARE, FloodError
 from flood.layout import Layout
+from flood.notify import Notifier, Watchdog
 from flood.s3 import MISSING, OK, check_bucket, make_client
 from flood.settings import Settings
 from flood.supervisor import startup
@@ -25,6 +27,8 @@ from flood.workers import uploader, watcher
 QUEUE_SIZE = 10_000          # jobs per uploader queue: bounded memory, back-pressure on scans
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0          # a generation that lived this long resets the restart backoff
+EXTEND_EVERY = 10.0          # before READY=1, push systemd's start timeout on this often...
+EXTEND_BY_USEC = 60_000_000  # ...by this much, while the children make progress
 PRELOAD = ["boto3", "botocore.session", "botocore.client", "peewee", "structlog", "pyinotify",
            "flood.upload", "flood.workers.uploader", "flood.workers.watcher"]
 
@@ -35,6 +39,7 @@ class Child:
     process: Any
     conn: Connection
     ready: bool = False
+    beat_at: float = field(default_factory=time.monotonic)  # its last report of progress
 
 
 @dataclass
@@ -73,6 +78,16 @@ class Arbiter:
         self.releases: queue.Queue[str] = queue.Queue()
         self.checker = HoldChecker(settings, layout, log, self.releases)
         self.watcher_conn: Connection | None = None
+        # systemd: READY=1 once the watcher's start-up drain is queued, WATCHDOG=1 only while
+        # every child reports progress. Children must not inherit the socket.
+        self.notifier = Notifier.from_environ(unset=True)
+        interval = self.notifier.watchdog_interval
+        self.watchdog = Watchdog(interval) if interval else None
+        self.ready_pending = True
+        self.ready_once = False
+        self.withheld: list[str] = []
+        self.restart_counts: dict[str, int] = {}  # child processes started again, by reason
+        self.next_extend = 0.0
 
     # -- main loop -----------------------------------------------------------------------
     def run(self) -> int:
@@ -84,6 +99,7 @@ class Arbiter:
         self.checker.start()
         while not self.stopping:
             self.tick(wake_r)
+        self.notifier.stopping("stopping: in-flight uploads get the grace period")
         self.checker.halt()
         self.stop_children("shutdown")
         self.log.info("supervisor_stopped", exit_code=self.exit_code)
@@ -105,12 +121,17 @@ class Arbiter:
         if dead and not self.stopping:
             self.on_deaths(dead)
         self.forward_releases()
+        self.ping_watchdog()
+        self.extend_start_timeout()
 
     def on_signals(self) -> None:
         while self.signals:
             signum = self.signals.pop(0)
             if signum == signal.SIGHUP:
-                self.log.info("signal_received", signal="SIGHUP", reason="ignored for now")
+                self.log.info("signal_received", signal="SIGHUP",
+                              reason="re-reading credentials; uploads in flight finish first")
+                if not self.stopping:
+                    self.reload()
                 continue
             self.log.info("signal_received", signal=signal.Signals(signum).name,
                           reason="stopping: in-flight uploads get the grace period")
@@ -120,10 +141,12 @@ class Arbiter:
         try:
             while child.conn.poll():
                 message = child.conn.recv()
+                child.beat_at = time.monotonic()   # any message is progress ("alive" says so)
                 if message[0] == "ready":
                     child.ready = True
                 elif message[0] == "drained":
                     self.log.info("startup_drain_queued", files=message[1])
+                    self.on_drained()
         except (EOFError, OSError):
             pass
 
@@ -139,6 +162,7 @@ class Arbiter:
                 self.stopping = True
                 return
             self.log.error("child_died", child=child.name, pid=child.process.pid, exit_code=code)
+        self.count_restarts("child_died")
         self.restart_generation()
 
     def restart_generation(self) -> None:
@@ -151,6 +175,74 @@ class Arbiter:
         if wait_s:
             self.log.info("restart_backoff", delay=wait_s)
             time.sleep(wait_s)
+        self.start_generation()
+
+    def count_restarts(self, reason: str) -> None:
+        count = len(self.generation.children)
+        self.restart_counts[reason] = self.restart_counts.get(reason, 0) + count
+
+    # -- systemd and SIGHUP --------------------------------------------------------------
+    def on_drained(self) -> None:
+        """The watcher's watch is live and what waited is queued: READY=1 (after a reload too)."""
+        if not self.ready_pending:
+            return
+        self.ready_pending = False
+        self.ready_once = True
+        self.notifier.ready(f"uploading from {self.settings.server_dir} for "
+                            f"{', '.join(sorted(self.settings.profiles))}")
+
+    def ping_watchdog(self) -> None:
+        """WATCHDOG=1 every half interval, only while every child reports progress."""
+        now = time.monotonic()
+        if self.watchdog is None or not self.ready_once or not self.watchdog.due(now):
+            return
+        stale = self.watchdog.stale(now, {c.name: c.beat_at for c in self.generation.children})
+        if stale != self.withheld:
+            if stale:
+                self.log.warning("watchdog_withheld", children=stale,
+                                 reason=f"no progress for {self.watchdog.stall_after:g} s")
+            else:
+                self.log.info("watchdog_resumed")
+            self.withheld = stale
+        if not stale:
+            self.notifier.watchdog()
+            self.watchdog.pinged(now)
+
+    def extend_start_timeout(self) -> None:
+        """A long start-up drain (a backlog fills the queues) is not a hang: while the children
+        make progress, systemd's start timeout is pushed on."""
+        now = time.monotonic()
+        if not self.ready_pending or not self.notifier.enabled or now < self.next_extend:
+            return
+        self.next_extend = now + EXTEND_EVERY
+        stall = self.watchdog.stall_after if self.watchdog else 3 * EXTEND_EVERY
+        if all(now - c.beat_at <= stall for c in self.generation.children):
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the credentials, re-check the buckets, restart the children (each
+        finishes its current file first). A file that cannot be used keeps the old profiles."""
+        self.notifier.reloading("re-reading the credentials file")
+        try:
+            creds = credentials.load(self.settings.credentials_path)
+            settings = dataclasses.replace(self.settings, profiles=creds.profiles)
+            self.layout.prepare(settings.profiles)
+        except (FloodError, OSError) as exc:
+            self.log.error("reload_failed", error=str(exc),
+                           reason="keeping the profiles loaded before")
+            self.notifier.ready("reload failed; running with the profiles loaded before")
+            return
+        if sorted(settings.secrets()) != sorted(self.settings.secrets()):
+            logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
+        self.log.info("credentials_reloaded", path=str(creds.path), profiles=sorted(creds.profiles))
+        if creds.loose_permissions():
+            self.log.warning("credentials_file_exposed", path=str(creds.path),
+                             reason=f"mode {creds.mode & 0o777:o}: group or others can read it")
+        self.count_restarts("reload")
+        self.stop_children("reload")
+        self.settings = self.checker.settings = settings
+        self.checked = startup.check_buckets(settings, self.layout, self.log)
+        self.ready_pending = True
         self.start_generation()
 
     # -- children ------------------------------------------------------------------------
@@ -229,6 +321,7 @@ class HoldChecker(threading.Thread):
         self.halted.set()
 
     def run(self) -> None:
+        logs.bind_thread()
         while not self.halted.wait(min(1.0, self.settings.recheck_interval)):
             try:
                 self.check_due(time.monotonic())

@@ -6,9 +6,11 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from flood import cli, credentials, logs
-from flood.errors import ConfigError, FloodError
+from flood import cli, credentials, logs, metrics, records, status
+from flood.errors import EX_TEMPFAIL, ConfigError, FloodError
+from flood.layout import Layout
 from flood.settings import DEFAULT_IGNORE, MiB, Settings
 from flood.supervisor import startup
 from flood.supervisor.arbiter import Arbiter
@@ -70,7 +72,18 @@ def parser() -> cli.Parser:
     p.add_argument("--ignore", default=",".join(DEFAULT_IGNORE), metavar="PATTERNS",
                    help="comma-separated file-name patterns left in incoming/ and logged "
                         f"(default: {','.join(DEFAULT_IGNORE)}; '' ignores nothing)")
+    p.add_argument("--metrics-port", type=port_number, metavar="PORT",
+                   help="serve Prometheus metrics on this port (0: any free one, logged)")
+    p.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the metrics port is bound to (default: 127.0.0.1)")
     return p
+
+
+def port_number(text: str) -> int:
+    value = cli.non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,4 +131,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FloodError as exc:
         log.error("startup_failed", error=str(exc))
         return cli.fail("flood-supervisor", str(exc), exc.exit_code)
-    return int(Arbiter(settings, layout, checked, log).run())
+    return run_arbiter(args, settings, layout, checked, log)
+
+
+def run_arbiter(args: argparse.Namespace, settings: Settings, layout: Layout,
+                checked: dict[str, set[str]], log: Any) -> int:
+    """The arbiter until it stops, with metrics only when --metrics-port asks: the multiprocess
+    dir must be in the environment before prometheus_client loads and the first child starts."""
+    if args.metrics_port is None:
+        metrics.disable()
+        return int(Arbiter(settings, layout, checked, log).run())
+    path = metrics.prepare_dir()
+    try:
+        arbiter = Arbiter(settings, layout, checked, log)
+        try:
+            server = metrics.serve(args.metrics_port, args.metrics_address,
+                                   lambda: _snapshot(arbiter), lambda: arbiter.restart_counts)
+        except OSError as exc:
+            why = f"cannot serve metrics on {args.metrics_address}:{args.metrics_port}: {exc}"
+            log.error("metrics_failed", error=why)
+            return cli.fail("flood-supervisor", why, EX_TEMPFAIL)
+        log.info("metrics_serving", address=args.metrics_address, port=server.server_port,
+                 path=path)
+        try:
+            return int(arbiter.run())
+        finally:
+            server.shutdown()
+    finally:
+        metrics.remove_dir(path)
+
+
+def _snapshot(arbiter: Arbiter) -> status.Snapshot:
+    """Counts for a scrape, from the scrape's own thread and db connection."""
+    try:
+        return status.snapshot(arbiter.layout, arbiter.settings.profiles, arbiter.settings.ignore,
+                               history=False)
+    finally:
+        records.close_db()

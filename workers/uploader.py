@@ -8,9 +8,10 @@ import queue
 from multiprocessing.connection import Connection
 from typing import Any
 
-from flood import logs, records
+from flood import logs, metrics, records
 from flood.jobs import SHUTDOWN, FileRef, Job
 from flood.layout import PROCESSING
+from flood.notify import Heartbeat
 from flood.s3 import make_client
 from flood.settings import Settings
 from flood.upload import BUSY, CHANGED, RETRY, SKIPPED, FileUploader, Result
@@ -27,7 +28,7 @@ class UploaderRole:
     their due time, so they never hold the uploader while other files flow."""
 
     def __init__(self, settings: Settings, profile: str, slot: int, jobs: Any,
-                 checked_buckets: set[str]) -> None:
+                 checked_buckets: set[str], conn: Connection | None = None) -> None:
         self.settings = settings
         self.profile = profile
         self.slot = slot
@@ -40,13 +41,18 @@ class UploaderRole:
         self.crashes: dict[tuple[str, str], int] = {}
         self.log: Any = None
         self.uploader: FileUploader | None = None
+        self.heartbeat = Heartbeat(conn)
 
     def setup(self) -> None:
         self.log = logs.configure("uploader", self.settings.log_level, self.settings.log_file,
                                   self.settings.secrets())
         records.open_db(self.settings.db_path)
         client = make_client(self.settings.profiles[self.profile])
-        self.uploader = FileUploader(self.settings, self.profile, client, self.log,
+        # Every S3 call that returns is progress, even within one long multipart upload.
+        for event in ("after-call.s3", "after-call-error.s3"):
+            client.meta.events.register(event, self.heartbeat.beat)
+        log = metrics.ObservingLog(self.log, metrics.recorder()) if metrics.enabled() else self.log
+        self.uploader = FileUploader(self.settings, self.profile, client, log,
                                      self.checked_buckets)
         self.log.info("uploader_started", profile=self.profile, slot=self.slot)
 
@@ -59,6 +65,7 @@ class UploaderRole:
         records.close_db()
 
     def loop(self, now: float) -> None:
+        self.heartbeat.beat()
         job = self.next_job(now)
         if job is None:
             return
@@ -133,4 +140,5 @@ class UploaderRole:
 def main(settings: Settings, profile: str, slot: int, jobs: Any, checked_buckets: set[str],
          conn: Connection, supervisor_pid: int) -> None:
     """Process entry point (started by the supervisor's arbiter)."""
-    serve(UploaderRole(settings, profile, slot, jobs, checked_buckets), conn, supervisor_pid)
+    serve(UploaderRole(settings, profile, slot, jobs, checked_buckets, conn), conn,
+          supervisor_pid)

@@ -13,9 +13,10 @@ from typing import Any
 
 import pyinotify
 
-from flood import crashpoints, logs
+from flood import crashpoints, logs, metrics
 from flood.jobs import Job
 from flood.layout import INCOMING, PROCESSING, Layout
+from flood.notify import Heartbeat
 from flood.settings import Settings
 from flood.workers.role import send, serve
 
@@ -39,6 +40,8 @@ class WatcherRole:
         self.settings = settings
         self.queues = queues
         self.conn = conn
+        self.heartbeat = Heartbeat(conn)
+        self.metrics = metrics.Recorder()
         self.layout = Layout(settings.server_dir)
         self.alive = True
         self.log: Any = None
@@ -55,6 +58,7 @@ class WatcherRole:
     def setup(self) -> None:
         self.log = logs.configure("watcher", self.settings.log_level, self.settings.log_file,
                                   self.settings.secrets())
+        self.metrics = metrics.recorder()
         self.wm = pyinotify.WatchManager()
         self.notifier = pyinotify.Notifier(self.wm, default_proc_fun=self.on_event, timeout=200)
         self.add_watch(self.layout.state_dir(INCOMING), rec=True)
@@ -69,6 +73,7 @@ class WatcherRole:
         self.log.info("watcher_stopped")
 
     def loop(self, now: float) -> None:
+        self.heartbeat.beat()
         self.read_events()
         # Events queued during the drain have now been read: forget which paths it sent.
         self.recent.clear()
@@ -107,6 +112,19 @@ class WatcherRole:
                                  "fs.inotify.max_user_watches too low?); rescanning every "
                                  f"{FALLBACK_RESCAN:g} s instead")
 
+    def check_watched(self, path: str) -> None:
+        """pyinotify adds watches on new directories quietly: a failure (max_user_watches
+        exhausted) shows only as a missing watch. Fall back to frequent rescans, loudly."""
+        if self.wm.get_wd(path) is not None or not os.path.isdir(path):
+            return
+        if not self.watch_failed:
+            self.next_rescan = 0.0
+        self.watch_failed = True
+        self.log.error("watch_failed", path=path, count=1,
+                       error="inotify could not watch this directory (is "
+                             "fs.inotify.max_user_watches too low?); rescanning every "
+                             f"{FALLBACK_RESCAN:g} s instead")
+
     def read_events(self) -> None:
         try:
             if self.notifier.check_events():
@@ -118,7 +136,9 @@ class WatcherRole:
             self.rescan("undecodable_event")
 
     def on_event(self, event: Any) -> None:
+        self.metrics.watcher_event()
         if event.mask & pyinotify.IN_Q_OVERFLOW:
+            self.metrics.watcher_overflow()
             self.log.warning("inotify_overflow")
             self.rescan("overflow")
             return
@@ -127,6 +147,7 @@ class WatcherRole:
             if event.mask & (pyinotify.IN_CREATE | pyinotify.IN_MOVED_TO):
                 # pyinotify has added the watch; what landed before it is only found by a scan.
                 self.scan_dir(path, recursive=bool(event.mask & pyinotify.IN_MOVED_TO))
+                self.check_watched(path)
             return
         if event.mask & pyinotify.IN_CREATE:
             self.on_create(path)
@@ -162,6 +183,7 @@ class WatcherRole:
 
     def rescan(self, why: str, profile: str | None = None) -> None:
         self.log.info("rescan_started", reason=why, profile=profile)
+        self.metrics.watcher_rescan(why)
         count = sum(self.dispatch_found(p) for p in self.layout.walk_files(INCOMING, profile))
         self.log.info("rescan_finished", reason=why, profile=profile, files=count)
 
@@ -213,6 +235,7 @@ class WatcherRole:
         target = jobs[slot_of(ref.bucket, ref.key, len(jobs))]
         job = Job(state, ref.bucket, ref.key)
         while self.alive:
+            self.heartbeat.beat()   # a long scan, or a full queue behind uploaders that move
             try:
                 target.put(job, timeout=0.5)
                 return 1

@@ -1,0 +1,352 @@
+"""The flood-doctor command: a real round trip per profile and bucket, and the host's limits."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import email.utils
+import hashlib
+import json
+import os
+import socket
+import stat
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from flood import cli, credentials
+from flood.credentials import Profile
+from flood.errors import ConfigError, FloodError, LayoutError
+from flood.layout import INCOMING, STATES, Layout
+from flood.s3 import make_client
+
+PROG = "flood-doctor"
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+PROBE_PREFIX = ".flood-doctor/"
+PROBE_BODY = b"flood-doctor probe: safe to delete\n"
+SKEW_WARN = 30.0          # seconds; SigV4 refuses requests beyond 15 minutes
+SKEW_FAIL = 300.0
+DISK_FAIL = (0.01, 256 * 1024 * 1024)   # fraction free, bytes free
+DISK_WARN = (0.10, 1024 * 1024 * 1024)
+INODES_FAIL, INODES_WARN = 0.01, 0.10
+WATCHES = "/proc/sys/fs/inotify/max_user_watches"
+AUTH_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+              "AuthorizationHeaderMalformed")
+INCOMPATIBLE_CODES = ("NotImplemented", "InvalidArgument", "InvalidRequest", "InvalidDigest",
+                      "XAmzContentSHA256Mismatch", "MissingContentLength", "BadDigest",
+                      "UnsupportedHeader")
+
+DESCRIPTION = """\
+Checks what Flood needs, and says what it found:
+  credentials   the file Flood would use, its profiles and its mode;
+  server dir    the five state directories: present, on one filesystem, usable by this user;
+  inotify       fs.inotify.max_user_watches against the directories below incoming/;
+  disk          free space and inodes on the server dir's filesystem;
+  PROFILE/BUCKET  for every bucket directory of every profile: HeadBucket, then PUT a small
+                probe object (with Content-MD5, as uploads do), HEAD it, DELETE it, and the
+                clock skew against the server's Date header.
+A problem is classified: auth (the key or secret is refused), missing_bucket, permissions
+(naming the operation denied), incompatible (the provider refuses a request Flood makes, such
+as checksum headers), network, server (5xx), clock."""
+EPILOG = """\
+A denied HEAD or DELETE is a warning only: uploads accept a HEAD they may not make, and Flood
+never deletes objects (the probe's key is named so it can be removed by hand).
+exit status: 0 all is well (warnings allowed); 1 a problem found; 2 bad usage."""
+
+
+@dataclass
+class Check:
+    """One line of the report."""
+
+    subject: str
+    status: str
+    category: str
+    detail: str
+
+
+# -- S3 --------------------------------------------------------------------------------------
+def classify(exc: BaseException, operation: str) -> tuple[str, str]:
+    """(category, detail) of an S3 error raised by `operation`."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        said = f"{operation}: {code or status}" + (f" ({error['Message']})"
+                                                   if error.get("Message") else "")
+        if code in AUTH_CODES:
+            return "auth", f"{said}: the server refused the key (check the access key and secret)"
+        if code == "RequestTimeTooSkewed":
+            return "clock", f"{said}: this machine's clock is too far from the server's"
+        if code == "NoSuchBucket" or (operation == "HeadBucket" and status == 404):
+            return "missing_bucket", f"{said}: the bucket does not exist"
+        if code == "AccessDenied" or status == 403:
+            return "permissions", f"{operation} denied ({code or status})"
+        if code in INCOMPATIBLE_CODES or status in (400, 405, 411, 501):
+            hint = (" (the provider refuses checksum headers?)"
+                    if "checksum" in str(error.get("Message", "")).lower() else "")
+            return "incompatible", f"{said}: the provider refused the request{hint}"
+        if status >= 500 or status == 429:
+            return "server", f"{said}: the server failed"
+        return "error", said
+    if isinstance(exc, BotoCoreError):
+        return "network", f"{operation}: {type(exc).__name__}: {exc}"
+    return "error", f"{operation}: {type(exc).__name__}: {exc}"
+
+
+class Probe:
+    """The S3 calls of one profile, remembering the server's Date for the clock check."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.skews: list[float] = []
+
+    def call(self, operation: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        answer = fn(**kwargs)
+        self.note_date(answer)
+        return answer
+
+    def note_date(self, answer: Any) -> None:
+        headers = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}) if answer else {}
+        date = headers.get("date")
+        if date:
+            with_tz = email.utils.parsedate_to_datetime(date)
+            self.skews.append(with_tz.timestamp() - time.time())
+
+    def skew(self) -> float | None:
+        return max(self.skews, key=abs) if self.skews else None
+
+
+def check_profile(profile: Profile, buckets: list[str]) -> list[Check]:
+    """ListBuckets (auth and network), then the round trip on each bucket."""
+    probe = Probe(make_client(profile))
+    where = profile.endpoint or f"{profile.provider} ({profile.region})"
+    try:
+        probe.call("ListBuckets", probe.client.list_buckets)
+    except (ClientError, BotoCoreError) as exc:
+        category, detail = classify(exc, "ListBuckets")
+        if isinstance(exc, ClientError):
+            probe.note_date(exc.response)
+        if category != "permissions":   # a bucket-scoped key may not list: go on to the buckets
+            return [Check(profile.name, FAIL, category, f"{detail} [{where}]")]
+    if not buckets:
+        return [Check(profile.name, OK, "ok", f"key accepted by {where}; no bucket directory "
+                      "yet, so no round trip" + _skew_text(probe.skew()))]
+    return [check_bucket(probe, profile.name, bucket, where) for bucket in buckets]
+
+
+def check_bucket(probe: Probe, profile: str, bucket: str, where: str) -> Check:
+    subject = f"{profile}/{bucket}"
+    key = f"{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    warnings: list[str] = []
+    try:
+        _round_trip(probe, bucket, key, warnings)
+    except _Failed as failed:
+        return Check(subject, FAIL, failed.category, f"{failed.detail} [{where}]")
+    took = (time.monotonic() - started) * 1000
+    skew = probe.skew()
+    status, category = OK, "ok"
+    if skew is not None and abs(skew) > SKEW_WARN:
+        status = FAIL if abs(skew) > SKEW_FAIL else WARN
+        category = "clock"
+    if warnings and status == OK:
+        status, category = WARN, "permissions"
+    detail = (f"HeadBucket, PUT, HEAD, DELETE of a {len(PROBE_BODY)}-byte probe in {took:.0f} ms"
+              + _skew_text(skew) + "".join(f"; {w}" for w in warnings))
+    return Check(subject, status, category, detail)
+
+
+class _Failed(Exception):
+    def __init__(self, category: str, detail: str) -> None:
+        super().__init__(detail)
+        self.category = category
+        self.detail = detail
+
+
+def _step(probe: Probe, operation: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    try:
+        return probe.call(operation, fn, **kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        if isinstance(exc, ClientError):
+            probe.note_date(exc.response)
+        raise _Failed(*classify(exc, operation)) from None
+
+
+def _round_trip(probe: Probe, bucket: str, key: str, warnings: list[str]) -> None:
+    client = probe.client
+    try:
+        _step(probe, "HeadBucket", client.head_bucket, Bucket=bucket)
+    except _Failed as failed:
+        if failed.category != "permissions":   # a 403 on HEAD says nothing yet: PUT decides
+            raise
+    digest = hashlib.md5(PROBE_BODY, usedforsecurity=False)
+    answer = _step(probe, "PutObject", client.put_object, Bucket=bucket, Key=key,
+                   Body=PROBE_BODY, ContentMD5=base64.b64encode(digest.digest()).decode())
+    etag = str(answer.get("ETag", "")).strip('"')
+    if etag and etag != digest.hexdigest():
+        warnings.append(f"the ETag {etag} is not the MD5 of the probe (verification by ETag "
+                        "will fail)")
+    try:
+        head = _step(probe, "HeadObject", client.head_object, Bucket=bucket, Key=key)
+        if int(head.get("ContentLength", -1)) != len(PROBE_BODY):
+            raise _Failed("incompatible", f"HeadObject reports {head.get('ContentLength')} "
+                          f"bytes for a {len(PROBE_BODY)}-byte probe")
+    except _Failed as failed:
+        if failed.category != "permissions":
+            raise
+        warnings.append(f"{failed.detail}: uploads skip their verification HEAD")
+    try:
+        _step(probe, "DeleteObject", client.delete_object, Bucket=bucket, Key=key)
+    except _Failed as failed:
+        if failed.category != "permissions":
+            raise
+        warnings.append(f"{failed.detail}: the probe object {key} was left in the bucket")
+
+
+def _skew_text(skew: float | None) -> str:
+    if skew is None:
+        return ""
+    return f"; clock {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} the server" \
+        if abs(skew) >= 1.5 else "; clock within a second of the server"
+
+
+# -- the host --------------------------------------------------------------------------------
+def check_server_dir(layout: Layout) -> Check:
+    missing = [s for s in STATES if not os.path.isdir(layout.state_dir(s))]
+    if missing:
+        return Check("server dir", WARN, "layout", f"{layout.root}: no {', '.join(missing)} "
+                     "yet (flood-supervisor creates them at start)")
+    try:
+        layout.check_one_filesystem()
+    except LayoutError as exc:
+        return Check("server dir", FAIL, "layout", str(exc))
+    denied = [s for s in STATES if not os.access(layout.state_dir(s), os.R_OK | os.W_OK | os.X_OK)]
+    if denied:
+        return Check("server dir", FAIL, "permissions",
+                     f"{', '.join(denied)} below {layout.root} not writable by uid {os.getuid()}")
+    info = os.stat(layout.state_dir(INCOMING))
+    return Check("server dir", OK, "ok",
+                 f"{layout.root}: the five state directories are on one filesystem (device "
+                 f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}) and usable by uid "
+                 f"{os.getuid()}")
+
+
+def check_inotify(layout: Layout) -> Check:
+    try:
+        limit = int(Path(WATCHES).read_text())
+    except (OSError, ValueError):
+        return Check("inotify", WARN, "inotify", f"cannot read {WATCHES}")
+    dirs = count_dirs(layout.state_dir(INCOMING))
+    detail = (f"{dirs} directories below incoming/ to watch; fs.inotify.max_user_watches = "
+              f"{limit} (shared by every inotify user of this uid)")
+    if dirs > limit:
+        return Check("inotify", FAIL, "inotify", detail + ": raise it (sysctl), or the watcher "
+                     "falls back to rescans")
+    if dirs > limit // 2:
+        return Check("inotify", WARN, "inotify", detail + ": more than half used")
+    return Check("inotify", OK, "ok", detail)
+
+
+def count_dirs(top: str) -> int:
+    """Directories at and below top (what a recursive inotify watch needs), links not followed."""
+    count = 0
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        count += 1
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            continue
+        stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+    return count if os.path.isdir(top) else 0
+
+
+def check_disk(root: Path) -> Check:
+    vfs = os.statvfs(root)
+    free = vfs.f_bavail * vfs.f_frsize
+    share = free / (vfs.f_blocks * vfs.f_frsize) if vfs.f_blocks else 1.0
+    inodes = vfs.f_favail / vfs.f_files if vfs.f_files else 1.0
+    detail = f"{_bytes(free)} free ({share:.0%})" + (
+        f", {vfs.f_favail} inodes free ({inodes:.0%})" if vfs.f_files else "")
+    if share < DISK_FAIL[0] or free < DISK_FAIL[1] or inodes < INODES_FAIL:
+        return Check("disk", FAIL, "disk", detail)
+    if share < DISK_WARN[0] or free < DISK_WARN[1] or inodes < INODES_WARN:
+        return Check("disk", WARN, "disk", detail)
+    return Check("disk", OK, "ok", detail)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def check_credentials(option: str | None) -> tuple[Check, credentials.CredentialsFile | None]:
+    try:
+        creds = credentials.load(option)
+    except ConfigError as exc:
+        return Check("credentials", FAIL, "config", str(exc)), None
+    mode = stat.S_IMODE(creds.mode)
+    detail = (f"{creds.path} (first that exists: {creds.source}); profiles "
+              f"{', '.join(sorted(creds.profiles))}; mode {mode:o}")
+    if creds.loose_permissions():
+        return Check("credentials", WARN, "permissions", detail + ": chmod 600 it"), creds
+    return Check("credentials", OK, "ok", detail), creds
+
+
+# -- the command -----------------------------------------------------------------------------
+def parser() -> cli.Parser:
+    p = cli.Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", metavar="P", help="probe this profile only")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of lines")
+    cli.add_location_options(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        checks = run(args)
+    except FloodError as exc:
+        return cli.fail(PROG, str(exc), exc.exit_code)
+    report(checks, args.json)
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+def run(args: argparse.Namespace) -> list[Check]:
+    root = cli.server_dir(args.server_dir)
+    layout = Layout(root)
+    creds_check, creds = check_credentials(args.credentials)
+    checks = [creds_check, check_server_dir(layout), check_inotify(layout), check_disk(root)]
+    if creds is None:
+        return checks
+    if args.profile and args.profile not in creds.profiles:
+        raise ConfigError(f"unknown profile {args.profile!r}: {creds.path} has "
+                          f"{', '.join(sorted(creds.profiles))}")
+    for name in sorted(creds.profiles):
+        if args.profile in (None, name):
+            buckets = sorted(layout.buckets_present(name))
+            checks += check_profile(creds.profiles[name], buckets)
+    return checks
+
+
+def report(checks: list[Check], as_json: bool) -> None:
+    problems = sum(c.status == FAIL for c in checks)
+    if as_json:
+        print(json.dumps({"ok": problems == 0, "checks": [asdict(c) for c in checks]}, indent=2))
+        return
+    width = max(len(c.subject) for c in checks)
+    for c in checks:
+        label = "" if c.category == "ok" else f"{c.category}: "
+        print(f"{c.status:<4}  {c.subject:<{width}}  {label}{c.detail}")
+    print("all is well" if not problems else
+          f"{problems} problem{'s' if problems > 1 else ''} found")

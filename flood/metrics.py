@@ -1,0 +1,227 @@
+"""Prometheus metrics: counters in every process (multiprocess mode), live gauges at scrape time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import suppress
+from functools import cache
+from typing import Any
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+SNAPSHOT_TTL = 2.0        # scrapes within this many seconds share one directory walk
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                    300.0, 900.0, float("inf"))
+RESCAN_REASONS = ("periodic", "overflow", "undecodable_event", "hold_released")
+
+# prometheus_client picks its value class when first imported: nothing here imports it at
+# module level, so a process that never enables metrics never loads it.
+
+
+def enabled() -> bool:
+    """Metrics are on in this process tree when the supervisor set the multiprocess dir."""
+    return bool(os.environ.get(ENV))
+
+
+def prepare_dir() -> str:
+    """A fresh, empty multiprocess dir in os.environ, before prometheus_client is imported and
+    before the forkserver starts (its children inherit the environment it started with)."""
+    path = tempfile.mkdtemp(prefix="flood-metrics-")
+    os.environ[ENV] = path
+    os.environ.pop("prometheus_multiproc_dir", None)
+    return path
+
+
+def disable() -> None:
+    """No multiprocess dir inherited from the caller's environment: metrics stay off."""
+    os.environ.pop(ENV, None)
+    os.environ.pop("prometheus_multiproc_dir", None)
+
+
+def remove_dir(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- what the children count -----------------------------------------------------------------
+class Recorder:
+    """The counting interface the roles call; this base does nothing (metrics off)."""
+
+    def upload(self, profile: str, bucket: str, outcome: str, size: int | None,
+               seconds: float | None) -> None:
+        """One passage ended: outcome 'success' or 'failure'."""
+
+    def retry(self, profile: str, bucket: str, reason: str) -> None:
+        """An upload attempt failed and a retry was scheduled."""
+
+    def watcher_event(self) -> None:
+        """One inotify event read."""
+
+    def watcher_overflow(self) -> None:
+        """The kernel's inotify queue overflowed (events lost; a rescan follows)."""
+
+    def watcher_rescan(self, reason: str) -> None:
+        """A scan of incoming/ ran."""
+
+
+class PromRecorder(Recorder):
+    """Counters and a histogram written to this process's files in the multiprocess dir."""
+
+    def __init__(self) -> None:
+        m = _children_metrics()
+        self.files, self.bytes, self.duration, self.retries = m[:4]
+        self.events, self.overflows, self.rescans = m[4:]
+
+    def upload(self, profile: str, bucket: str, outcome: str, size: int | None,
+               seconds: float | None) -> None:
+        self.files.labels(profile, bucket, outcome).inc()
+        if size:
+            self.bytes.labels(profile, bucket, outcome).inc(size)
+        if seconds is not None and outcome == "success":
+            self.duration.labels(profile).observe(seconds)
+
+    def retry(self, profile: str, bucket: str, reason: str) -> None:
+        self.retries.labels(profile, bucket, reason).inc()
+
+    def watcher_event(self) -> None:
+        self.events.inc()
+
+    def watcher_overflow(self) -> None:
+        self.overflows.inc()
+
+    def watcher_rescan(self, reason: str) -> None:
+        self.rescans.labels(reason).inc()
+
+
+@cache
+def _children_metrics() -> tuple[Any, ...]:
+    from prometheus_client import Counter, Histogram
+
+    return (
+        Counter("flood_files_uploaded", "Files whose upload ended, by outcome (success: "
+                "completed/, failure: failed/)", ["profile", "bucket", "outcome"]),
+        Counter("flood_uploaded_bytes", "Bytes of the files whose upload ended, by outcome",
+                ["profile", "bucket", "outcome"]),
+        Histogram("flood_upload_duration_seconds", "Time from the first byte sent to the "
+                  "verified object, per successful upload", ["profile"],
+                  buckets=DURATION_BUCKETS),
+        Counter("flood_retries", "Upload attempts that failed and were scheduled again, by "
+                "reason", ["profile", "bucket", "reason"]),
+        Counter("flood_watcher_events", "inotify events read by the watcher"),
+        Counter("flood_watcher_overflows", "inotify queue overflows (events lost, rescanned)"),
+        Counter("flood_watcher_rescans", "Scans of incoming/ by the watcher, by reason",
+                ["reason"]),
+    )
+
+
+def recorder() -> Recorder:
+    """The recorder for this process: real when metrics are on, else one that does nothing."""
+    return PromRecorder() if enabled() else Recorder()
+
+
+class ObservingLog:
+    """Wraps an uploader's logger and counts its outcome events: upload_succeeded (size,
+    duration), upload_failed, upload_retry_scheduled (reason). The log events are the contract
+    the uploads already keep, so flood.upload needs no metrics code of its own."""
+
+    def __init__(self, log: Any, rec: Recorder) -> None:
+        self._log = log
+        self._rec = rec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    def info(self, event: str, **kw: Any) -> Any:
+        if event == "upload_succeeded":
+            self._rec.upload(kw.get("profile", ""), kw.get("bucket", ""), "success",
+                             kw.get("size"), kw.get("duration"))
+        return self._log.info(event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> Any:
+        if event == "upload_retry_scheduled":
+            self._rec.retry(kw.get("profile", ""), kw.get("bucket", ""), kw.get("reason", ""))
+        return self._log.warning(event, **kw)
+
+    def error(self, event: str, **kw: Any) -> Any:
+        if event == "upload_failed":
+            self._rec.upload(kw.get("profile", ""), kw.get("bucket", ""), "failure",
+                             _size(kw.get("path")), None)
+        return self._log.error(event, **kw)
+
+
+def _size(path: Any) -> int | None:
+    """The size of a regular file just moved to failed/ (the log line names where it went)."""
+    if not isinstance(path, str):
+        return None
+    with suppress(OSError):
+        info = os.lstat(path)
+        return info.st_size if stat.S_ISREG(info.st_mode) else None
+    return None
+
+
+# -- what the supervisor serves --------------------------------------------------------------
+class StateCollector:
+    """Gauges computed when scraped: files in each state, oldest pending age, paused profiles
+    and buckets, and the supervisor's own counts (child processes restarted)."""
+
+    def __init__(self, snapshot: Callable[[], Any], restarts: Callable[[], Mapping[str, int]]):
+        self._snapshot = snapshot
+        self._restarts = restarts
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Any] | None = None
+
+    def describe(self) -> list[Any]:
+        return []   # computed per scrape: do not collect at registration
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self._current()
+        files = GaugeMetricFamily("flood_files", "Files in each state now (processing: in "
+                                  "flight; retry_wait: in processing/ waiting for a retry)",
+                                  labels=["profile", "bucket", "state"])
+        oldest = GaugeMetricFamily("flood_oldest_pending_age_seconds", "Age of the oldest file "
+                                   "in incoming/ or processing/ (from its ctime)",
+                                   labels=["profile", "bucket"])
+        paused = GaugeMetricFamily("flood_paused", "1 for a paused profile (bucket=\"\") or "
+                                   "bucket", labels=["profile", "bucket", "reason"])
+        now = time.time()
+        for b in snap.buckets.values():
+            for state, count in (("incoming", b.incoming), ("processing", b.in_flight()),
+                                 ("retry_wait", b.waiting_retry), ("failed", b.failed)):
+                files.add_metric([b.profile, b.bucket, state], count)
+            if b.oldest_pending is not None:
+                oldest.add_metric([b.profile, b.bucket], max(0.0, now - b.oldest_pending))
+        for h in snap.holds:
+            paused.add_metric([h["profile"], h["bucket"] or "", h["reason"]], 1)
+        restarts = CounterMetricFamily("flood_process_restarts", "Child processes started again "
+                                       "by the supervisor, by reason", labels=["reason"])
+        for reason, count in sorted(self._restarts().items()):
+            restarts.add_metric([reason], count)
+        yield from (files, oldest, paused, restarts)
+
+    def _current(self) -> Any:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] > SNAPSHOT_TTL:
+                self._cached = (now, self._snapshot())
+            return self._cached[1]
+
+
+def serve(port: int, address: str, snapshot: Callable[[], Any],
+          restarts: Callable[[], Mapping[str, int]]) -> Any:
+    """Serve /metrics on address:port from a thread: every process's counters (read from the
+    multiprocess dir) and the supervisor's gauges. Returns the server (call shutdown())."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
+    registry.register(StateCollector(snapshot, restarts))
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    return server
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from collections.abc import Iterator
@@ -120,9 +121,19 @@ def close_db() -> None:
         db.close()
 
 
-def write() -> Any:
-    """A write transaction that takes the lock up front (BEGIN IMMEDIATE)."""
-    return db.atomic("IMMEDIATE")
+@contextlib.contextmanager
+def write() -> Iterator[None]:
+    """A write transaction that takes the lock up front (BEGIN IMMEDIATE). When SQLite has
+    already rolled back itself (disk full), the original error is what propagates."""
+    transaction = db.atomic("IMMEDIATE")
+    transaction.__enter__()
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(pw.OperationalError):
+            transaction.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    transaction.__exit__(None, None, None)
 
 
 def newest(ref: FileRef, states: tuple[str, ...] | None = None) -> FileRecord | None:

@@ -37,6 +37,7 @@ SKIPPED = "skipped"    # not there any more (a duplicate event), or left waiting
 RETRY = "retry"        # transient failure or a retry not yet due: run again at `due`
 BUSY = "busy"          # the same path is still in processing/: try again shortly, in order
 CHANGED = "changed"    # the file changed while it was read: upload again once it settles
+MOVE_RETRY = 5.0       # seconds before a file whose final move failed is tried again
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,8 @@ class FileUploader:
                  etag: str | None, seconds: float) -> Result:
         records.record_completed(record_id, info.st_size, etag, attempt)
         crashpoints.point("after_record")
-        self.finish(COMPLETED, ref, info.st_ino)
+        if not self.finish_or_wait(COMPLETED, ref, record_id, info.st_ino):
+            return Result(RETRY, time.time() + MOVE_RETRY)
         crashpoints.point("after_move_completed")
         self.log.info("upload_succeeded", profile=ref.profile, bucket=ref.bucket, key=ref.key,
                       path=self.layout.path(COMPLETED, ref), size=info.st_size, etag=etag,
@@ -313,7 +315,8 @@ class FileUploader:
     def fail(self, ref: FileRef, record_id: int, reason: str, error: str, attempt: int) -> Result:
         records.record_failed(record_id, reason, error, attempt)
         crashpoints.point("after_fail_record")
-        self.finish(FAILED, ref)
+        if not self.finish_or_wait(FAILED, ref, record_id):
+            return Result(RETRY, time.time() + MOVE_RETRY)
         crashpoints.point("after_move_failed")
         self.log.error("upload_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
                        path=self.layout.path(FAILED, ref), reason=reason, error=error,
@@ -353,6 +356,20 @@ class FileUploader:
                          key=ref.key, reason=verdict.reason, error=error, attempt=attempt,
                          next_attempt=following, delay=round(wait, 3), record_id=record_id)
         return Result(RETRY, due)
+
+    def finish_or_wait(self, state: str, ref: FileRef, record_id: int,
+                       inode: int | None = None) -> bool:
+        """finish(); if the move fails (disk full, say) the file stays in processing/ and so
+        does its record, so the next pass continues this passage instead of starting one."""
+        try:
+            self.finish(state, ref, inode)
+            return True
+        except OSError as exc:
+            records.set_state(record_id, PROCESSING)
+            self.log.error("move_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
+                           path=self.layout.path(PROCESSING, ref), reason=state,
+                           error=f"{type(exc).__name__}: {exc}", record_id=record_id)
+            return False
 
     def finish(self, state: str, ref: FileRef, inode: int | None = None) -> None:
         """Move processing -> completed/ or failed/, keeping an older file of the same name as

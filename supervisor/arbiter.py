@@ -95,13 +95,19 @@ class Arbiter:
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda n, _: self.signals.append(n))
-        self.start_generation()
-        self.checker.start()
-        while not self.stopping:
-            self.tick(wake_r)
-        self.notifier.stopping("stopping: in-flight uploads get the grace period")
-        self.checker.halt()
-        self.stop_children("shutdown")
+        try:
+            self.start_generation()
+            self.checker.start()
+            while not self.stopping:
+                self.tick(wake_r)
+            self.notifier.stopping("stopping: in-flight uploads get the grace period")
+        except Exception:
+            self.log.exception("supervisor_crashed")
+            self.exit_code = EX_SOFTWARE
+        finally:
+            # Whatever happened above, no child outlives the arbiter's own stop.
+            self.checker.halt()
+            self.stop_children("shutdown")
         self.log.info("supervisor_stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -154,7 +160,9 @@ class Arbiter:
         for child in dead:
             child.process.join(timeout=1)
             code = child.process.exitcode
-            if not child.ready:
+            if not child.ready and code is not None and code >= 0:
+                # It exited by itself before it was ready (config, import, setup error):
+                # restarting it would loop. Killed by a signal, it is a death like any other.
                 self.log.error("child_boot_failed", child=child.name, exit_code=code)
                 print(f"flood-supervisor: {child.name} failed at start (exit code {code}); "
                       "see the log above", flush=True, file=sys.stderr)

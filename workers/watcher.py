@@ -43,6 +43,7 @@ class WatcherRole:
         self.heartbeat = Heartbeat(conn)
         self.metrics = metrics.Recorder()
         self.layout = Layout(settings.server_dir)
+        self.drained = False  # the start-up drain runs in the first loop, after "ready"
         self.alive = True
         self.log: Any = None
         self.pending: dict[str, float] = {}   # found by a scan, not settled yet: path -> mtime
@@ -62,7 +63,6 @@ class WatcherRole:
         self.wm = pyinotify.WatchManager()
         self.notifier = pyinotify.Notifier(self.wm, default_proc_fun=self.on_event, timeout=200)
         self.add_watch(self.layout.state_dir(INCOMING), rec=True)
-        self.drain()
 
     def stop(self) -> None:
         self.alive = False
@@ -74,6 +74,11 @@ class WatcherRole:
 
     def loop(self, now: float) -> None:
         self.heartbeat.beat()
+        if not self.drained:
+            # After "ready": a long drain is work, not boot; a kill during it is a death the
+            # supervisor answers with a restart, not a failure at start.
+            self.drained = True
+            self.drain()
         self.read_events()
         # Events queued during the drain have now been read: forget which paths it sent.
         self.recent.clear()

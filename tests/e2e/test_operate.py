@@ -487,12 +487,14 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
 
 
 def test_deploy_examples_are_usable(tmp_path: Path) -> None:
-    """The example credentials parse into profiles and are mode 0600; the cron line names
-    flood-copy; the logrotate config copies and truncates the file the unit writes."""
+    """The example credentials parse into profiles and are installed mode 0600 (git keeps no
+    mode, so the install line must); the cron line names flood-copy; the logrotate config
+    copies and truncates the file the unit writes."""
     example = DEPLOY / "credentials.example"
     loaded = credentials.load(str(example), {"HOME": str(tmp_path)})
     assert sorted(loaded.profiles) == ["archive", "backup", "offsite"]
-    assert oct(example.stat().st_mode & 0o777) == "0o600"
+    assert re.search(r"install .*-m 0600 credentials\.example ",
+                     (DEPLOY / "README.md").read_text())
     assert "flood-copy" in (DEPLOY / "flood-copy.cron").read_text()
     rotate = (DEPLOY / "flood.logrotate").read_text()
     unit = (DEPLOY / "flood-supervisor.service").read_text()

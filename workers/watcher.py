@@ -108,7 +108,10 @@ class WatcherRole:
 
     # -- inotify -------------------------------------------------------------------------
     def add_watch(self, path: str, rec: bool) -> None:
-        result = self.wm.add_watch(path, MASK, rec=rec, auto_add=True)
+        # No auto_add: pyinotify's fakes events for a new directory's contents, testing
+        # entries with os.path.isdir, which follows a symlink (`up -> ..`) into a watch loop.
+        # The kernel marks only real directories IN_ISDIR; on_event adds those itself.
+        result = self.wm.add_watch(path, MASK, rec=rec, auto_add=False)
         failed = [p for p, wd in result.items() if wd < 0]
         if failed:
             self.watch_failed = True
@@ -116,19 +119,6 @@ class WatcherRole:
                            error="inotify could not watch these directories (is "
                                  "fs.inotify.max_user_watches too low?); rescanning every "
                                  f"{FALLBACK_RESCAN:g} s instead")
-
-    def check_watched(self, path: str) -> None:
-        """pyinotify adds watches on new directories quietly: a failure (max_user_watches
-        exhausted) shows only as a missing watch. Fall back to frequent rescans, loudly."""
-        if self.wm.get_wd(path) is not None or not os.path.isdir(path):
-            return
-        if not self.watch_failed:
-            self.next_rescan = 0.0
-        self.watch_failed = True
-        self.log.error("watch_failed", path=path, count=1,
-                       error="inotify could not watch this directory (is "
-                             "fs.inotify.max_user_watches too low?); rescanning every "
-                             f"{FALLBACK_RESCAN:g} s instead")
 
     def read_events(self) -> None:
         try:
@@ -150,9 +140,10 @@ class WatcherRole:
         path = event.pathname
         if event.mask & pyinotify.IN_ISDIR:
             if event.mask & (pyinotify.IN_CREATE | pyinotify.IN_MOVED_TO):
-                # pyinotify has added the watch; what landed before it is only found by a scan.
-                self.scan_dir(path, recursive=bool(event.mask & pyinotify.IN_MOVED_TO))
-                self.check_watched(path)
+                # Watch it (and what is below it already, links not followed) first; what
+                # landed before the watch is only found by the scan after it.
+                self.add_watch(path, rec=True)
+                self.scan_dir(path, recursive=True)
             return
         if event.mask & pyinotify.IN_CREATE:
             self.on_create(path)

@@ -336,7 +336,9 @@ def test_metrics_count_uploads_across_processes_and_restarts(spool: Spool, bucke
     assert values[("flood_oldest_pending_age_seconds", (("bucket", missing),
                                                         ("profile", "p1")))] >= 0
     assert values[("flood_process_restarts_total", (("reason", "child_died"),))] == 3
-    assert values[("flood_watcher_events_total", ())] >= 7
+    # Certain events: the last two files renamed into a directory watched since start-up
+    # (how many of the first ones arrive as events or by the new directory's scan is timing).
+    assert values[("flood_watcher_events_total", ())] >= 2
     assert sup.terminate() == 0
     assert not os.path.exists(path)
 

@@ -132,7 +132,7 @@ class LeanPut:
     EndpointConnectionError, ConnectionClosedError, timeouts), so flood.retry classifies them
     like any other. Only for profiles with an endpoint (path-style addressing)."""
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, connections: int = 1) -> None:
         assert profile.endpoint
         url = urllib.parse.urlsplit(profile.endpoint)
         self.endpoint = profile.endpoint.rstrip("/")
@@ -143,20 +143,38 @@ class LeanPut:
         self.base = url.path.rstrip("/")
         self.auth = S3SigV4Auth(Credentials(profile.access_key_id, profile.secret_access_key),
                                 "s3", profile.region)
-        self.conn: http.client.HTTPConnection | None = None
+        self.pool: list[http.client.HTTPConnection | None] = [None] * connections
 
     def put(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
-        """PUT body as bucket/key; the ETag. A connection kept alive that the server closed
-        meanwhile is retried once at once on a new one (the only blip handled here)."""
+        """PUT body as bucket/key; the ETag."""
+        return self.start(0, bucket, key, body, content_md5).result()
+
+    def start(self, slot: int, bucket: str, key: str, body: bytes,
+              content_md5: str) -> PendingPut:
+        """Send a PUT on connection `slot` without waiting for the answer: several started on
+        different slots are in flight at once. Errors wait for result()."""
         path = f"{self.base}/{bucket}/{urllib.parse.quote(key, safe='/~')}"
-        headers = self.sign(path, body, content_md5)
-        reused = self.conn is not None
+        pending = PendingPut(self, slot, path, body, self.sign(path, body, content_md5),
+                             reused=self.pool[slot] is not None)
         try:
-            return self.send(path, body, headers)
+            self.send(pending)
+        except BotoCoreError as exc:
+            pending.error = exc
+        return pending
+
+    def finish(self, pending: PendingPut) -> str:
+        """The answer to a started PUT. A kept-alive connection that the server had closed
+        meanwhile is retried once at once on a new one (the only blip handled here)."""
+        try:
+            if pending.error is not None:
+                raise pending.error
+            return self.receive(pending.slot)
         except (ConnectionClosedError, EndpointConnectionError):
-            if not reused:
+            if not pending.reused:
                 raise
-            return self.send(path, body, headers)
+            pending.reused = False
+            self.send(pending)
+            return self.receive(pending.slot)
 
     def sign(self, path: str, body: bytes, content_md5: str) -> dict[str, str]:
         request = AWSRequest(method="PUT", url=self.origin + path, data=body,
@@ -168,27 +186,38 @@ class LeanPut:
         headers["User-Agent"] = f"flood/{__version__}"
         return headers
 
-    def send(self, path: str, body: bytes, headers: dict[str, str]) -> str:
-        conn = self.connection()
+    def send(self, pending: PendingPut) -> None:
+        conn = self.connection(pending.slot)
         try:
-            conn.request("PUT", path, body=body, headers=headers)
+            conn.request("PUT", pending.path, body=pending.body, headers=pending.headers)
+        except TimeoutError:
+            self.close(pending.slot)
+            raise ReadTimeoutError(endpoint_url=self.endpoint) from None
+        except (OSError, http.client.HTTPException) as exc:
+            self.close(pending.slot)
+            raise ConnectionClosedError(endpoint_url=self.endpoint) from exc
+
+    def receive(self, slot: int) -> str:
+        conn = self.connection(slot)
+        try:
             response = conn.getresponse()
             payload = response.read()
         except TimeoutError:
-            self.close()
+            self.close(slot)
             raise ReadTimeoutError(endpoint_url=self.endpoint) from None
         except (OSError, http.client.HTTPException) as exc:
-            self.close()
+            self.close(slot)
             raise ConnectionClosedError(endpoint_url=self.endpoint) from exc
         if response.getheader("Connection", "").lower() == "close":
-            self.close()
+            self.close(slot)
         if response.status == 200:
             return str(response.getheader("ETag", ""))
         raise _client_error(response, payload)
 
-    def connection(self) -> http.client.HTTPConnection:
-        if self.conn is not None:
-            return self.conn
+    def connection(self, slot: int) -> http.client.HTTPConnection:
+        conn = self.pool[slot]
+        if conn is not None:
+            return conn
         cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         kwargs: dict[str, Any] = {"timeout": CONNECT_TIMEOUT}
         if self.https:
@@ -203,13 +232,30 @@ class LeanPut:
             raise EndpointConnectionError(endpoint_url=self.endpoint) from exc
         assert conn.sock is not None
         conn.sock.settimeout(READ_TIMEOUT)
-        self.conn = conn
+        self.pool[slot] = conn
         return conn
 
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+    def close(self, slot: int) -> None:
+        conn = self.pool[slot]
+        if conn is not None:
+            conn.close()
+            self.pool[slot] = None
+
+
+@dataclass
+class PendingPut:
+    """A PUT sent on one of LeanPut's connections, its answer not read yet."""
+
+    lean: LeanPut
+    slot: int
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    reused: bool
+    error: BaseException | None = None
+
+    def result(self) -> str:
+        return self.lean.finish(self)
 
 
 def _client_error(response: http.client.HTTPResponse, payload: bytes) -> ClientError:

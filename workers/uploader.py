@@ -10,11 +10,11 @@ from typing import Any
 
 from flood import logs, metrics, records
 from flood.jobs import SHUTDOWN, FileRef, Job
-from flood.layout import PROCESSING
+from flood.layout import INCOMING, PROCESSING
 from flood.notify import Heartbeat
 from flood.s3 import make_client
 from flood.settings import Settings
-from flood.upload import BUSY, CHANGED, RETRY, SKIPPED, FileUploader, Result
+from flood.upload import BATCH, BUSY, CHANGED, RETRY, SKIPPED, FileUploader, Result
 from flood.workers.role import serve
 
 BUSY_WAIT = 0.5       # the same path is still in processing/: look again this much later
@@ -69,7 +69,40 @@ class UploaderRole:
         job = self.next_job(now)
         if job is None:
             return
-        self.handle(job, now)
+        if job.state == INCOMING and self.uploader is not None and self.uploader.lean:
+            self.handle_many(self.gather(job, now), now)
+        else:
+            self.handle(job, now)
+
+    def gather(self, first: Job, now: float) -> list[Job]:
+        """The first incoming job and whatever other incoming jobs are queued already (up to
+        a batch); a processing job met on the way waits in the heap, due at once."""
+        batch = [first]
+        while len(batch) < BATCH:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is SHUTDOWN:
+                self.alive = False
+                break
+            job = Job(*job)
+            if job.state == INCOMING:
+                batch.append(job)
+            else:
+                self.push(now, job)
+        return batch
+
+    def handle_many(self, jobs: list[Job], now: float) -> None:
+        assert self.uploader is not None
+        for job, outcome in zip(jobs, self.uploader.run_many(jobs, now), strict=True):
+            if isinstance(outcome, Exception):
+                self.log.error("upload_crashed", profile=self.profile, bucket=job.bucket,
+                               key=job.key, exc_info=outcome)
+                self.crashed(job, outcome, now)
+                continue
+            self.crashes.pop((job.bucket, job.key), None)
+            self.schedule(job, outcome, now)
 
     def next_job(self, now: float) -> Job | None:
         """A retry that has come due, else the next job from the queue (waiting briefly)."""

@@ -17,7 +17,6 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 SNAPSHOT_TTL = 2.0        # scrapes within this many seconds share one directory walk
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
                     300.0, 900.0, float("inf"))
-RESCAN_REASONS = ("periodic", "overflow", "undecodable_event", "hold_released")
 
 # prometheus_client picks its value class when first imported: nothing here imports it at
 # module level, so a process that never enables metrics never loads it.

@@ -250,11 +250,6 @@ def open_passages() -> Iterator[FileRecord]:
     yield from FileRecord.select().where(FileRecord.current_state.in_(OPEN_STATES)).iterator()
 
 
-def attempts(record_id: int) -> list[RetryAttempt]:
-    return list(RetryAttempt.select().where(RetryAttempt.file_record_id == record_id)
-                .order_by(RetryAttempt.attempt))
-
-
 def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
     """Put a profile (bucket '') or bucket on hold; True if it was not held already."""
     with write():

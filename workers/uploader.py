@@ -6,7 +6,7 @@ import heapq
 import os
 import queue
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from flood import logs, metrics, records
 from flood.jobs import SHUTDOWN, FileRef, Job
@@ -86,7 +86,6 @@ class UploaderRole:
             if job is SHUTDOWN:
                 self.alive = False
                 break
-            job = Job(*job)
             if job.state == INCOMING:
                 batch.append(job)
             else:
@@ -122,7 +121,7 @@ class UploaderRole:
             return None
         if job.state == PROCESSING and (job.bucket, job.key) in self.waiting_keys:
             return None  # a rescan found a file this process already waits on
-        return Job(*job)
+        return cast(Job, job)  # NamedTuples cross the queue as themselves: no copy
 
     def handle(self, job: Job, now: float) -> None:
         assert self.uploader is not None

@@ -329,7 +329,6 @@ class HoldChecker(threading.Thread):
         self.halted.set()
 
     def run(self) -> None:
-        logs.bind_thread()
         while not self.halted.wait(min(1.0, self.settings.recheck_interval)):
             try:
                 self.check_due(time.monotonic())

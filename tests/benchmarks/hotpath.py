@@ -96,6 +96,22 @@ def s3_steps(server: LocalS3, n: int, results: dict[str, Any]) -> None:
     lean.meta.events.unregister("before-call.s3", handlers.add_expect_header)
     loop(lean, "s3 PUT, no Expect, checksum when_required", put)
 
+    from flood.s3 import LeanPut  # what Flood's uploader really sends
+
+    one = LeanPut(other, connections=1)
+    loop(one, "s3 PUT, Flood's LeanPut, one at a time",
+         lambda c, i: c.put("hot-path", f"l{i}", data, md5))
+    batch = int(os.environ.get("HOTPATH_BATCH", "8"))
+    many = LeanPut(other, connections=batch)
+
+    def in_flight(c: Any, i: int) -> None:
+        if i % batch == 0 or i < 0:
+            started = [c.start(j, "hot-path", f"m{i}-{j}", data, md5) for j in range(batch)]
+            for pending in started:
+                pending.result()
+
+    loop(many, f"s3 PUT, Flood's LeanPut, {batch} in flight", in_flight)
+
 
 def db_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
     from flood import records

@@ -185,19 +185,25 @@ def _stamp(value: dt.datetime | None) -> str | None:
     return None if value is None else str(value)
 
 
-def record_claimed(ref: FileRef, created: dt.datetime | None, size: int) -> int:
-    """The file was moved into processing/: continue a producer's passage or start a new one."""
-    key = text(ref.key)
+def record_claims(claims: list[tuple[FileRef, dt.datetime | None, int]]) -> list[int]:
+    """Files (ref, creation date, size) just moved into processing/, in one transaction: each
+    continues its producer's passage or starts a new one. Their record ids, in order."""
     now = _stamp(utcnow())
+    ids = []
     with write():
-        # The passage that reached incoming/ first; a newer copy may still be in incoming_tmp.
-        for state in ("incoming", "incoming_tmp"):
-            found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, state)).fetchone()
-            if found is not None:
-                _sql(_CONTINUE, (now, size, _stamp(created), found[0]))
-                return int(found[0])
-        cursor = _sql(_START, (ref.profile, ref.bucket, key, _stamp(created), now, size))
-        return int(cursor.lastrowid)
+        for ref, created, size in claims:
+            ids.append(_claim(ref, text(ref.key), _stamp(created), size, now))
+    return ids
+
+
+def _claim(ref: FileRef, key: str | None, created: str | None, size: int, now: str | None) -> int:
+    # The passage that reached incoming/ first; a newer copy may still be in incoming_tmp.
+    for state in ("incoming", "incoming_tmp"):
+        found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, state)).fetchone()
+        if found is not None:
+            _sql(_CONTINUE, (now, size, created, found[0]))
+            return int(found[0])
+    return int(_sql(_START, (ref.profile, ref.bucket, key, created, now, size)).lastrowid)
 
 
 def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> FileRecord:
@@ -211,11 +217,14 @@ def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> File
     return row
 
 
-def record_completed(record_id: int, size: int, etag: str | None, attempt: int) -> None:
+def record_completions(done: list[tuple[int, int, str | None, int]]) -> None:
+    """Uploads proven (record id, size, ETag, retry number), in one transaction."""
+    now = _stamp(utcnow())
     with write():
-        _sql(_COMPLETE, (size, etag, _stamp(utcnow()), record_id))
-        if attempt > 0:
-            RetryAttempt.create(file_record_id=record_id, attempt=attempt, outcome="success")
+        for record_id, size, etag, attempt in done:
+            _sql(_COMPLETE, (size, etag, now, record_id))
+            if attempt > 0:
+                RetryAttempt.create(file_record_id=record_id, attempt=attempt, outcome="success")
 
 
 def record_failed(record_id: int, reason: str, error: str, attempt: int) -> None:

@@ -80,6 +80,7 @@ class FileUploader:
         self.client = client
         self.log = log
         self.layout = Layout(settings.server_dir)
+        self.dirs = _Dirs(self.layout)
         self.checked = set(checked_buckets or ())
         self.holds: dict[tuple[str, str], str] = {}
         self.holds_read_at = 0.0
@@ -94,57 +95,103 @@ class FileUploader:
     # -- entry point ---------------------------------------------------------------------
     def run(self, job: Job, now: float) -> Result:
         ref = FileRef(self.profile, job.bucket, job.key)
-        if job.state == INCOMING:
+        try:
+            if job.state != INCOMING:
+                return self.resume(ref, now)
             if self.held(ref.bucket, now):
                 return Result(SKIPPED)
-            record_id = self.claim(ref)
-            if record_id is None or isinstance(record_id, Result):
-                return record_id or Result(SKIPPED)
+            taken = self.take(ref)
+            if taken is None or isinstance(taken, Result):
+                return taken or Result(SKIPPED)
+            record_id = self.record_claims([(ref, *taken)])[0]
             return self.attempt(ref, record_id, 0, now)
-        return self.resume(ref, now)
+        finally:
+            self.dirs.close()
 
     # -- several small files at once -----------------------------------------------------
     def run_many(self, jobs: list[Job], now: float) -> list[Result | Exception]:
         """Incoming jobs handled together: the PUTs of the small files among them go out on
         separate kept-alive connections before any answer is read, so the server has them in
-        flight at once (it spends far less CPU per PUT then). Each file still has its own
-        claim, proof, record and move, and its own outcome (an Exception: it crashed)."""
+        flight at once (it spends far less CPU per PUT then); their claims are recorded in
+        one transaction and so are their completions, each written before the files move, as
+        for a single file. Each file still has its own claim, proof, move and outcome (an
+        Exception: it crashed)."""
         outcomes: list[Result | Exception] = [Result(SKIPPED)] * len(jobs)
         inflight: list[tuple[int, _Staged, PendingPut]] = []
         assert self.lean is not None
-        for index, job in enumerate(jobs):
-            try:
-                staged = self.stage(job, now)
-            except Exception as exc:  # the per-file boundary, as in the role
-                outcomes[index] = exc
-                continue
-            if isinstance(staged, Result):
-                outcomes[index] = staged
-                continue
-            crashpoints.point("after_put_start")
-            pending = self.lean.start(len(inflight), staged.ref.bucket, staged.ref.key,
-                                      staged.data, staged.content_md5)
-            inflight.append((index, staged, pending))
-        for index, staged, pending in inflight:
-            try:
-                outcomes[index] = self.conclude(staged, pending, now)
-            except Exception as exc:
-                outcomes[index] = exc
-            finally:
+        try:
+            for index, ref, record_id in self.claim_all(jobs, now, outcomes):
+                try:
+                    staged = self.stage(ref, record_id, now)
+                except Exception as exc:  # the per-file boundary, as in the role
+                    outcomes[index] = exc
+                    continue
+                if isinstance(staged, Result):
+                    outcomes[index] = staged
+                    continue
+                crashpoints.point("after_put_start")
+                pending = self.lean.start(len(inflight), ref.bucket, ref.key, staged.data,
+                                          staged.content_md5)
+                inflight.append((index, staged, pending))
+            proven: list[tuple[int, _Staged, str]] = []
+            for index, staged, pending in inflight:
+                verdict: Result | str | Exception
+                try:
+                    verdict = self.conclude(staged, pending, now)
+                except Exception as exc:
+                    verdict = exc
+                if isinstance(verdict, str):
+                    proven.append((index, staged, verdict))
+                else:
+                    outcomes[index] = verdict
+            if proven:
+                done: list[Result | Exception]
+                try:
+                    done = self.complete_all([
+                        (s.ref, s.record_id, 0, s.before, etag, time.monotonic() - s.started)
+                        for _, s, etag in proven])
+                except Exception as exc:
+                    done = [exc] * len(proven)
+                for (index, _, _), outcome in zip(proven, done, strict=True):
+                    outcomes[index] = outcome
+        finally:
+            for _, staged, _ in inflight:
                 os.close(staged.fd)
+            self.dirs.close()
         return outcomes
 
-    def stage(self, job: Job, now: float) -> Result | _Staged:
-        """Claim and open one incoming file, read it if it is small; a Result if this pass
-        ends here (held, gone, failed, or a larger file uploaded on its own)."""
-        ref = FileRef(self.profile, job.bucket, job.key)
-        if job.state != INCOMING or self.lean is None:
-            return self.run(job, now)
-        if self.held(ref.bucket, now):
-            return Result(SKIPPED)
-        record_id = self.claim(ref)
-        if record_id is None or isinstance(record_id, Result):
-            return record_id or Result(SKIPPED)
+    def claim_all(self, jobs: list[Job], now: float,
+                  outcomes: list[Result | Exception]) -> list[tuple[int, FileRef, int]]:
+        """Claim each incoming job's file, then record the claims in one transaction; the
+        claimed ones as (index, ref, record id). Other outcomes go into `outcomes`."""
+        taken: list[tuple[int, FileRef, os.stat_result, dt.datetime | None]] = []
+        for index, job in enumerate(jobs):
+            ref = FileRef(self.profile, job.bucket, job.key)
+            try:
+                if self.held(ref.bucket, now):
+                    continue
+                got = self.take(ref)
+            except Exception as exc:
+                outcomes[index] = exc
+                continue
+            if isinstance(got, Result):
+                outcomes[index] = got
+            elif got is not None:
+                taken.append((index, ref, *got))
+        if not taken:
+            return []
+        try:
+            ids = self.record_claims([(ref, info, created) for _, ref, info, created in taken])
+        except Exception as exc:
+            for index, *_ in taken:
+                outcomes[index] = exc
+            return []
+        return [(index, ref, record_id)
+                for (index, ref, _, _), record_id in zip(taken, ids, strict=True)]
+
+    def stage(self, ref: FileRef, record_id: int, now: float) -> Result | _Staged:
+        """Open a claimed file and read it if it is small; a Result if this pass ends here
+        (failed, vanished, or a larger file uploaded on its own)."""
         opened = self.open_claimed(ref, record_id, 0)
         if isinstance(opened, Result):
             return opened
@@ -163,13 +210,14 @@ class FileUploader:
         return _Staged(ref, record_id, fd, before, data, digest.hexdigest(),
                        base64.b64encode(digest.digest()).decode("ascii"), time.monotonic())
 
-    def conclude(self, staged: _Staged, pending: PendingPut, now: float) -> Result:
+    def conclude(self, staged: _Staged, pending: PendingPut, now: float) -> Result | str:
+        """A started PUT's answer: the proven ETag, or the Result that ends this pass."""
         try:
             etag = pending.result().strip('"')
         except (ClientError, BotoCoreError) as exc:
             return self.failed_attempt(staged.ref, staged.record_id, 0, exc, now)
-        return self.settle(staged.ref, staged.record_id, 0, staged.fd, staged.before, etag,
-                           etag == staged.md5_hex, now, staged.started)
+        return self.check(staged.ref, staged.record_id, 0, staged.fd, staged.before, etag,
+                          etag == staged.md5_hex, now) or etag
 
     # -- holds ---------------------------------------------------------------------------
     def held(self, bucket: str, now: float) -> bool:
@@ -216,11 +264,12 @@ class FileUploader:
         self.holds[(self.profile, bucket)] = reason
 
     # -- claim ---------------------------------------------------------------------------
-    def claim(self, ref: FileRef) -> int | Result | None:
-        """Move incoming -> processing without overwriting; the passage's record id."""
+    def take(self, ref: FileRef) -> tuple[os.stat_result, dt.datetime | None] | Result | None:
+        """Move incoming -> processing without overwriting; the file's stat and creation
+        date (its claim is recorded next, by record_claims), None if it is not there."""
         parts, name = _split(ref)
         try:
-            src = fsops.open_dir(self.layout.state_dir(INCOMING), parts)
+            src = self.dirs.get(INCOMING, parts)
         except FileNotFoundError:
             return None
         except fsops.EscapesTree as exc:
@@ -228,40 +277,37 @@ class FileUploader:
                              key=ref.key, reason=str(exc))
             return None
         try:
-            dst = fsops.open_dir(self.layout.state_dir(PROCESSING), parts, create=True)
-            try:
-                fsops.renameat_noreplace(src, name, dst, name)
-                info = os.stat(name, dir_fd=dst, follow_symlinks=False)
-                created = fsops.creation_date(name, dst)
-            finally:
-                os.close(dst)
+            dst = self.dirs.get(PROCESSING, parts, create=True)
+            fsops.renameat_noreplace(src, name, dst, name)
+            info = os.stat(name, dir_fd=dst, follow_symlinks=False)
+            created = fsops.creation_date(name, dst)
         except FileNotFoundError:
             return None
         except FileExistsError:
             return Result(BUSY)
-        finally:
-            os.close(src)
         crashpoints.point("after_claim")
-        record_id = records.record_claimed(ref, created, info.st_size)
-        self.log.info("file_claimed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                      path=self.layout.path(PROCESSING, ref), size=info.st_size,
-                      record_id=record_id)
-        return record_id
+        return info, created
+
+    def record_claims(self, taken: list[tuple[FileRef, os.stat_result, dt.datetime | None]]
+                      ) -> list[int]:
+        """Record files just claimed (one transaction); their passages' record ids."""
+        ids = records.record_claims([(ref, created, info.st_size)
+                                     for ref, info, created in taken])
+        for (ref, info, _), record_id in zip(taken, ids, strict=True):
+            self.log.info("file_claimed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
+                          path=self.layout.path(PROCESSING, ref), size=info.st_size,
+                          record_id=record_id)
+        return ids
 
     def resume(self, ref: FileRef, now: float) -> Result:
         """A file found in processing/: continue its passage, honouring a retry's due time."""
         parts, name = _split(ref)
         try:
-            folder = fsops.open_dir(self.layout.state_dir(PROCESSING), parts)
-        except (FileNotFoundError, fsops.EscapesTree):
-            return Result(SKIPPED)
-        try:
+            folder = self.dirs.get(PROCESSING, parts)
             info = os.stat(name, dir_fd=folder, follow_symlinks=False)
             created = fsops.creation_date(name, folder)
-        except FileNotFoundError:
+        except (FileNotFoundError, fsops.EscapesTree):
             return Result(SKIPPED)
-        finally:
-            os.close(folder)
         row = records.record_resumed(ref, created, info.st_size)
         retries = int(row.retry_count or 0)
         if row.next_attempt_at is not None:
@@ -293,20 +339,14 @@ class FileUploader:
         except InvalidName as exc:
             return self.fail(ref, record_id, exc.reason, str(exc), attempt)
         try:
-            folder = fsops.open_dir(self.layout.state_dir(PROCESSING), parts)
-        except (FileNotFoundError, fsops.EscapesTree):
-            return self.vanished(ref, record_id)
-        try:
-            fd, before = fsops.open_regular(name, dir_fd=folder)
+            fd, before = fsops.open_regular(name, dir_fd=self.dirs.get(PROCESSING, parts))
         except fsops.NotRegularFile as exc:
             return self.fail(ref, record_id, "not_regular_file",
                              f"{exc.kind}, not a regular file", attempt)
-        except FileNotFoundError:
+        except (FileNotFoundError, fsops.EscapesTree):
             return self.vanished(ref, record_id)
         except PermissionError as exc:
             return self.fail(ref, record_id, "unreadable", str(exc), attempt)
-        finally:
-            os.close(folder)
         if before.st_nlink > 1 and not self.kernel_guards_hardlinks:
             os.close(fd)
             return self.fail(ref, record_id, "hard_link",
@@ -333,7 +373,15 @@ class FileUploader:
     def settle(self, ref: FileRef, record_id: int, attempt: int, fd: int,
                before: os.stat_result, etag: str | None, proven: bool, now: float,
                started: float) -> Result:
-        """After the PUT returned: unchanged source, proof or HEAD, then record and move."""
+        """After the PUT returned: check(), then record and move."""
+        return self.check(ref, record_id, attempt, fd, before, etag, proven, now) or \
+            self.complete(ref, record_id, attempt, before, etag, time.monotonic() - started)
+
+    def check(self, ref: FileRef, record_id: int, attempt: int, fd: int,
+              before: os.stat_result, etag: str | None, proven: bool, now: float
+              ) -> Result | None:
+        """After the PUT returned: the source must be unchanged, and the upload proven by its
+        answer or by a HEAD. None if it may complete, else the Result that ends this pass."""
         try:
             crashpoints.point("after_put")
             after = os.fstat(fd)
@@ -346,7 +394,7 @@ class FileUploader:
             crashpoints.point("after_head")
         except (ClientError, BotoCoreError, _Mismatch, OSError) as exc:
             return self.failed_attempt(ref, record_id, attempt, exc, now)
-        return self.complete(ref, record_id, attempt, before, etag, time.monotonic() - started)
+        return None
 
     def put(self, fd: int, size: int, ref: FileRef) -> tuple[str | None, bool]:
         """PUT the bytes read from fd; the ETag, and whether the answer itself proves the bytes.
@@ -402,15 +450,35 @@ class FileUploader:
     # -- endings -------------------------------------------------------------------------
     def complete(self, ref: FileRef, record_id: int, attempt: int, info: os.stat_result,
                  etag: str | None, seconds: float) -> Result:
-        records.record_completed(record_id, info.st_size, etag, attempt)
+        result = self.complete_all([(ref, record_id, attempt, info, etag, seconds)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def complete_all(self, done: list[tuple[FileRef, int, int, os.stat_result, str | None,
+                                            float]]) -> list[Result | Exception]:
+        """Proven uploads (ref, record id, retry number, stat, ETag, seconds): their records
+        first (one transaction), then each file's move to completed/ and its outcome (an
+        Exception: its move crashed; the others still move)."""
+        records.record_completions([(record_id, info.st_size, etag, attempt)
+                                    for _, record_id, attempt, info, etag, _ in done])
         crashpoints.point("after_record")
-        if not self.finish_or_wait(COMPLETED, ref, record_id, info.st_ino):
-            return Result(RETRY, time.time() + MOVE_RETRY)
-        crashpoints.point("after_move_completed")
-        self.log.info("upload_succeeded", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                      path=self.layout.path(COMPLETED, ref), size=info.st_size, etag=etag,
-                      duration=seconds, attempt=attempt, record_id=record_id)
-        return Result(DONE)
+        results: list[Result | Exception] = []
+        for ref, record_id, attempt, info, etag, seconds in done:
+            try:
+                moved = self.finish_or_wait(COMPLETED, ref, record_id, info.st_ino)
+            except Exception as exc:  # the per-file boundary
+                results.append(exc)
+                continue
+            if not moved:
+                results.append(Result(RETRY, time.time() + MOVE_RETRY))
+                continue
+            crashpoints.point("after_move_completed")
+            self.log.info("upload_succeeded", profile=ref.profile, bucket=ref.bucket,
+                          key=ref.key, path=self.layout.path(COMPLETED, ref), size=info.st_size,
+                          etag=etag, duration=seconds, attempt=attempt, record_id=record_id)
+            results.append(Result(DONE))
+        return results
 
     def fail(self, ref: FileRef, record_id: int, reason: str, error: str, attempt: int) -> Result:
         records.record_failed(record_id, reason, error, attempt)
@@ -428,7 +496,10 @@ class FileUploader:
         row = records.newest(ref, ("processing",))
         if row is not None:
             records.record_failed(int(row.id), "internal_error", error, 0)
-        self.finish(FAILED, ref)
+        try:
+            self.finish(FAILED, ref)
+        finally:
+            self.dirs.close()
         self.log.error("upload_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
                        path=self.layout.path(FAILED, ref), reason="internal_error", error=error)
 
@@ -475,22 +546,40 @@ class FileUploader:
         """Move processing -> completed/ or failed/, keeping an older file of the same name as
         key.~N~ (mv --backup=numbered). With `inode`, only that file is moved (what we read)."""
         parts, name = _split(ref)
-        src = fsops.open_dir(self.layout.state_dir(PROCESSING), parts)
-        try:
-            if inode is not None and os.stat(name, dir_fd=src,
-                                             follow_symlinks=False).st_ino != inode:
-                raise _Mismatch(f"processing/{ref.key} is no longer the file that was uploaded")
-            dst = fsops.open_dir(self.layout.state_dir(state), parts, create=True)
-            try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.stat(name, dir_fd=dst, follow_symlinks=False)
-                    backup = next_backup(os.listdir(dst), name)
-                    fsops.renameat_noreplace(dst, name, dst, backup)
-                fsops.renameat_noreplace(src, name, dst, name)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
+        src = self.dirs.get(PROCESSING, parts)
+        if inode is not None and os.stat(name, dir_fd=src,
+                                         follow_symlinks=False).st_ino != inode:
+            raise _Mismatch(f"processing/{ref.key} is no longer the file that was uploaded")
+        dst = self.dirs.get(state, parts, create=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.stat(name, dir_fd=dst, follow_symlinks=False)
+            backup = next_backup(os.listdir(dst), name)
+            fsops.renameat_noreplace(dst, name, dst, backup)
+        fsops.renameat_noreplace(src, name, dst, name)
+
+
+class _Dirs:
+    """Directory fds of one pass (a job or a batch of them): each chain of O_NOFOLLOW opens
+    (fsops.open_dir) is walked once per pass instead of once per step and file. Closed at
+    the end of every pass, so no fd outlives it and a directory removed or replaced between
+    passes is opened afresh."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.fds: dict[tuple[str, tuple[str, ...]], int] = {}
+
+    def get(self, state: str, parts: list[str], create: bool = False) -> int:
+        key = (state, tuple(parts))
+        fd = self.fds.get(key)
+        if fd is None:
+            fd = fsops.open_dir(self.layout.state_dir(state), parts, create=create)
+            self.fds[key] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 def _split(ref: FileRef) -> tuple[list[str], str]:

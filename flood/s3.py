@@ -33,6 +33,7 @@ from flood.credentials import Profile
 from flood.retry import classify
 
 CONNECT_TIMEOUT = 5.0
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 READ_TIMEOUT = 60.0
 
 # Bucket verdicts of a check.
@@ -219,10 +220,14 @@ class LeanPut:
             return self.receive(pending.slot)
 
     def request(self, path: str, body: bytes, content_md5: str) -> bytes:
-        """The whole request, head and body, as it goes on the wire."""
+        """The whole request, head and body, as it goes on the wire.
+
+        The body's integrity rests on Content-MD5, which is signed and which the server
+        checks (BadDigest otherwise), so the payload itself is sent unsigned, as botocore
+        sends streamed uploads: no SHA-256 of every body on either side."""
         headers = {"Content-MD5": content_md5}
-        headers.update(self.signer.sign("PUT", self.host_header, path,
-                                        hashlib.sha256(body).hexdigest(), headers))
+        headers.update(self.signer.sign("PUT", self.host_header, path, UNSIGNED_PAYLOAD,
+                                        headers))
         lines = [f"PUT {path} HTTP/1.1", f"Host: {self.host_header}",
                  f"User-Agent: {self.user_agent}", f"Content-Length: {len(body)}",
                  *(f"{name}: {value}" for name, value in headers.items()), "", ""]

@@ -65,8 +65,9 @@ class _Redactor:
             for secret in self._secrets:
                 if secret in value:
                     value = value.replace(secret, REDACTED)
-            if any(marker in value for marker in _SIGNATURE_MARKERS):
-                value = _SIGNATURE_RE.sub(REDACTED, value)
+            for marker in _SIGNATURE_MARKERS:
+                if marker in value:
+                    return _SIGNATURE_RE.sub(REDACTED, value)
             return value
         if isinstance(value, dict):
             return {k: self.scrub(v) for k, v in value.items()}
@@ -88,6 +89,9 @@ class _EcsRenderer:
         self._context = context
         self._second = -1
         self._stamp = ""
+        self._paths: dict[str, tuple[str, ...]] = {}  # keyword -> where it goes in the doc
+        self._encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
+                                        default=str).encode
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -101,30 +105,41 @@ class _EcsRenderer:
         message = str(event_dict.pop("event", ""))
         doc: dict[str, Any] = {"event": {"action": message}}
         for name, value in self._context.items():
-            _put(doc, name, value)
+            _put(doc, self.path(name), value)
         for name, value in event_dict.items():
-            if name == "exception":
-                name = "error.stack_trace"
-            elif name == "duration":
-                name, value = "event.duration", int(float(value) * 1e9)  # ECS: nanoseconds
-            elif "." not in name:
-                name = _FIELDS.get(name, f"flood.{name}")
-            _put(doc, name, self._scrub(value))
+            if name == "duration":
+                value = int(float(value) * 1e9)  # ECS: nanoseconds
+            _put(doc, self.path(name), self._scrub(value))
         level = _LEVEL_NAMES.get(method, method)
-        body = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+        body = self._encode(doc)
         return (f'{{"@timestamp":"{self._timestamp()}","log.level":"{level}","message":'
-                f'{json.dumps(self._scrub(message))},"ecs.version":"{ECS_VERSION}",{body[1:]}')
+                f'{self._encode(self._scrub(message))},"ecs.version":"{ECS_VERSION}",'
+                f'{body[1:]}')
+
+    def path(self, name: str) -> tuple[str, ...]:
+        """Where a keyword goes: its ECS name, or below flood., split at the dots."""
+        found = self._paths.get(name)
+        if found is None:
+            if name == "exception":
+                dotted = "error.stack_trace"
+            elif name == "duration":
+                dotted = "event.duration"
+            elif "." in name:
+                dotted = name
+            else:
+                dotted = _FIELDS.get(name, f"flood.{name}")
+            found = self._paths[name] = tuple(dotted.split("."))
+        return found
 
 
-def _put(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    """doc[a][b][c] = value for "a.b.c"; a plain value met on the way is kept, not replaced."""
-    *path, leaf = dotted.split(".")
-    for part in path:
+def _put(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """doc[a][b][c] = value for ("a", "b", "c"); a plain value met on the way is kept."""
+    for part in path[:-1]:
         inner = doc.setdefault(part, {})
         if not isinstance(inner, dict):
             return
         doc = inner
-    doc[leaf] = value
+    doc[path[-1]] = value
 
 
 class _StdlibBridge(logging.Handler):

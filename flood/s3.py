@@ -189,8 +189,10 @@ class LeanPut:
         self.pool: list[socket.socket | None] = [None] * connections
 
     def put(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
-        """PUT body as bucket/key; the ETag."""
-        return self.start(0, bucket, key, body, content_md5).result()
+        """PUT body as bucket/key and wait for the ETag. It goes on the last connection,
+        which start() callers leave free: an answer read here is always this PUT's own,
+        even while started PUTs on the other connections wait for theirs."""
+        return self.start(len(self.pool) - 1, bucket, key, body, content_md5).result()
 
     def start(self, slot: int, bucket: str, key: str, body: bytes,
               content_md5: str) -> PendingPut:

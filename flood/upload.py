@@ -86,7 +86,9 @@ class FileUploader:
         self.holds_read_at = 0.0
         self.kernel_guards_hardlinks = _protected_hardlinks()
         account = settings.profiles[profile]
-        self.lean = (LeanPut(account, connections=BATCH)
+        # BATCH connections for the PUTs a batch keeps in flight, one more for the files
+        # uploaded one at a time (LeanPut.put), which may come in the middle of a batch.
+        self.lean = (LeanPut(account, connections=BATCH + 1)
                      if settings.lean_put and account.endpoint else None)
         self.transfer = TransferConfig(multipart_threshold=settings.multipart_threshold,
                                        multipart_chunksize=settings.multipart_chunksize,

@@ -124,6 +124,23 @@ def test_large_file_goes_up_in_parts(spool: Spool, bucket: str, client: Any) -> 
         hashlib.sha256(data).digest()
 
 
+def test_small_and_larger_files_mixed_in_one_batch(spool: Spool, bucket: str, client: Any) -> None:
+    """Files queued together are taken in batches; larger ones among them (uploaded one at a
+    time, in the middle of a batch) and the small ones around them all land with their own
+    bytes and ETags. Queued before start, so the drain hands them over together."""
+    files = {f"mix/{i:02d}": os.urandom(300 * 1024 if i % 3 == 1 else 100 + i)
+             for i in range(24)}
+    for key, data in files.items():
+        spool.drop("p1", bucket, key, data)
+    spool.start(workers=1)
+    spool.wait_done("p1", bucket, list(files), timeout=120)
+    for key, data in files.items():
+        assert object_bytes(client, bucket, key) == data
+    assert {r["filepath"]: r["etag"] for r in spool.records()} == \
+        {k: hashlib.md5(d).hexdigest() for k, d in files.items()}
+    assert not spool.events("upload_failed")
+
+
 @pytest.mark.parametrize("options", [(), ("--verify", "head"), ("--boto3-put",)])
 def test_each_upload_path_stores_the_right_bytes(
         spool: Spool, bucket: str, client: Any, options: tuple[str, ...]) -> None:

@@ -66,3 +66,19 @@ def test_a_wrong_secret_is_a_signature_mismatch(s3: LocalS3) -> None:
         lean(s3, secret="not-the-secret-at-all").put(bucket, "k", b"x", md5_of(b"x"))
     assert info.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_a_put_in_the_middle_of_a_batch_gets_its_own_answer(s3: LocalS3, client: Any) -> None:
+    """A file uploaded on its own while a batch's PUTs wait for their answers (a larger file
+    met in the batch) must not read one of their answers as its own."""
+    bucket = new_bucket(s3)
+    put = lean(s3, connections=3)
+    small = {f"small{i}": os.urandom(10 + i) for i in range(2)}
+    started = [put.start(i, bucket, key, data, md5_of(data))
+               for i, (key, data) in enumerate(small.items())]
+    large = os.urandom(300 * 1024)
+    assert put.put(bucket, "large", large, md5_of(large)).strip('"') == \
+        hashlib.md5(large).hexdigest()
+    assert [p.result().strip('"') for p in started] == \
+        [hashlib.md5(d).hexdigest() for d in small.values()]
+    assert object_bytes(client, bucket, "large") == large

@@ -39,7 +39,7 @@ BUSY = "busy"          # the same path is still in processing/: try again shortl
 CHANGED = "changed"    # the file changed while it was read: upload again once it settles
 MOVE_RETRY = 5.0       # seconds before a file whose final move failed is tried again
 BATCH_MAX_BYTES = 256 * 1024  # larger files are not held in memory for a batch
-BATCH = 8                     # small files an uploader keeps in flight at once
+BATCH = 32                    # small files an uploader keeps in flight at once
 
 
 @dataclass(frozen=True)

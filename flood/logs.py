@@ -12,6 +12,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
+from ecs_logging import ECS_VERSION
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -28,7 +29,6 @@ _FIELDS = {
     "reason": "event.reason",
     "pid": "process.pid",
 }
-ECS_VERSION = "1.6.0"
 _LEVEL_NAMES = {"warn": "warning", "exception": "error", "err": "error",
                 "fatal": "critical"}
 _SIGNATURE_RE = re.compile(
@@ -80,9 +80,10 @@ class _Redactor:
 class _EcsRenderer:
     """The last step of every line: our keywords under their ECS names, nested the way
     Filebeat expands dotted names, secrets scrubbed, the process's own fields added, one JSON
-    object out. The layout is ecs-logging's (`@timestamp`, `log.level`, `message`,
-    `ecs.version` first); built in one pass because it runs for every file (ecs-logging's
-    formatter, key by key de-dotting, cost about five times as much per line)."""
+    object out. The layout and ECS version are ecs-logging's (`@timestamp`, `log.level`,
+    `message`, `ecs.version` first); built in one pass because it runs for every file
+    (ecs-logging's StructlogFormatter, key by key de-dotting, cost about five times as much
+    per line)."""
 
     def __init__(self, redactor: _Redactor, context: dict[str, Any]) -> None:
         self._scrub = redactor.scrub

@@ -1,6 +1,7 @@
 """Counting hooks for the benchmark's accounting run, loaded as `sitecustomize` (bench.py copies
-this file under that name onto PYTHONPATH): every HTTP request botocore sends and every SQL
-statement SQLite runs, per process, written to $FLOOD_BENCH_COUNT_DIR/<pid>.json as they happen.
+this file under that name onto PYTHONPATH): every HTTP request botocore or Flood's lean PUT
+sends and every SQL statement SQLite runs, per process, written to
+$FLOOD_BENCH_COUNT_DIR/<pid>.json as they happen.
 
 Loaded only when that variable is set; Flood's code is not touched. Children forked by the
 forkserver inherit the patched modules and write their own file."""
@@ -50,6 +51,16 @@ def _install() -> None:
         return send(self, request)
 
     setattr(botocore.endpoint.Endpoint, "_send", counted_send)  # noqa: B010 - patching
+
+    from flood.s3 import LeanPut  # Flood's own PUTs do not go through botocore's endpoint
+
+    lean_send = LeanPut.send
+
+    def counted_lean_send(self: Any, pending: Any) -> None:
+        _bump("s3_PUT")
+        lean_send(self, pending)
+
+    setattr(LeanPut, "send", counted_lean_send)  # noqa: B010 - patching
 
     connect = getattr(peewee.SqliteDatabase, "_connect")  # noqa: B009 - a private method
 

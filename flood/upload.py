@@ -92,7 +92,7 @@ class FileUploader:
                      if settings.lean_put and account.endpoint else None)
         self.transfer = TransferConfig(multipart_threshold=settings.multipart_threshold,
                                        multipart_chunksize=settings.multipart_chunksize,
-                                       max_concurrency=4, use_threads=True)
+                                       max_concurrency=8, use_threads=True)
 
     # -- entry point ---------------------------------------------------------------------
     def run(self, job: Job, now: float) -> Result:

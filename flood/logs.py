@@ -28,6 +28,8 @@ _FIELDS = {
     "error_type": "error.type",
     "reason": "event.reason",
     "pid": "process.pid",
+    "duration": "event.duration",  # in nanoseconds (ECS)
+    "exception": "error.stack_trace",  # structlog's format_exc_info
 }
 _LEVEL_NAMES = {"warn": "warning", "exception": "error", "err": "error",
                 "fatal": "critical"}
@@ -121,14 +123,7 @@ class _EcsRenderer:
         """Where a keyword goes: its ECS name, or below flood., split at the dots."""
         found = self._paths.get(name)
         if found is None:
-            if name == "exception":
-                dotted = "error.stack_trace"
-            elif name == "duration":
-                dotted = "event.duration"
-            elif "." in name:
-                dotted = name
-            else:
-                dotted = _FIELDS.get(name, f"flood.{name}")
+            dotted = name if "." in name else _FIELDS.get(name, f"flood.{name}")
             found = self._paths[name] = tuple(dotted.split("."))
         return found
 

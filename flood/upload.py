@@ -98,7 +98,8 @@ class FileUploader:
                      if settings.lean_put and account.endpoint else None)
         self.transfer = TransferConfig(multipart_threshold=settings.multipart_threshold,
                                        multipart_chunksize=settings.multipart_chunksize,
-                                       max_concurrency=8, use_threads=True)
+                                       max_concurrency=settings.multipart_threads,
+                                       use_threads=True)
 
     # -- entry point ---------------------------------------------------------------------
     def run(self, job: Job, now: float) -> Result:

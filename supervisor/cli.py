@@ -104,7 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         log_level=args.log_level,
         multipart_threshold=args.multipart_threshold * MiB,
-        multipart_chunksize=max(8, args.multipart_threshold) * MiB,
         settle_seconds=args.settle,
         rescan_interval=args.rescan_interval,
         recheck_interval=args.recheck_interval,

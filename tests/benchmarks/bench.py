@@ -539,9 +539,7 @@ def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
         before, server0 = run.snapshot(), ctx.server_cpu()
         t0 = time.monotonic()
         for i, rel in enumerate(wl.files):
-            delay = t0 + i / ctx.args.arrival_rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)  # pacing the producer, not synchronisation
+            pace(t0, i, ctx.args.arrival_rate)
             os.rename(stage / rel, run.incoming / rel)
             renamed[rel] = time.time()
         offered = time.monotonic() - t0
@@ -571,18 +569,26 @@ def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
         run.cleanup()
 
 
+def pace(t0: float, i: int, rate: float) -> None:
+    """Wait until the i-th event of a steady `rate` per second that began at t0 is due (pacing
+    a producer, not synchronisation)."""
+    delay = t0 + i / rate - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
 def raw_put_latency(ctx: Context, wl: Workload, count: int) -> dict[str, float]:
     """(d)'s yardstick: the same server's own PUT latency at the same rate and size, Flood
-    stopped: one boto3 put_object at a time, timed from the call to its answer."""
+    stopped: one boto3 put_object at a time, timed from the call to its answer. One PUT first,
+    untimed: the first into a new bucket waits for the server to allocate its volume."""
     bucket = ctx.new_bucket()
     body = os.urandom(wl.size)
     latencies = []
     try:
+        ctx.admin.put_object(Bucket=bucket, Key="raw/first", Body=body)
         t0 = time.monotonic()
         for i in range(count):
-            delay = t0 + i / ctx.args.arrival_rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            pace(t0, i, ctx.args.arrival_rate)
             start = time.perf_counter()
             ctx.admin.put_object(Bucket=bucket, Key=f"raw/{i}", Body=body)
             latencies.append(time.perf_counter() - start)

@@ -129,20 +129,19 @@ class FileUploader:
         outcomes: list[Result | Exception] = [Result(SKIPPED)] * len(jobs)
         inflight: collections.deque[tuple[int, _Staged, PendingPut]] = collections.deque()
         fds: list[int] = []
-        proven: list[tuple[int, FileRef, int, os.stat_result, str, float]] = []
-        sent = 0  # bytes of the PUTs in flight
+        indexes: list[int] = []   # of the proven uploads, in the order of `proven`
+        proven: list[tuple[FileRef, int, int, os.stat_result, str | None, float]] = []
 
         def conclude_oldest() -> None:
-            nonlocal sent
             index, staged, pending = inflight.popleft()
-            sent -= len(staged.data)
             verdict: Result | str | Exception
             try:
                 verdict = self.conclude(staged, pending, now)
             except Exception as exc:
                 verdict = exc
             if isinstance(verdict, str):
-                proven.append((index, staged.ref, staged.record_id, staged.before, verdict,
+                indexes.append(index)
+                proven.append((staged.ref, staged.record_id, 0, staged.before, verdict,
                                time.monotonic() - staged.started))
             else:
                 outcomes[index] = verdict
@@ -159,25 +158,23 @@ class FileUploader:
                     outcomes[index] = staged
                     continue
                 fds.append(staged.fd)
-                while inflight and sent + len(staged.data) > WINDOW_BYTES:
+                while inflight and len(staged.data) + sum(
+                        len(earlier.data) for _, earlier, _ in inflight) > WINDOW_BYTES:
                     conclude_oldest()
                 crashpoints.point("after_put_start")
                 # A job's index is below BATCH and unique in the batch: its own connection.
                 pending = self.lean.start(index, ref.bucket, ref.key, staged.data,
                                           staged.content_md5)
                 inflight.append((index, staged, pending))
-                sent += len(staged.data)
             while inflight:
                 conclude_oldest()
             if proven:
                 done: list[Result | Exception]
                 try:
-                    done = self.complete_all([(ref, record_id, 0, before, etag, seconds)
-                                              for _, ref, record_id, before, etag, seconds
-                                              in proven])
+                    done = self.complete_all(proven)
                 except Exception as exc:
                     done = [exc] * len(proven)
-                for (index, *_), outcome in zip(proven, done, strict=True):
+                for index, outcome in zip(indexes, done, strict=True):
                     outcomes[index] = outcome
         finally:
             for fd in fds:

@@ -86,6 +86,8 @@ def test_symlinked_profile_directory_is_not_walked(
 def test_special_files_fail_without_hanging_the_uploader(
         spool: Spool, bucket: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A FIFO, socket or device node goes to failed/ and the only uploader keeps going."""
+    if kind == "device" and os.geteuid() != 0:
+        pytest.skip("creating a device node needs root")
     spool.start(workers=1)
     drained(spool)
     path = spool.path("incoming", "p1", bucket, f"special-{kind}")

@@ -58,10 +58,13 @@ def drop_dac_override() -> None:
 
 
 def popen_copy(spool: Spool, *args: str) -> subprocess.Popen[str]:
+    """flood-copy in the background, with SIGINT at its default whatever pytest inherited:
+    a shell that starts pytest with `&` leaves SIGINT ignored, and that survives exec."""
     return subprocess.Popen(
         [str(BIN / "flood-copy"), "--server-dir", str(spool.dir), "--credentials",
          str(spool.credentials), *args], env=spool.env(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def mid_copy(spool: Spool, bucket: str, key: str) -> int:

@@ -58,7 +58,8 @@ def log_level(text: str) -> str:
         level = "warning"
     if level not in ("debug", "info", "warning", "error", "critical"):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a level (debug, info, warning, error, critical)")
+            f"{text!r} is not a level (debug, info, warning, error, critical)"
+        )
     return level
 
 
@@ -77,21 +78,28 @@ def server_dir(option: str | None) -> Path:
         path, source = DEFAULT_SERVER_DIR, "the default; set --server-dir or $FLOOD_SERVER_DIR"
     root = Path(os.path.abspath(path))
     if not root.is_dir():
-        raise LayoutError(f"server directory {root} ({source}) does not exist or is not a "
-                          "directory")
+        raise LayoutError(
+            f"server directory {root} ({source}) does not exist or is not a directory"
+        )
     return root
 
 
 def add_location_options(parser: argparse.ArgumentParser) -> None:
     """--server-dir, --credentials and --db, resolved as flood-copy and the supervisor do."""
-    parser.add_argument("--server-dir", metavar="DIR",
-                        help=f"spool directory (default: $FLOOD_SERVER_DIR, else "
-                             f"{DEFAULT_SERVER_DIR})")
-    parser.add_argument("--credentials", metavar="FILE",
-                        help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE "
-                             "nor ~/.aws/credentials exists")
-    parser.add_argument("--db", metavar="PATH",
-                        help="SQLite records (default: $FLOOD_DB, else ./flood.db)")
+    parser.add_argument(
+        "--server-dir",
+        metavar="DIR",
+        help=f"spool directory (default: $FLOOD_SERVER_DIR, else {DEFAULT_SERVER_DIR})",
+    )
+    parser.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE "
+        "nor ~/.aws/credentials exists",
+    )
+    parser.add_argument(
+        "--db", metavar="PATH", help="SQLite records (default: $FLOOD_DB, else ./flood.db)"
+    )
 
 
 def fail(prog: str, message: str, code: int) -> int:

@@ -35,8 +35,10 @@ EX_TIMEOUT = 124  # timeout(1)
 SHOWN_AT_MOST = 10
 TERMINAL_STATES = ("completed", "failed", "abandoned")
 
-USAGE = (f"{PROG} [-h] [-q] [-r] [--server-dir DIR] [--credentials FILE] [--db PATH] "
-         "[--wait [--timeout S]] SOURCE... s3://PROFILE/BUCKET/[KEY]")
+USAGE = (
+    f"{PROG} [-h] [-q] [-r] [--server-dir DIR] [--credentials FILE] [--db PATH] "
+    "[--wait [--timeout S]] SOURCE... s3://PROFILE/BUCKET/[KEY]"
+)
 DESCRIPTION = """\
 Queues SOURCE files for upload by a flood-supervisor: each file is copied into
 SERVER_DIR/incoming_tmp/PROFILE/BUCKET/KEY, synced, and renamed into incoming/. Keys follow
@@ -75,24 +77,44 @@ class Interrupted(Exception):
 
 # -- the command line ----------------------------------------------------------------------
 def parser() -> cli.Parser:
-    p = cli.Parser(prog=PROG, usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(
+        prog=PROG,
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="files (directories with -r)")
     p.add_argument("destination", metavar="s3://PROFILE/BUCKET/[KEY]")
-    p.add_argument("-r", "--recursive", action="store_true",
-                   help="copy every file below a directory SOURCE")
+    p.add_argument(
+        "-r", "--recursive", action="store_true", help="copy every file below a directory SOURCE"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
-    p.add_argument("--server-dir", metavar="DIR",
-                   help=f"spool directory (default: $FLOOD_SERVER_DIR, else {DEFAULT_SERVER_DIR})")
-    p.add_argument("--credentials", metavar="FILE",
-                   help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE nor "
-                        "~/.aws/credentials exists")
-    p.add_argument("--db", metavar="PATH",
-                   help="SQLite records (default: $FLOOD_DB, else ./flood.db)")
-    p.add_argument("--wait", action="store_true",
-                   help="block until every queued file is in completed/ or failed/")
-    p.add_argument("--timeout", type=cli.seconds, metavar="S",
-                   help="with --wait: give up after S seconds (exit 124)")
+    p.add_argument(
+        "--server-dir",
+        metavar="DIR",
+        help=f"spool directory (default: $FLOOD_SERVER_DIR, else {DEFAULT_SERVER_DIR})",
+    )
+    p.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE nor "
+        "~/.aws/credentials exists",
+    )
+    p.add_argument(
+        "--db", metavar="PATH", help="SQLite records (default: $FLOOD_DB, else ./flood.db)"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="block until every queued file is in completed/ or failed/",
+    )
+    p.add_argument(
+        "--timeout",
+        type=cli.seconds,
+        metavar="S",
+        help="with --wait: give up after S seconds (exit 124)",
+    )
     return p
 
 
@@ -117,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
     root = cli.server_dir(args.server_dir)
     creds = credentials.load(args.credentials)
     if target.profile not in creds.profiles:
-        raise Refused(f"unknown profile {target.profile!r}: {creds.path} ({creds.source}) has "
-                      f"{', '.join(sorted(creds.profiles))}")
+        raise Refused(
+            f"unknown profile {target.profile!r}: {creds.path} ({creds.source}) has "
+            f"{', '.join(sorted(creds.profiles))}"
+        )
     plan = make_plan(args.sources, target, args.recursive)
     for line in plan.skipped + _ignored_warnings(plan.items):
         print(f"{PROG}: {line}", file=sys.stderr)
@@ -156,8 +180,10 @@ def parse_target(uri: str) -> Target:
     profile, _, rest = uri.removeprefix("s3://").partition("/")
     bucket, _, key = rest.partition("/")
     if not profile or not bucket:
-        raise Refused(f"destination {_short(uri)} names no {'profile' if not profile else 'bucket'}"
-                      " (s3://PROFILE/BUCKET/[KEY])")
+        raise Refused(
+            f"destination {_short(uri)} names no {'profile' if not profile else 'bucket'}"
+            " (s3://PROFILE/BUCKET/[KEY])"
+        )
     try:
         check_profile(profile)
         check_bucket(bucket)
@@ -196,8 +222,9 @@ def _same_filesystem(paths: list[str]) -> None:
     devices = [os.stat(p).st_dev for p in paths]
     if len(set(devices)) > 1:
         where = " and ".join(f"{p} (device {d})" for p, d in zip(paths, devices, strict=True))
-        raise LayoutError(f"{where} are on different filesystems: the rename into incoming/ "
-                          "would not be atomic")
+        raise LayoutError(
+            f"{where} are on different filesystems: the rename into incoming/ would not be atomic"
+        )
 
 
 def _open_records(path: str) -> None:
@@ -229,8 +256,10 @@ def make_plan(sources: Sequence[str], target: Target, recursive: bool) -> Plan:
     """Every file to copy with its key; raise Refused for a source or key that cannot be."""
     several = len(sources) > 1
     if several and target.key and not target.key.endswith("/"):
-        raise Refused(f"several sources need a destination ending in '/' (like cp a b dir/), "
-                      f"not {_short(target.uri(target.key))}")
+        raise Refused(
+            f"several sources need a destination ending in '/' (like cp a b dir/), "
+            f"not {_short(target.uri(target.key))}"
+        )
     plan = Plan()
     for source in sources:
         info = _stat_source(source)
@@ -337,16 +366,22 @@ def _check_keys(items: list[Item]) -> None:
 def _ignored_warnings(items: list[Item]) -> list[str]:
     """Files the supervisor's default --ignore leaves in incoming/: say so before queueing."""
     patterns = ",".join(DEFAULT_IGNORE)
-    return [f"note: {i.key} matches flood-supervisor's default --ignore ({patterns}): it waits "
-            "in incoming/ unless the supervisor ignores other names"
-            for i in items
-            if any(fnmatch.fnmatchcase(i.key.rsplit("/", 1)[-1], p) for p in DEFAULT_IGNORE)]
+    return [
+        f"note: {i.key} matches flood-supervisor's default --ignore ({patterns}): it waits "
+        "in incoming/ unless the supervisor ignores other names"
+        for i in items
+        if any(fnmatch.fnmatchcase(i.key.rsplit("/", 1)[-1], p) for p in DEFAULT_IGNORE)
+    ]
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"),
-                       (stat.S_ISDIR, "directory")):
+    for test, name in (
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "device"),
+        (stat.S_ISBLK, "device"),
+        (stat.S_ISDIR, "directory"),
+    ):
         if test(mode):
             return name
     return "special file"
@@ -402,9 +437,11 @@ class Progress:
         left = (self.total - self.done_bytes) / rate if rate > 0 else None
         done = self.done_bytes / self.total if self.total else self.done_files / max(self.files, 1)
         bar = "#" * int(20 * min(done, 1.0))
-        return (f"[{bar:<20}] {self.done_files}/{self.files} files  "
-                f"{_size(self.done_bytes)}/{_size(self.total)}  {_size(rate)}/s  "
-                f"{_clock(left)} left")
+        return (
+            f"[{bar:<20}] {self.done_files}/{self.files} files  "
+            f"{_size(self.done_bytes)}/{_size(self.total)}  {_size(rate)}/s  "
+            f"{_clock(left)} left"
+        )
 
 
 def _progress(items: list[Item], quiet: bool) -> Progress:
@@ -457,8 +494,11 @@ class Report:
             print(f"{PROG}: not queued: {shown}: {why}", file=sys.stderr)
         if self.interrupted:
             missed = [s for s, _ in self.failed] + self.not_reached
-            print(f"{PROG}: interrupted: queued {len(self.queued)} of {_files(self.total)}; "
-                  f"not queued: {_names(missed)}", file=sys.stderr)
+            print(
+                f"{PROG}: interrupted: queued {len(self.queued)} of {_files(self.total)}; "
+                f"not queued: {_names(missed)}",
+                file=sys.stderr,
+            )
             return EX_INTERRUPTED
         if not quiet:
             size = _size(sum(i.size for i, _ in self.queued))
@@ -528,7 +568,7 @@ class Copier:
                 except Interrupted as exc:
                     if exc.published and exc.record_id is not None:
                         report.queued.append((item, exc.record_id))
-                    report.stop([i.shown for i in items[index + 1 if exc.published else index:]])
+                    report.stop([i.shown for i in items[index + 1 if exc.published else index :]])
                     break
                 except KeyboardInterrupt:  # between files: this one was not started
                     report.stop([i.shown for i in items[index:]])
@@ -561,8 +601,9 @@ class Copier:
     def _queue(self, src: int, info: os.stat_result, item: Item, passage: Passage) -> int:
         passage.fd = _open_tmp(passage.tmp)
         created = fsops.creation_date(item.path)
-        rid = passage.record_id = records.record_queued(passage.ref, INCOMING_TMP, created,
-                                                        info.st_size)
+        rid = passage.record_id = records.record_queued(
+            passage.ref, INCOMING_TMP, created, info.st_size
+        )
         self._copy(src, passage.fd)
         os.fsync(passage.fd)
         self._publish(passage)
@@ -579,7 +620,7 @@ class Copier:
                 return
             view = memoryview(chunk)
             while view:
-                view = view[os.write(dst, view):]
+                view = view[os.write(dst, view) :]
             self.progress.advance(len(chunk))
 
     def _publish(self, passage: Passage) -> None:
@@ -656,10 +697,12 @@ def _same_file(fd: int, path: str) -> bool:
 
 def _supersede(ref: FileRef, record_id: int | None) -> None:
     older = records.FileRecord.select(records.FileRecord.id).where(
-        (records.FileRecord.profile == ref.profile) & (records.FileRecord.bucket == ref.bucket)
+        (records.FileRecord.profile == ref.profile)
+        & (records.FileRecord.bucket == ref.bucket)
         & (records.FileRecord.filepath == ref.key)
         & (records.FileRecord.current_state == INCOMING)
-        & (records.FileRecord.id != record_id))
+        & (records.FileRecord.id != record_id)
+    )
     for row in list(older):
         records.set_state(int(row.id), "abandoned", "superseded")
 
@@ -703,7 +746,9 @@ def _outcomes(pending: dict[int, str]) -> Iterator[tuple[int, str, bool]]:
     ids = list(pending)
     found: set[int] = set()
     for start in range(0, len(ids), 500):
-        rows = records.FileRecord.select().where(records.FileRecord.id.in_(ids[start:start + 500]))
+        rows = records.FileRecord.select().where(
+            records.FileRecord.id.in_(ids[start : start + 500])
+        )
         for row in rows:
             rid = int(row.id)
             found.add(rid)
@@ -718,5 +763,8 @@ def _outcomes(pending: dict[int, str]) -> Iterator[tuple[int, str, bool]]:
 
 
 def _say_pending(what: str, pending: dict[int, str]) -> None:
-    print(f"{PROG}: {what}; {_files(len(pending))} not finished (still queued): "
-          f"{_names(list(pending.values()))}", file=sys.stderr)
+    print(
+        f"{PROG}: {what}; {_files(len(pending))} not finished (still queued): "
+        f"{_names(list(pending.values()))}",
+        file=sys.stderr,
+    )

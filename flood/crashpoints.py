@@ -14,14 +14,23 @@ import signal
 
 POINTS = (
     # uploader, success path
-    "after_claim", "after_put_start", "after_put", "after_head", "after_record",
+    "after_claim",
+    "after_put_start",
+    "after_put",
+    "after_head",
+    "after_record",
     "after_move_completed",
     # uploader, failure path
-    "after_fail_record", "after_move_failed", "after_retry_record",
+    "after_fail_record",
+    "after_move_failed",
+    "after_retry_record",
     # every child, after its setup and before it reports ready (a failure at boot)
     "before_ready",
     # watcher and supervisor start-up
-    "after_drain_processing", "after_drain_incoming", "after_wipe", "after_repair",
+    "after_drain_processing",
+    "after_drain_incoming",
+    "after_wipe",
+    "after_repair",
 )
 _AT = os.environ.get("FLOOD_CRASH_AT", "")
 _TARGET = os.environ.get("FLOOD_CRASH_TARGET", "self")

@@ -53,8 +53,10 @@ def locate(option: str | None, environ: Mapping[str, str] | None = None) -> tupl
     tried: list[str] = []
     candidates: list[tuple[str | None, str]] = [
         (env.get("AWS_SHARED_CREDENTIALS_FILE"), "$AWS_SHARED_CREDENTIALS_FILE"),
-        (os.path.join(env.get("HOME", os.path.expanduser("~")), ".aws", "credentials"),
-         "~/.aws/credentials"),
+        (
+            os.path.join(env.get("HOME", os.path.expanduser("~")), ".aws", "credentials"),
+            "~/.aws/credentials",
+        ),
         (option, "--credentials"),
     ]
     for candidate, source in candidates:
@@ -77,8 +79,9 @@ def load(option: str | None, environ: Mapping[str, str] | None = None) -> Creden
             parser.read_file(handle)
         mode = os.stat(path).st_mode
     except (OSError, UnicodeDecodeError, configparser.Error) as exc:
-        raise ConfigError(f"credentials file {path} ({source}) cannot be read: "
-                          f"{_describe(exc)}") from None
+        raise ConfigError(
+            f"credentials file {path} ({source}) cannot be read: {_describe(exc)}"
+        ) from None
     if not parser.sections():
         raise ConfigError(f"credentials file {path} ({source}) has no profiles")
     profiles: dict[str, Profile] = {}
@@ -101,11 +104,11 @@ def _profile(name: str, section: Mapping[str, str]) -> Profile:
     values = {k.lower(): v.strip() for k, v in section.items()}
     provider = values.get("provider", "")
     if not provider:
-        raise ConfigError(f"profile {name!r} has no 'provider' key "
-                          f"(one of {', '.join(PROVIDERS)})")
+        raise ConfigError(f"profile {name!r} has no 'provider' key (one of {', '.join(PROVIDERS)})")
     if provider not in PROVIDERS:
-        raise ConfigError(f"profile {name!r} has unknown provider {provider!r} "
-                          f"(known: {', '.join(PROVIDERS)})")
+        raise ConfigError(
+            f"profile {name!r} has unknown provider {provider!r} (known: {', '.join(PROVIDERS)})"
+        )
     required = _REQUIRED + (("aws_endpoint",) if provider in _ENDPOINT_REQUIRED else ())
     missing = [key for key in required if not values.get(key)]
     if missing:

@@ -59,9 +59,18 @@ def start_supervisor(work: Path, server: LocalS3) -> subprocess.Popen[bytes]:
     spool.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["HOME"] = str(work)
-    command = [str(Path(sys.executable).parent / "flood-supervisor"), "--credentials",
-               str(credentials), "--db", str(work / "flood.db"), "--workers", "2",
-               "--log-file", str(work / "flood.log"), str(spool)]
+    command = [
+        str(Path(sys.executable).parent / "flood-supervisor"),
+        "--credentials",
+        str(credentials),
+        "--db",
+        str(work / "flood.db"),
+        "--workers",
+        "2",
+        "--log-file",
+        str(work / "flood.log"),
+        str(spool),
+    ]
     say("running: flood-supervisor --workers 2 " + str(spool))
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     wait_for_log(work / "flood.log", "startup_drain_queued")
@@ -100,11 +109,16 @@ def watch(work: Path, server: LocalS3, timeout: float = 30.0) -> None:
                 seen.add(obj["Key"])
                 say(f"arrived in S3: s3://{BUCKET}/{obj['Key']} ({obj['Size']} bytes)")
         time.sleep(0.2)
-    completed = sorted(str(p.relative_to(work / "spool")) for p in
-                       (work / "spool" / "completed").rglob("*") if p.is_file())
+    completed = sorted(
+        str(p.relative_to(work / "spool"))
+        for p in (work / "spool" / "completed").rglob("*")
+        if p.is_file()
+    )
     say(f"{len(completed)} files now in completed/: " + ", ".join(completed))
-    actions = [json.loads(line)["event"]["action"]
-               for line in (work / "flood.log").read_text().splitlines()]
+    actions = [
+        json.loads(line)["event"]["action"]
+        for line in (work / "flood.log").read_text().splitlines()
+    ]
     say(f"the log has {len(actions)} JSON lines, e.g. {sorted(set(actions))[:6]}")
     if len(seen) < len(FILES):
         raise SystemExit(f"demo: only {len(seen)} of {len(FILES)} files arrived")

@@ -29,17 +29,29 @@ PROG = "flood-doctor"
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 PROBE_PREFIX = ".flood-doctor/"
 PROBE_BODY = b"flood-doctor probe: safe to delete\n"
-SKEW_WARN = 30.0          # seconds; SigV4 refuses requests beyond 15 minutes
+SKEW_WARN = 30.0  # seconds; SigV4 refuses requests beyond 15 minutes
 SKEW_FAIL = 300.0
-DISK_FAIL = (0.01, 256 * 1024 * 1024)   # fraction free, bytes free
+DISK_FAIL = (0.01, 256 * 1024 * 1024)  # fraction free, bytes free
 DISK_WARN = (0.10, 1024 * 1024 * 1024)
 INODES_FAIL, INODES_WARN = 0.01, 0.10
 WATCHES = "/proc/sys/fs/inotify/max_user_watches"
-AUTH_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-              "AuthorizationHeaderMalformed")
-INCOMPATIBLE_CODES = ("NotImplemented", "InvalidArgument", "InvalidRequest", "InvalidDigest",
-                      "XAmzContentSHA256Mismatch", "MissingContentLength", "BadDigest",
-                      "UnsupportedHeader")
+AUTH_CODES = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+)
+INCOMPATIBLE_CODES = (
+    "NotImplemented",
+    "InvalidArgument",
+    "InvalidRequest",
+    "InvalidDigest",
+    "XAmzContentSHA256Mismatch",
+    "MissingContentLength",
+    "BadDigest",
+    "UnsupportedHeader",
+)
 
 DESCRIPTION = """\
 Checks what Flood needs, and says what it found:
@@ -76,8 +88,9 @@ def classify(exc: BaseException, operation: str) -> tuple[str, str]:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        said = f"{operation}: {code or status}" + (f" ({error['Message']})"
-                                                   if error.get("Message") else "")
+        said = f"{operation}: {code or status}" + (
+            f" ({error['Message']})" if error.get("Message") else ""
+        )
         if code in AUTH_CODES:
             return "auth", f"{said}: the server refused the key (check the access key and secret)"
         if code == "RequestTimeTooSkewed":
@@ -87,8 +100,11 @@ def classify(exc: BaseException, operation: str) -> tuple[str, str]:
         if code == "AccessDenied" or status == 403:
             return "permissions", f"{operation} denied ({code or status})"
         if code in INCOMPATIBLE_CODES or status in (400, 405, 411, 501):
-            hint = (" (the provider refuses checksum headers?)"
-                    if "checksum" in str(error.get("Message", "")).lower() else "")
+            hint = (
+                " (the provider refuses checksum headers?)"
+                if "checksum" in str(error.get("Message", "")).lower()
+                else ""
+            )
             return "incompatible", f"{said}: the provider refused the request{hint}"
         if status >= 500 or status == 429:
             return "server", f"{said}: the server failed"
@@ -131,11 +147,18 @@ def check_profile(profile: Profile, buckets: list[str]) -> list[Check]:
         category, detail = classify(exc, "ListBuckets")
         if isinstance(exc, ClientError):
             probe.note_date(exc.response)
-        if category != "permissions":   # a bucket-scoped key may not list: go on to the buckets
+        if category != "permissions":  # a bucket-scoped key may not list: go on to the buckets
             return [Check(profile.name, FAIL, category, f"{detail} [{where}]")]
     if not buckets:
-        return [Check(profile.name, OK, "ok", f"key accepted by {where}; no bucket directory "
-                      "yet, so no round trip" + _skew_text(probe.skew()))]
+        return [
+            Check(
+                profile.name,
+                OK,
+                "ok",
+                f"key accepted by {where}; no bucket directory "
+                "yet, so no round trip" + _skew_text(probe.skew()),
+            )
+        ]
     return [check_bucket(probe, profile.name, bucket, where) for bucket in buckets]
 
 
@@ -156,8 +179,11 @@ def check_bucket(probe: Probe, profile: str, bucket: str, where: str) -> Check:
         category = "clock"
     if warnings and status == OK:
         status, category = WARN, "permissions"
-    detail = (f"HeadBucket, PUT, HEAD, DELETE of a {len(PROBE_BODY)}-byte probe in {took:.0f} ms"
-              + _skew_text(skew) + "".join(f"; {w}" for w in warnings))
+    detail = (
+        f"HeadBucket, PUT, HEAD, DELETE of a {len(PROBE_BODY)}-byte probe in {took:.0f} ms"
+        + _skew_text(skew)
+        + "".join(f"; {w}" for w in warnings)
+    )
     return Check(subject, status, category, detail)
 
 
@@ -182,20 +208,31 @@ def _round_trip(probe: Probe, bucket: str, key: str, warnings: list[str]) -> Non
     try:
         _step(probe, "HeadBucket", client.head_bucket, Bucket=bucket)
     except _Failed as failed:
-        if failed.category != "permissions":   # a 403 on HEAD says nothing yet: PUT decides
+        if failed.category != "permissions":  # a 403 on HEAD says nothing yet: PUT decides
             raise
     digest = hashlib.md5(PROBE_BODY, usedforsecurity=False)
-    answer = _step(probe, "PutObject", client.put_object, Bucket=bucket, Key=key,
-                   Body=PROBE_BODY, ContentMD5=base64.b64encode(digest.digest()).decode())
+    answer = _step(
+        probe,
+        "PutObject",
+        client.put_object,
+        Bucket=bucket,
+        Key=key,
+        Body=PROBE_BODY,
+        ContentMD5=base64.b64encode(digest.digest()).decode(),
+    )
     etag = str(answer.get("ETag", "")).strip('"')
     if etag and etag != digest.hexdigest():
-        warnings.append(f"the ETag {etag} is not the MD5 of the probe (verification by ETag "
-                        "will fail)")
+        warnings.append(
+            f"the ETag {etag} is not the MD5 of the probe (verification by ETag will fail)"
+        )
     try:
         head = _step(probe, "HeadObject", client.head_object, Bucket=bucket, Key=key)
         if int(head.get("ContentLength", -1)) != len(PROBE_BODY):
-            raise _Failed("incompatible", f"HeadObject reports {head.get('ContentLength')} "
-                          f"bytes for a {len(PROBE_BODY)}-byte probe")
+            raise _Failed(
+                "incompatible",
+                f"HeadObject reports {head.get('ContentLength')} "
+                f"bytes for a {len(PROBE_BODY)}-byte probe",
+            )
     except _Failed as failed:
         if failed.category != "permissions":
             raise
@@ -211,29 +248,44 @@ def _round_trip(probe: Probe, bucket: str, key: str, warnings: list[str]) -> Non
 def _skew_text(skew: float | None) -> str:
     if skew is None:
         return ""
-    return f"; clock {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} the server" \
-        if abs(skew) >= 1.5 else "; clock within a second of the server"
+    return (
+        f"; clock {abs(skew):.0f} s {'behind' if skew > 0 else 'ahead of'} the server"
+        if abs(skew) >= 1.5
+        else "; clock within a second of the server"
+    )
 
 
 # -- the host --------------------------------------------------------------------------------
 def check_server_dir(layout: Layout) -> Check:
     missing = [s for s in STATES if not os.path.isdir(layout.state_dir(s))]
     if missing:
-        return Check("server dir", WARN, "layout", f"{layout.root}: no {', '.join(missing)} "
-                     "yet (flood-supervisor creates them at start)")
+        return Check(
+            "server dir",
+            WARN,
+            "layout",
+            f"{layout.root}: no {', '.join(missing)} yet (flood-supervisor creates them at start)",
+        )
     try:
         layout.check_one_filesystem()
     except LayoutError as exc:
         return Check("server dir", FAIL, "layout", str(exc))
     denied = [s for s in STATES if not os.access(layout.state_dir(s), os.R_OK | os.W_OK | os.X_OK)]
     if denied:
-        return Check("server dir", FAIL, "permissions",
-                     f"{', '.join(denied)} below {layout.root} not writable by uid {os.getuid()}")
+        return Check(
+            "server dir",
+            FAIL,
+            "permissions",
+            f"{', '.join(denied)} below {layout.root} not writable by uid {os.getuid()}",
+        )
     info = os.stat(layout.state_dir(INCOMING))
-    return Check("server dir", OK, "ok",
-                 f"{layout.root}: the five state directories are on one filesystem (device "
-                 f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}) and usable by uid "
-                 f"{os.getuid()}")
+    return Check(
+        "server dir",
+        OK,
+        "ok",
+        f"{layout.root}: the five state directories are on one filesystem (device "
+        f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}) and usable by uid "
+        f"{os.getuid()}",
+    )
 
 
 def check_inotify(layout: Layout) -> Check:
@@ -242,11 +294,17 @@ def check_inotify(layout: Layout) -> Check:
     except (OSError, ValueError):
         return Check("inotify", WARN, "inotify", f"cannot read {WATCHES}")
     dirs = count_dirs(layout.state_dir(INCOMING))
-    detail = (f"{dirs} directories below incoming/ to watch; fs.inotify.max_user_watches = "
-              f"{limit} (shared by every inotify user of this uid)")
+    detail = (
+        f"{dirs} directories below incoming/ to watch; fs.inotify.max_user_watches = "
+        f"{limit} (shared by every inotify user of this uid)"
+    )
     if dirs > limit:
-        return Check("inotify", FAIL, "inotify", detail + ": raise it (sysctl), or the watcher "
-                     "falls back to rescans")
+        return Check(
+            "inotify",
+            FAIL,
+            "inotify",
+            detail + ": raise it (sysctl), or the watcher falls back to rescans",
+        )
     if dirs > limit // 2:
         return Check("inotify", WARN, "inotify", detail + ": more than half used")
     return Check("inotify", OK, "ok", detail)
@@ -273,7 +331,8 @@ def check_disk(root: Path) -> Check:
     share = free / (vfs.f_blocks * vfs.f_frsize) if vfs.f_blocks else 1.0
     inodes = vfs.f_favail / vfs.f_files if vfs.f_files else 1.0
     detail = f"{_bytes(free)} free ({share:.0%})" + (
-        f", {vfs.f_favail} inodes free ({inodes:.0%})" if vfs.f_files else "")
+        f", {vfs.f_favail} inodes free ({inodes:.0%})" if vfs.f_files else ""
+    )
     if share < DISK_FAIL[0] or free < DISK_FAIL[1] or inodes < INODES_FAIL:
         return Check("disk", FAIL, "disk", detail)
     if share < DISK_WARN[0] or free < DISK_WARN[1] or inodes < INODES_WARN:
@@ -295,8 +354,10 @@ def check_credentials(option: str | None) -> tuple[Check, credentials.Credential
     except ConfigError as exc:
         return Check("credentials", FAIL, "config", str(exc)), None
     mode = stat.S_IMODE(creds.mode)
-    detail = (f"{creds.path} (first that exists: {creds.source}); profiles "
-              f"{', '.join(sorted(creds.profiles))}; mode {mode:o}")
+    detail = (
+        f"{creds.path} (first that exists: {creds.source}); profiles "
+        f"{', '.join(sorted(creds.profiles))}; mode {mode:o}"
+    )
     if creds.loose_permissions():
         return Check("credentials", WARN, "permissions", detail + ": chmod 600 it"), creds
     return Check("credentials", OK, "ok", detail), creds
@@ -304,8 +365,12 @@ def check_credentials(option: str | None) -> tuple[Check, credentials.Credential
 
 # -- the command -----------------------------------------------------------------------------
 def parser() -> cli.Parser:
-    p = cli.Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--profile", metavar="P", help="probe this profile only")
     p.add_argument("--json", action="store_true", help="one JSON document instead of lines")
     cli.add_location_options(p)
@@ -330,8 +395,10 @@ def run(args: argparse.Namespace) -> list[Check]:
     if creds is None:
         return checks
     if args.profile and args.profile not in creds.profiles:
-        raise ConfigError(f"unknown profile {args.profile!r}: {creds.path} has "
-                          f"{', '.join(sorted(creds.profiles))}")
+        raise ConfigError(
+            f"unknown profile {args.profile!r}: {creds.path} has "
+            f"{', '.join(sorted(creds.profiles))}"
+        )
     for name in sorted(creds.profiles):
         if args.profile in (None, name):
             buckets = sorted(layout.buckets_present(name))
@@ -348,5 +415,6 @@ def report(checks: list[Check], as_json: bool) -> None:
     for c in checks:
         label = "" if c.category == "ok" else f"{c.category}: "
         print(f"{c.status:<4}  {c.subject:<{width}}  {label}{c.detail}")
-    print("all is well" if not problems else
-          f"{problems} problem{'s' if problems > 1 else ''} found")
+    print(
+        "all is well" if not problems else f"{problems} problem{'s' if problems > 1 else ''} found"
+    )

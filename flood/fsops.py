@@ -26,16 +26,16 @@ def rename_noreplace(src: str, dst: str) -> None:
 def renameat_noreplace(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
     """renameat2(RENAME_NOREPLACE) relative to directory fds: never overwrites, never follows a
     symlink in a directory above the names (the fds pin the directories)."""
-    result = _libc.renameat2(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst),
-                             _RENAME_NOREPLACE)
+    result = _libc.renameat2(
+        src_dir, os.fsencode(src), dst_dir, os.fsencode(dst), _RENAME_NOREPLACE
+    )
     if result == 0:
         return
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS):  # a filesystem without RENAME_NOREPLACE
         # link(2) fails on an existing target; a crash in between leaves a second name for
         # the same inode, which start-up finds in processing/ and finishes: never a lost file.
-        os.link(src, dst, src_dir_fd=_fd(src_dir), dst_dir_fd=_fd(dst_dir),
-                follow_symlinks=False)
+        os.link(src, dst, src_dir_fd=_fd(src_dir), dst_dir_fd=_fd(dst_dir), follow_symlinks=False)
         os.unlink(src, dir_fd=_fd(src_dir))
         return
     raise OSError(err, os.strerror(err), src, None, dst)
@@ -120,28 +120,47 @@ class NotRegularFile(Exception):
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"),
-                       (stat.S_ISBLK, "device"), (stat.S_ISDIR, "directory"),
-                       (stat.S_ISLNK, "symlink")):
+    for test, name in (
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "device"),
+        (stat.S_ISBLK, "device"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symlink"),
+    ):
         if test(mode):
             return name
     return "special file"
 
 
 class _StatxTimestamp(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_uint32),
-                ("reserved", ctypes.c_int32)]
+    _fields_ = [
+        ("tv_sec", ctypes.c_int64),
+        ("tv_nsec", ctypes.c_uint32),
+        ("reserved", ctypes.c_int32),
+    ]
 
 
 class _Statx(ctypes.Structure):
-    _fields_ = [("mask", ctypes.c_uint32), ("blksize", ctypes.c_uint32),
-                ("attributes", ctypes.c_uint64), ("nlink", ctypes.c_uint32),
-                ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("mode", ctypes.c_uint16),
-                ("spare0", ctypes.c_uint16), ("ino", ctypes.c_uint64), ("size", ctypes.c_uint64),
-                ("blocks", ctypes.c_uint64), ("attributes_mask", ctypes.c_uint64),
-                ("atime", _StatxTimestamp), ("btime", _StatxTimestamp),
-                ("ctime", _StatxTimestamp), ("mtime", _StatxTimestamp),
-                ("rest", ctypes.c_uint64 * 16)]  # struct statx is 256 bytes
+    _fields_ = [
+        ("mask", ctypes.c_uint32),
+        ("blksize", ctypes.c_uint32),
+        ("attributes", ctypes.c_uint64),
+        ("nlink", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("mode", ctypes.c_uint16),
+        ("spare0", ctypes.c_uint16),
+        ("ino", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64),
+        ("attributes_mask", ctypes.c_uint64),
+        ("atime", _StatxTimestamp),
+        ("btime", _StatxTimestamp),
+        ("ctime", _StatxTimestamp),
+        ("mtime", _StatxTimestamp),
+        ("rest", ctypes.c_uint64 * 16),
+    ]  # struct statx is 256 bytes
 
 
 def creation_date(name: str, dir_fd: int = _AT_FDCWD) -> dt.datetime:
@@ -149,8 +168,17 @@ def creation_date(name: str, dir_fd: int = _AT_FDCWD) -> dt.datetime:
     one (statx STATX_BTIME), else its modification time. A symlink is not followed."""
     buf = _Statx()
     statx = getattr(_libc, "statx", None)
-    if statx is not None and statx(dir_fd, os.fsencode(name), _AT_SYMLINK_NOFOLLOW,
-                                   _STATX_BTIME | _STATX_MTIME, ctypes.byref(buf)) == 0:
+    if (
+        statx is not None
+        and statx(
+            dir_fd,
+            os.fsencode(name),
+            _AT_SYMLINK_NOFOLLOW,
+            _STATX_BTIME | _STATX_MTIME,
+            ctypes.byref(buf),
+        )
+        == 0
+    ):
         stamp = buf.btime if buf.mask & _STATX_BTIME else buf.mtime
         seconds = stamp.tv_sec + stamp.tv_nsec / 1e9
     else:

@@ -31,11 +31,11 @@ _FIELDS = {
     "duration": "event.duration",  # in nanoseconds (ECS)
     "exception": "error.stack_trace",  # structlog's format_exc_info
 }
-_LEVEL_NAMES = {"warn": "warning", "exception": "error", "err": "error",
-                "fatal": "critical"}
+_LEVEL_NAMES = {"warn": "warning", "exception": "error", "err": "error", "fatal": "critical"}
 _SIGNATURE_RE = re.compile(
     r"(AWS4-HMAC-SHA256\s+Credential=\S+|X-Amz-Signature=[0-9a-fA-F]+|X-Amz-Security-Token=[^&\s]+"
-    r"|Signature=[0-9a-fA-F]{16,})")
+    r"|Signature=[0-9a-fA-F]{16,})"
+)
 _SIGNATURE_MARKERS = ("AWS4-HMAC-SHA256", "Signature=", "X-Amz-Security-Token=")
 REDACTED = "[REDACTED]"
 _FD: int | None = None
@@ -78,7 +78,6 @@ class _Redactor:
         return value
 
 
-
 class _EcsRenderer:
     """The last step of every line: our keywords under their ECS names, nested the way
     Filebeat expands dotted names, secrets scrubbed, the process's own fields added, one JSON
@@ -93,8 +92,7 @@ class _EcsRenderer:
         self._second = -1
         self._stamp = ""
         self._paths: dict[str, tuple[str, ...]] = {}  # keyword -> where it goes in the doc
-        self._encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
-                                        default=str).encode
+        self._encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -115,9 +113,11 @@ class _EcsRenderer:
             _put(doc, self.path(name), self._scrub(value))
         level = _LEVEL_NAMES.get(method, method)
         body = self._encode(doc)
-        return (f'{{"@timestamp":"{self._timestamp()}","log.level":"{level}","message":'
-                f'{self._encode(self._scrub(message))},"ecs.version":"{ECS_VERSION}",'
-                f'{body[1:]}')
+        return (
+            f'{{"@timestamp":"{self._timestamp()}","log.level":"{level}","message":'
+            f'{self._encode(self._scrub(message))},"ecs.version":"{ECS_VERSION}",'
+            f"{body[1:]}"
+        )
 
     def path(self, name: str) -> tuple[str, ...]:
         """Where a keyword goes: its ECS name, or below flood., split at the dots."""
@@ -147,21 +147,27 @@ class _StdlibBridge(logging.Handler):
         getattr(log, level)("library_log", logger=record.name, text=record.getMessage())
 
 
-def configure(role: str, level: str = "info", log_file: str | None = None,
-              secrets: Iterable[str] = ()) -> structlog.stdlib.BoundLogger:
+def configure(
+    role: str, level: str = "info", log_file: str | None = None, secrets: Iterable[str] = ()
+) -> structlog.stdlib.BoundLogger:
     """Set up logging for this process (call once, in the process itself) and return its logger."""
     global _FD
     level_no = logging.getLevelNamesMapping()[level.upper()]
-    fd = (os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-          if log_file else sys.stdout.fileno())
+    fd = (
+        os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if log_file
+        else sys.stdout.fileno()
+    )
     if _FD is not None and sys.stdout.fileno() != _FD:
         os.close(_FD)  # configured again (a reload): the old log file fd goes
     _FD = fd
     structlog.configure(
         processors=[
             structlog.processors.format_exc_info,
-            _EcsRenderer(_Redactor(secrets),
-                         {"process.pid": os.getpid(), "flood.role": role, "service.name": "flood"}),
+            _EcsRenderer(
+                _Redactor(secrets),
+                {"process.pid": os.getpid(), "flood.role": role, "service.name": "flood"},
+            ),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
         logger_factory=lambda *_: _LineWriter(fd),

@@ -14,9 +14,25 @@ from functools import cache
 from typing import Any
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
-SNAPSHOT_TTL = 2.0        # scrapes within this many seconds share one directory walk
-DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                    300.0, 900.0, float("inf"))
+SNAPSHOT_TTL = 2.0  # scrapes within this many seconds share one directory walk
+DURATION_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    900.0,
+    float("inf"),
+)
 
 # prometheus_client picks its value class when first imported: nothing here imports it at
 # module level, so a process that never enables metrics never loads it.
@@ -50,8 +66,9 @@ def remove_dir(path: str) -> None:
 class Recorder:
     """The counting interface the roles call; this base does nothing (metrics off)."""
 
-    def upload(self, profile: str, bucket: str, outcome: str, size: int | None,
-               seconds: float | None) -> None:
+    def upload(
+        self, profile: str, bucket: str, outcome: str, size: int | None, seconds: float | None
+    ) -> None:
         """One passage ended: outcome 'success' or 'failure'."""
 
     def retry(self, profile: str, bucket: str, reason: str) -> None:
@@ -75,8 +92,9 @@ class PromRecorder(Recorder):
         self.files, self.bytes, self.duration, self.retries = m[:4]
         self.events, self.overflows, self.rescans = m[4:]
 
-    def upload(self, profile: str, bucket: str, outcome: str, size: int | None,
-               seconds: float | None) -> None:
+    def upload(
+        self, profile: str, bucket: str, outcome: str, size: int | None, seconds: float | None
+    ) -> None:
         self.files.labels(profile, bucket, outcome).inc()
         if size:
             self.bytes.labels(profile, bucket, outcome).inc(size)
@@ -101,19 +119,32 @@ def _children_metrics() -> tuple[Any, ...]:
     from prometheus_client import Counter, Histogram
 
     return (
-        Counter("flood_files_uploaded", "Files whose upload ended, by outcome (success: "
-                "completed/, failure: failed/)", ["profile", "bucket", "outcome"]),
-        Counter("flood_uploaded_bytes", "Bytes of the files whose upload ended, by outcome",
-                ["profile", "bucket", "outcome"]),
-        Histogram("flood_upload_duration_seconds", "Time from the first byte sent to the "
-                  "verified object, per successful upload", ["profile"],
-                  buckets=DURATION_BUCKETS),
-        Counter("flood_retries", "Upload attempts that failed and were scheduled again, by "
-                "reason", ["profile", "bucket", "reason"]),
+        Counter(
+            "flood_files_uploaded",
+            "Files whose upload ended, by outcome (success: completed/, failure: failed/)",
+            ["profile", "bucket", "outcome"],
+        ),
+        Counter(
+            "flood_uploaded_bytes",
+            "Bytes of the files whose upload ended, by outcome",
+            ["profile", "bucket", "outcome"],
+        ),
+        Histogram(
+            "flood_upload_duration_seconds",
+            "Time from the first byte sent to the verified object, per successful upload",
+            ["profile"],
+            buckets=DURATION_BUCKETS,
+        ),
+        Counter(
+            "flood_retries",
+            "Upload attempts that failed and were scheduled again, by reason",
+            ["profile", "bucket", "reason"],
+        ),
         Counter("flood_watcher_events", "inotify events read by the watcher"),
         Counter("flood_watcher_overflows", "inotify queue overflows (events lost, rescanned)"),
-        Counter("flood_watcher_rescans", "Scans of incoming/ by the watcher, by reason",
-                ["reason"]),
+        Counter(
+            "flood_watcher_rescans", "Scans of incoming/ by the watcher, by reason", ["reason"]
+        ),
     )
 
 
@@ -136,8 +167,13 @@ class ObservingLog:
 
     def info(self, event: str, **kw: Any) -> Any:
         if event == "upload_succeeded":
-            self._rec.upload(kw.get("profile", ""), kw.get("bucket", ""), "success",
-                             kw.get("size"), kw.get("duration"))
+            self._rec.upload(
+                kw.get("profile", ""),
+                kw.get("bucket", ""),
+                "success",
+                kw.get("size"),
+                kw.get("duration"),
+            )
         return self._log.info(event, **kw)
 
     def warning(self, event: str, **kw: Any) -> Any:
@@ -147,8 +183,9 @@ class ObservingLog:
 
     def error(self, event: str, **kw: Any) -> Any:
         if event == "upload_failed":
-            self._rec.upload(kw.get("profile", ""), kw.get("bucket", ""), "failure",
-                             _size(kw.get("path")), None)
+            self._rec.upload(
+                kw.get("profile", ""), kw.get("bucket", ""), "failure", _size(kw.get("path")), None
+            )
         return self._log.error(event, **kw)
 
 
@@ -174,31 +211,46 @@ class StateCollector:
         self._cached: tuple[float, Any] | None = None
 
     def describe(self) -> list[Any]:
-        return []   # computed per scrape: do not collect at registration
+        return []  # computed per scrape: do not collect at registration
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         snap = self._current()
-        files = GaugeMetricFamily("flood_files", "Files in each state now (processing: in "
-                                  "flight; retry_wait: in processing/ waiting for a retry)",
-                                  labels=["profile", "bucket", "state"])
-        oldest = GaugeMetricFamily("flood_oldest_pending_age_seconds", "Age of the oldest file "
-                                   "in incoming/ or processing/ (from its ctime)",
-                                   labels=["profile", "bucket"])
-        paused = GaugeMetricFamily("flood_paused", "1 for a paused profile (bucket=\"\") or "
-                                   "bucket", labels=["profile", "bucket", "reason"])
+        files = GaugeMetricFamily(
+            "flood_files",
+            "Files in each state now (processing: in "
+            "flight; retry_wait: in processing/ waiting for a retry)",
+            labels=["profile", "bucket", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "flood_oldest_pending_age_seconds",
+            "Age of the oldest file in incoming/ or processing/ (from its ctime)",
+            labels=["profile", "bucket"],
+        )
+        paused = GaugeMetricFamily(
+            "flood_paused",
+            '1 for a paused profile (bucket="") or bucket',
+            labels=["profile", "bucket", "reason"],
+        )
         now = time.time()
         for b in snap.buckets.values():
-            for state, count in (("incoming", b.incoming), ("processing", b.in_flight()),
-                                 ("retry_wait", b.waiting_retry), ("failed", b.failed)):
+            for state, count in (
+                ("incoming", b.incoming),
+                ("processing", b.in_flight()),
+                ("retry_wait", b.waiting_retry),
+                ("failed", b.failed),
+            ):
                 files.add_metric([b.profile, b.bucket, state], count)
             if b.oldest_pending is not None:
                 oldest.add_metric([b.profile, b.bucket], max(0.0, now - b.oldest_pending))
         for h in snap.holds:
             paused.add_metric([h["profile"], h["bucket"] or "", h["reason"]], 1)
-        restarts = CounterMetricFamily("flood_process_restarts", "Child processes started again "
-                                       "by the supervisor, by reason", labels=["reason"])
+        restarts = CounterMetricFamily(
+            "flood_process_restarts",
+            "Child processes started again by the supervisor, by reason",
+            labels=["reason"],
+        )
         for reason, count in sorted(self._restarts().items()):
             restarts.add_metric([reason], count)
         yield from (files, oldest, paused, restarts)
@@ -211,8 +263,9 @@ class StateCollector:
             return self._cached[1]
 
 
-def serve(port: int, address: str, snapshot: Callable[[], Any],
-          restarts: Callable[[], Mapping[str, int]]) -> Any:
+def serve(
+    port: int, address: str, snapshot: Callable[[], Any], restarts: Callable[[], Mapping[str, int]]
+) -> Any:
     """Serve /metrics on address:port from a thread: every process's counters (read from the
     multiprocess dir) and the supervisor's gauges. Returns the server (call shutdown())."""
     from prometheus_client import CollectorRegistry, start_http_server
@@ -223,4 +276,3 @@ def serve(port: int, address: str, snapshot: Callable[[], Any],
     registry.register(StateCollector(snapshot, restarts))
     server, _thread = start_http_server(port, addr=address, registry=registry)
     return server
-

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-HEARTBEAT_SECONDS = 1.0   # a child reports progress at most this often
-STALL_MIN = 3.0           # never call a child stalled sooner than this (beats are ~1 s apart)
+HEARTBEAT_SECONDS = 1.0  # a child reports progress at most this often
+STALL_MIN = 3.0  # never call a child stalled sooner than this (beats are ~1 s apart)
 
 
 def socket_address(value: str) -> str | bytes:
@@ -34,8 +34,9 @@ class Notifier:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str] | None = None,
-                     unset: bool = False) -> Notifier:
+    def from_environ(
+        cls, environ: MutableMapping[str, str] | None = None, unset: bool = False
+    ) -> Notifier:
         """Read NOTIFY_SOCKET and WATCHDOG_USEC (honouring WATCHDOG_PID); with `unset`, remove
         them so that child processes do not inherit them (only the main PID may notify)."""
         env = os.environ if environ is None else environ
@@ -123,8 +124,12 @@ class Heartbeat:
     Called from the child's loop and from its S3 calls as they complete, never from a timer
     thread, so a child stuck inside a call falls silent."""
 
-    def __init__(self, conn: Any, every: float = HEARTBEAT_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        conn: Any,
+        every: float = HEARTBEAT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.conn = conn
         self.every = every
         self.clock = clock
@@ -142,4 +147,3 @@ class Heartbeat:
             self.sent_at = now
             with contextlib.suppress(OSError, ValueError):
                 self.conn.send(("alive", os.getpid()))
-

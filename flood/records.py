@@ -102,14 +102,17 @@ def open_db(path: str) -> pw.SqliteDatabase:
     """Open this process's one connection (WAL, busy timeout) and create missing tables."""
     if path != ":memory:" and not os.path.exists(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    db.init(path, pragmas={
-        "journal_mode": "wal",
-        "busy_timeout": BUSY_TIMEOUT_MS,
-        # The directories are the truth and records are repaired from them at start-up, so
-        # a commit lost to power failure (not to a crash) costs a repair, never a file.
-        "synchronous": "normal",
-        "foreign_keys": 0,
-    })
+    db.init(
+        path,
+        pragmas={
+            "journal_mode": "wal",
+            "busy_timeout": BUSY_TIMEOUT_MS,
+            # The directories are the truth and records are repaired from them at start-up, so
+            # a commit lost to power failure (not to a crash) costs a repair, never a file.
+            "synchronous": "normal",
+            "foreign_keys": 0,
+        },
+    )
     db.connect(reuse_if_open=True)
     with db.atomic("IMMEDIATE"):
         db.create_tables(MODELS, safe=True)
@@ -138,15 +141,22 @@ def write() -> Iterator[None]:
 
 def newest(ref: FileRef, states: tuple[str, ...] | None = None) -> FileRecord | None:
     query = FileRecord.select().where(
-        (FileRecord.profile == ref.profile) & (FileRecord.bucket == ref.bucket)
-        & (FileRecord.filepath == text(ref.key)))
+        (FileRecord.profile == ref.profile)
+        & (FileRecord.bucket == ref.bucket)
+        & (FileRecord.filepath == text(ref.key))
+    )
     if states is not None:
         query = query.where(FileRecord.current_state.in_(states))
     return query.order_by(FileRecord.id.desc()).first()  # type: ignore[no-any-return]
 
 
-def record_queued(ref: FileRef, state: str, created: dt.datetime | None, size: int | None,
-                  record_id: int | None = None) -> int:
+def record_queued(
+    ref: FileRef,
+    state: str,
+    created: dt.datetime | None,
+    size: int | None,
+    record_id: int | None = None,
+) -> int:
     """A producer's copy reached `state` (incoming_tmp, then incoming): one passage, one row."""
     with write():
         if record_id is not None:
@@ -156,23 +166,37 @@ def record_queued(ref: FileRef, state: str, created: dt.datetime | None, size: i
                 (FileRecord.id == record_id) & (FileRecord.current_state == "incoming_tmp")
             ).execute()
             return record_id
-        row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=text(ref.key),
-                                file_creation_date=created, current_state=state, size=size)
+        row = FileRecord.create(
+            profile=ref.profile,
+            bucket=ref.bucket,
+            filepath=text(ref.key),
+            file_creation_date=created,
+            current_state=state,
+            size=size,
+        )
         return int(row.id)
 
 
 # The two writes every file makes, as fixed SQL: peewee's query builder cost more CPU per
 # file than the SQLite work itself (tests/benchmarks/hotpath.py: 1.34 ms against 0.05 ms).
-_OPEN_PASSAGE = ("SELECT id FROM file_records WHERE profile = ? AND bucket = ? AND filepath = ?"
-                 " AND current_state = ? ORDER BY id DESC LIMIT 1")
-_CONTINUE = ("UPDATE file_records SET current_state = 'processing', last_updated = ?, size = ?,"
-             " file_creation_date = COALESCE(file_creation_date, ?) WHERE id = ?")
-_START = ("INSERT INTO file_records (profile, bucket, filepath, file_creation_date,"
-          " current_state, last_updated, size, retry_count)"
-          " VALUES (?, ?, ?, ?, 'processing', ?, ?, 0)")
-_COMPLETE = ("UPDATE file_records SET current_state = 'completed', upload_outcome = 'success',"
-             " size = ?, etag = ?, reason = NULL, error = NULL, retry_count = 0,"
-             " next_attempt_at = NULL, last_updated = ? WHERE id = ?")
+_OPEN_PASSAGE = (
+    "SELECT id FROM file_records WHERE profile = ? AND bucket = ? AND filepath = ?"
+    " AND current_state = ? ORDER BY id DESC LIMIT 1"
+)
+_CONTINUE = (
+    "UPDATE file_records SET current_state = 'processing', last_updated = ?, size = ?,"
+    " file_creation_date = COALESCE(file_creation_date, ?) WHERE id = ?"
+)
+_START = (
+    "INSERT INTO file_records (profile, bucket, filepath, file_creation_date,"
+    " current_state, last_updated, size, retry_count)"
+    " VALUES (?, ?, ?, ?, 'processing', ?, ?, 0)"
+)
+_COMPLETE = (
+    "UPDATE file_records SET current_state = 'completed', upload_outcome = 'success',"
+    " size = ?, etag = ?, reason = NULL, error = NULL, retry_count = 0,"
+    " next_attempt_at = NULL, last_updated = ? WHERE id = ?"
+)
 
 
 def _sql(query: str, params: tuple[Any, ...]) -> Any:
@@ -212,8 +236,14 @@ def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> File
     if row is not None:
         return row
     with write():
-        row = FileRecord.create(profile=ref.profile, bucket=ref.bucket, filepath=text(ref.key),
-                                file_creation_date=created, current_state="processing", size=size)
+        row = FileRecord.create(
+            profile=ref.profile,
+            bucket=ref.bucket,
+            filepath=text(ref.key),
+            file_creation_date=created,
+            current_state="processing",
+            size=size,
+        )
     return row
 
 
@@ -229,29 +259,42 @@ def record_completions(done: list[tuple[int, int, str | None, int]]) -> None:
 
 def record_failed(record_id: int, reason: str, error: str, attempt: int) -> None:
     with write():
-        FileRecord.update(current_state="failed", upload_outcome="failure", reason=reason,
-                          error=text(error), next_attempt_at=None, last_updated=utcnow()).where(
-            FileRecord.id == record_id).execute()
+        FileRecord.update(
+            current_state="failed",
+            upload_outcome="failure",
+            reason=reason,
+            error=text(error),
+            next_attempt_at=None,
+            last_updated=utcnow(),
+        ).where(FileRecord.id == record_id).execute()
         if attempt > 0:
-            RetryAttempt.create(file_record_id=record_id, attempt=attempt, outcome="failure",
-                                error=text(error))
+            RetryAttempt.create(
+                file_record_id=record_id, attempt=attempt, outcome="failure", error=text(error)
+            )
 
 
-def record_retry_scheduled(record_id: int, attempt: int, due: dt.datetime, error: str,
-                           failed_attempt: int) -> None:
+def record_retry_scheduled(
+    record_id: int, attempt: int, due: dt.datetime, error: str, failed_attempt: int
+) -> None:
     """Attempt `failed_attempt` failed (0: the first upload); retry number `attempt` is due then."""
     with write():
-        FileRecord.update(retry_count=attempt, next_attempt_at=due, error=text(error),
-                          last_updated=utcnow()).where(FileRecord.id == record_id).execute()
+        FileRecord.update(
+            retry_count=attempt, next_attempt_at=due, error=text(error), last_updated=utcnow()
+        ).where(FileRecord.id == record_id).execute()
         if failed_attempt > 0:
-            RetryAttempt.create(file_record_id=record_id, attempt=failed_attempt,
-                                outcome="failure", error=text(error))
+            RetryAttempt.create(
+                file_record_id=record_id,
+                attempt=failed_attempt,
+                outcome="failure",
+                error=text(error),
+            )
 
 
 def set_state(record_id: int, state: str, reason: str | None = None) -> None:
     with write():
         FileRecord.update(current_state=state, reason=reason, last_updated=utcnow()).where(
-            FileRecord.id == record_id).execute()
+            FileRecord.id == record_id
+        ).execute()
 
 
 def open_passages() -> Iterator[FileRecord]:
@@ -262,8 +305,11 @@ def open_passages() -> Iterator[FileRecord]:
 def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
     """Put a profile (bucket '') or bucket on hold; True if it was not held already."""
     with write():
-        inserted = Hold.insert(profile=profile, bucket=bucket, reason=reason,
-                               detail=text(detail)).on_conflict_ignore().execute()
+        inserted = (
+            Hold.insert(profile=profile, bucket=bucket, reason=reason, detail=text(detail))
+            .on_conflict_ignore()
+            .execute()
+        )
     return bool(inserted)
 
 

@@ -40,8 +40,8 @@ class Candidate:
     """One file in failed/: its key, the name it has there, and the reason it failed."""
 
     ref: FileRef
-    name: str           # the key itself, or KEY.~N~
-    generation: int     # N of KEY.~N~; the bare key is the newest (a large number)
+    name: str  # the key itself, or KEY.~N~
+    generation: int  # N of KEY.~N~; the bare key is the newest (a large number)
     record_id: int | None
     reason: str
 
@@ -54,15 +54,24 @@ NEWEST = 1 << 30
 
 
 def parser() -> cli.Parser:
-    p = cli.Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reason", metavar="CODE",
-                   help="only files whose failure has this reason (as flood-status shows it)")
+    p = cli.Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--reason",
+        metavar="CODE",
+        help="only files whose failure has this reason (as flood-status shows it)",
+    )
     p.add_argument("--profile", metavar="P", help="only this profile's files")
     p.add_argument("--bucket", metavar="B", help="only this bucket's files")
-    p.add_argument("--all", action="store_true",
-                   help="every failed file the other options allow, older failures (KEY.~N~) "
-                        "included")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every failed file the other options allow, older failures (KEY.~N~) included",
+    )
     p.add_argument("--dry-run", action="store_true", help="say what would move; move nothing")
     cli.add_location_options(p)
     return p
@@ -98,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"{PROG}: {note}", file=sys.stderr)
     files = "file" if moved == 1 else "files"
-    print(f"{'would move' if args.dry_run else 'moved'} {moved} {files} to incoming/"
-          + (f"; skipped {skipped}" if skipped else ""))
+    print(
+        f"{'would move' if args.dry_run else 'moved'} {moved} {files} to incoming/"
+        + (f"; skipped {skipped}" if skipped else "")
+    )
     return 1 if skipped else 0
 
 
@@ -138,11 +149,18 @@ def candidates(layout: Layout) -> list[Candidate]:
         rows = _unrequeued_failures(ref)
         # Newest name first against the newest failed record: mv --backup=numbered keeps the
         # newest under the name and numbers older ones upwards in the order they came.
-        for (gen, name), row in zip(sorted(names, reverse=True),
-                                    rows + [None] * len(names), strict=False):
-            found.append(Candidate(ref, _name_key(ref, name), gen,
-                                   int(row.id) if row is not None else None,
-                                   (row.reason or "unknown") if row is not None else "unknown"))
+        for (gen, name), row in zip(
+            sorted(names, reverse=True), rows + [None] * len(names), strict=False
+        ):
+            found.append(
+                Candidate(
+                    ref,
+                    _name_key(ref, name),
+                    gen,
+                    int(row.id) if row is not None else None,
+                    (row.reason or "unknown") if row is not None else "unknown",
+                )
+            )
     return sorted(found, key=lambda c: (c.ref, c.generation))
 
 
@@ -155,11 +173,19 @@ def _name_key(ref: FileRef, name: str) -> str:
 def _unrequeued_failures(ref: FileRef) -> list[FileRecord]:
     """Failed records of this key that no later record was requeued from, newest first."""
     requeued = FileRecord.select(FileRecord.requeued_from).where(
-        FileRecord.requeued_from.is_null(False))
-    return list(FileRecord.select().where(
-        (FileRecord.profile == ref.profile) & (FileRecord.bucket == ref.bucket)
-        & (FileRecord.filepath == ref.key) & (FileRecord.current_state == FAILED)
-        & FileRecord.id.not_in(requeued)).order_by(FileRecord.id.desc()))
+        FileRecord.requeued_from.is_null(False)
+    )
+    return list(
+        FileRecord.select()
+        .where(
+            (FileRecord.profile == ref.profile)
+            & (FileRecord.bucket == ref.bucket)
+            & (FileRecord.filepath == ref.key)
+            & (FileRecord.current_state == FAILED)
+            & FileRecord.id.not_in(requeued)
+        )
+        .order_by(FileRecord.id.desc())
+    )
 
 
 def choose(layout: Layout, args: argparse.Namespace) -> tuple[list[Candidate], list[str]]:
@@ -170,21 +196,27 @@ def choose(layout: Layout, args: argparse.Namespace) -> tuple[list[Candidate], l
         if not _selected(cand, args):
             continue
         if cand.is_backup and not args.all:
-            notes.append(f"not moved failed/{cand.ref.profile}/{cand.ref.bucket}/{cand.name}: an "
-                         f"older failure of {cand.ref.key} (use --all)")
+            notes.append(
+                f"not moved failed/{cand.ref.profile}/{cand.ref.bucket}/{cand.name}: an "
+                f"older failure of {cand.ref.key} (use --all)"
+            )
         elif cand.ref in chosen:
-            notes.append(f"not moved yet failed/{cand.ref.profile}/{cand.ref.bucket}/{cand.name}:"
-                         f" an older failure of {cand.ref.key} goes first; run again once "
-                         "it is uploaded")
+            notes.append(
+                f"not moved yet failed/{cand.ref.profile}/{cand.ref.bucket}/{cand.name}:"
+                f" an older failure of {cand.ref.key} goes first; run again once "
+                "it is uploaded"
+            )
         else:
             chosen[cand.ref] = cand
     return list(chosen.values()), notes
 
 
 def _selected(cand: Candidate, args: argparse.Namespace) -> bool:
-    return ((not args.profile or cand.ref.profile == args.profile)
-            and (not args.bucket or cand.ref.bucket == args.bucket)
-            and (not args.reason or cand.reason == args.reason))
+    return (
+        (not args.profile or cand.ref.profile == args.profile)
+        and (not args.bucket or cand.ref.bucket == args.bucket)
+        and (not args.reason or cand.reason == args.reason)
+    )
 
 
 # -- moving ------------------------------------------------------------------------------------
@@ -216,14 +248,21 @@ def _new_record(cand: Candidate, size: int) -> int:
     old = FileRecord.get_or_none(FileRecord.id == cand.record_id) if cand.record_id else None
     with records.write():
         row = FileRecord.create(
-            profile=cand.ref.profile, bucket=cand.ref.bucket, filepath=cand.ref.key,
+            profile=cand.ref.profile,
+            bucket=cand.ref.bucket,
+            filepath=cand.ref.key,
             file_creation_date=old.file_creation_date if old is not None else None,
-            current_state="incoming_tmp", size=size, requeued_from=cand.record_id)
+            current_state="incoming_tmp",
+            size=size,
+            requeued_from=cand.record_id,
+        )
     return int(row.id)
 
 
 def _abandon(record_id: int) -> None:
     with records.write():
-        FileRecord.update(current_state="abandoned", reason="requeue_skipped",
-                          last_updated=records.utcnow()).where(
-            (FileRecord.id == record_id) & (FileRecord.current_state == "incoming_tmp")).execute()
+        FileRecord.update(
+            current_state="abandoned", reason="requeue_skipped", last_updated=records.utcnow()
+        ).where(
+            (FileRecord.id == record_id) & (FileRecord.current_state == "incoming_tmp")
+        ).execute()

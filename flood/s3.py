@@ -139,8 +139,15 @@ class SigV4:
         self._day = ""
         self._key = b""
 
-    def sign(self, method: str, host: str, path: str, payload_hash: str,
-             headers: dict[str, str], when: float | None = None) -> dict[str, str]:
+    def sign(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        payload_hash: str,
+        headers: dict[str, str],
+        when: float | None = None,
+    ) -> dict[str, str]:
         """The headers to add to the request: X-Amz-Date, X-Amz-Content-SHA256 and
         Authorization, which signs `host`, `path` (already URI-encoded, as sent), `headers`
         and the payload's SHA-256. `when`: seconds since the epoch (now if None)."""
@@ -154,15 +161,28 @@ class SigV4:
         signed = {name.lower(): " ".join(value.split()) for name, value in headers.items()}
         signed.update({"host": host, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp})
         names = sorted(signed)
-        canonical = "\n".join([method, path, "", *(f"{n}:{signed[n]}" for n in names), "",
-                               ";".join(names), payload_hash])
+        canonical = "\n".join(
+            [
+                method,
+                path,
+                "",
+                *(f"{n}:{signed[n]}" for n in names),
+                "",
+                ";".join(names),
+                payload_hash,
+            ]
+        )
         scope = f"{day}/{self._region}/s3/aws4_request"
         digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-        signature = hmac.new(self._key, f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{digest}".encode(),
-                             hashlib.sha256).hexdigest()
-        return {"X-Amz-Date": stamp, "X-Amz-Content-SHA256": payload_hash,
-                "Authorization": f"AWS4-HMAC-SHA256 Credential={self._access_key_id}/{scope}, "
-                                 f"SignedHeaders={';'.join(names)}, Signature={signature}"}
+        signature = hmac.new(
+            self._key, f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{digest}".encode(), hashlib.sha256
+        ).hexdigest()
+        return {
+            "X-Amz-Date": stamp,
+            "X-Amz-Content-SHA256": payload_hash,
+            "Authorization": f"AWS4-HMAC-SHA256 Credential={self._access_key_id}/{scope}, "
+            f"SignedHeaders={';'.join(names)}, Signature={signature}",
+        }
 
 
 class LeanPut:
@@ -194,13 +214,13 @@ class LeanPut:
         even while started PUTs on the other connections wait for theirs."""
         return self.start(len(self.pool) - 1, bucket, key, body, content_md5).result()
 
-    def start(self, slot: int, bucket: str, key: str, body: bytes,
-              content_md5: str) -> PendingPut:
+    def start(self, slot: int, bucket: str, key: str, body: bytes, content_md5: str) -> PendingPut:
         """Send a PUT on connection `slot` without waiting for the answer: several started on
         different slots are in flight at once. Errors wait for result()."""
         path = f"{self.base}/{bucket}/{urllib.parse.quote(key, safe='/~')}"
-        pending = PendingPut(self, slot, self.request(path, body, content_md5),
-                             reused=self.pool[slot] is not None)
+        pending = PendingPut(
+            self, slot, self.request(path, body, content_md5), reused=self.pool[slot] is not None
+        )
         try:
             self.send(pending)
         except BotoCoreError as exc:
@@ -228,11 +248,16 @@ class LeanPut:
         checks (BadDigest otherwise), so the payload itself is sent unsigned, as botocore
         sends streamed uploads: no SHA-256 of every body on either side."""
         headers = {"Content-MD5": content_md5}
-        headers.update(self.signer.sign("PUT", self.host_header, path, UNSIGNED_PAYLOAD,
-                                        headers))
-        lines = [f"PUT {path} HTTP/1.1", f"Host: {self.host_header}",
-                 f"User-Agent: {self.user_agent}", f"Content-Length: {len(body)}",
-                 *(f"{name}: {value}" for name, value in headers.items()), "", ""]
+        headers.update(self.signer.sign("PUT", self.host_header, path, UNSIGNED_PAYLOAD, headers))
+        lines = [
+            f"PUT {path} HTTP/1.1",
+            f"Host: {self.host_header}",
+            f"User-Agent: {self.user_agent}",
+            f"Content-Length: {len(body)}",
+            *(f"{name}: {value}" for name, value in headers.items()),
+            "",
+            "",
+        ]
         return "\r\n".join(lines).encode("ascii") + body
 
     def send(self, pending: PendingPut) -> None:
@@ -275,7 +300,8 @@ class LeanPut:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.https:
             context = ssl.create_default_context(
-                cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
+                cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
+            )
             try:
                 sock = context.wrap_socket(sock, server_hostname=self.host)
             except (OSError, ssl.SSLError) as exc:
@@ -314,10 +340,13 @@ def _client_error(answer: Answer) -> ClientError:
         if root is not None:
             code = root.findtext("Code") or ""
             message = root.findtext("Message") or ""
-    return ClientError({
-        "Error": {"Code": code or str(answer.status), "Message": message},
-        "ResponseMetadata": {"HTTPStatusCode": answer.status, "HTTPHeaders": answer.headers},
-    }, "PutObject")
+    return ClientError(
+        {
+            "Error": {"Code": code or str(answer.status), "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": answer.status, "HTTPHeaders": answer.headers},
+        },
+        "PutObject",
+    )
 
 
 MAX_HEAD = 64 * 1024  # an answer's status line and headers; more is not an S3 server
@@ -350,7 +379,7 @@ class _Reader:
             if len(self.buffer) > MAX_HEAD:
                 raise http.client.LineTooLong("response head")
             self.fill()
-        found, self.buffer = self.buffer[:end], self.buffer[end + len(marker):]
+        found, self.buffer = self.buffer[:end], self.buffer[end + len(marker) :]
         return found
 
     def exact(self, size: int) -> bytes:

@@ -25,7 +25,7 @@ from flood.settings import DEFAULT_IGNORE
 
 PROG = "flood-status"
 ERROR_WINDOW = dt.timedelta(hours=24)
-LOCK_NAME = ".flood.lock"   # supervisor.startup.LOCK_NAME (flood/ does not import supervisor/)
+LOCK_NAME = ".flood.lock"  # supervisor.startup.LOCK_NAME (flood/ does not import supervisor/)
 _BACKUP_RE = re.compile(r"^(.*)\.~(\d+)~$")
 _CODE_RE = re.compile(r"An error occurred \((\w+)\)")
 
@@ -70,7 +70,7 @@ class BucketState:
     failed: int = 0
     completed_today: int = 0
     ignored: int = 0
-    oldest_pending: float | None = None   # epoch seconds (ctime)
+    oldest_pending: float | None = None  # epoch seconds (ctime)
     paused: str | None = None
 
     def in_flight(self) -> int:
@@ -98,8 +98,13 @@ class Snapshot:
         return min(ages) if ages else None
 
 
-def snapshot(layout: Layout, profiles: Iterable[str] = (), ignore: Sequence[str] = DEFAULT_IGNORE,
-             now: dt.datetime | None = None, history: bool = True) -> Snapshot:
+def snapshot(
+    layout: Layout,
+    profiles: Iterable[str] = (),
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    now: dt.datetime | None = None,
+    history: bool = True,
+) -> Snapshot:
     """Count the directories and query the records (the db must be open in this thread).
     `history`: also completed-today counts and the last errors (they read older records)."""
     snap = Snapshot(now or records.utcnow())
@@ -147,12 +152,16 @@ def _count_failed(layout: Layout, snap: Snapshot) -> None:
 
 
 def _count_waiting(snap: Snapshot) -> None:
-    query = (FileRecord.select(FileRecord.profile, FileRecord.bucket,
-                               pw.fn.COUNT(FileRecord.id).alias("n"),
-                               pw.fn.MIN(FileRecord.next_attempt_at).alias("due"))
-             .where((FileRecord.current_state == PROCESSING)
-                    & FileRecord.next_attempt_at.is_null(False))
-             .group_by(FileRecord.profile, FileRecord.bucket))
+    query = (
+        FileRecord.select(
+            FileRecord.profile,
+            FileRecord.bucket,
+            pw.fn.COUNT(FileRecord.id).alias("n"),
+            pw.fn.MIN(FileRecord.next_attempt_at).alias("due"),
+        )
+        .where((FileRecord.current_state == PROCESSING) & FileRecord.next_attempt_at.is_null(False))
+        .group_by(FileRecord.profile, FileRecord.bucket)
+    )
     rows = cast(Iterable[dict[str, Any]], query.dicts())  # peewee types .dicts() as models
     for row in rows:
         entry = snap.bucket(row["profile"], row["bucket"])
@@ -162,10 +171,13 @@ def _count_waiting(snap: Snapshot) -> None:
 
 def _count_completed_today(snap: Snapshot) -> None:
     midnight = snap.now.replace(hour=0, minute=0, second=0, microsecond=0)
-    query = (FileRecord.select(FileRecord.profile, FileRecord.bucket,
-                               pw.fn.COUNT(FileRecord.id).alias("n"))
-             .where((FileRecord.current_state == COMPLETED) & (FileRecord.last_updated >= midnight))
-             .group_by(FileRecord.profile, FileRecord.bucket))
+    query = (
+        FileRecord.select(
+            FileRecord.profile, FileRecord.bucket, pw.fn.COUNT(FileRecord.id).alias("n")
+        )
+        .where((FileRecord.current_state == COMPLETED) & (FileRecord.last_updated >= midnight))
+        .group_by(FileRecord.profile, FileRecord.bucket)
+    )
     rows = cast(Iterable[dict[str, Any]], query.dicts())  # peewee types .dicts() as models
     for row in rows:
         snap.bucket(row["profile"], row["bucket"]).completed_today = int(row["n"])
@@ -173,11 +185,20 @@ def _count_completed_today(snap: Snapshot) -> None:
 
 def _read_holds(snap: Snapshot) -> None:
     for hold in Hold.select().order_by(Hold.profile, Hold.bucket):
-        snap.holds.append({"profile": hold.profile, "bucket": hold.bucket or None,
-                           "reason": hold.reason, "detail": hold.detail,
-                           "since": utc_text(as_datetime(hold.since))})
-        targets = ([b for (p, _), b in snap.buckets.items() if p == hold.profile]
-                   if not hold.bucket else [snap.bucket(hold.profile, hold.bucket)])
+        snap.holds.append(
+            {
+                "profile": hold.profile,
+                "bucket": hold.bucket or None,
+                "reason": hold.reason,
+                "detail": hold.detail,
+                "since": utc_text(as_datetime(hold.since)),
+            }
+        )
+        targets = (
+            [b for (p, _), b in snap.buckets.items() if p == hold.profile]
+            if not hold.bucket
+            else [snap.bucket(hold.profile, hold.bucket)]
+        )
         for entry in targets:
             entry.paused = hold.reason
 
@@ -185,18 +206,30 @@ def _read_holds(snap: Snapshot) -> None:
 def last_errors(since: dt.datetime) -> list[dict[str, Any]]:
     """Failed passages since then, and files now waiting for a retry, grouped by reason."""
     groups: dict[tuple[str, str], dict[str, Any]] = {}
-    failed = (FileRecord.select().where((FileRecord.current_state == FAILED)
-                                        & (FileRecord.last_updated >= since))
-              .order_by(FileRecord.id))
-    waiting = (FileRecord.select().where((FileRecord.current_state == PROCESSING)
-                                         & FileRecord.next_attempt_at.is_null(False))
-               .order_by(FileRecord.id))
+    failed = (
+        FileRecord.select()
+        .where((FileRecord.current_state == FAILED) & (FileRecord.last_updated >= since))
+        .order_by(FileRecord.id)
+    )
+    waiting = (
+        FileRecord.select()
+        .where((FileRecord.current_state == PROCESSING) & FileRecord.next_attempt_at.is_null(False))
+        .order_by(FileRecord.id)
+    )
     for state, rows in (("failed", failed), ("retrying", waiting)):
         for row in rows.iterator():
             reason = row.reason or _error_type(row.error)
-            group = groups.setdefault((state, reason), {
-                "state": state, "reason": reason, "files": 0, "last_at": None,
-                "last_error": None, "buckets": []})
+            group = groups.setdefault(
+                (state, reason),
+                {
+                    "state": state,
+                    "reason": reason,
+                    "files": 0,
+                    "last_at": None,
+                    "last_error": None,
+                    "buckets": [],
+                },
+            )
             group["files"] += 1
             group["last_at"] = utc_text(as_datetime(row.last_updated))
             group["last_error"] = row.error
@@ -249,8 +282,12 @@ def resolve(target: str, layout: Layout) -> list[FileRef]:
     parts = target.split("/", 2)
     if len(parts) == 3 and _known(FileRef(*parts)):
         return [FileRef(*parts)]
-    rows = (FileRecord.select(FileRecord.profile, FileRecord.bucket).distinct()
-            .where(FileRecord.filepath == target).order_by(FileRecord.profile, FileRecord.bucket))
+    rows = (
+        FileRecord.select(FileRecord.profile, FileRecord.bucket)
+        .distinct()
+        .where(FileRecord.filepath == target)
+        .order_by(FileRecord.profile, FileRecord.bucket)
+    )
     return [FileRef(r.profile, r.bucket, target) for r in rows]
 
 
@@ -275,29 +312,52 @@ def _known(ref: FileRef) -> bool:
 
 def history(ref: FileRef, layout: Layout) -> dict[str, Any]:
     """Every passage of one key with its attempts, and where its files lie now."""
-    rows = list(FileRecord.select().where(
-        (FileRecord.profile == ref.profile) & (FileRecord.bucket == ref.bucket)
-        & (FileRecord.filepath == ref.key)).order_by(FileRecord.id))
+    rows = list(
+        FileRecord.select()
+        .where(
+            (FileRecord.profile == ref.profile)
+            & (FileRecord.bucket == ref.bucket)
+            & (FileRecord.filepath == ref.key)
+        )
+        .order_by(FileRecord.id)
+    )
     later = {int(r.requeued_from): int(r.id) for r in rows if r.requeued_from is not None}
-    return {"uri": f"s3://{ref.profile}/{ref.bucket}/{ref.key}",
-            "profile": ref.profile, "bucket": ref.bucket, "key": ref.key,
-            "on_disk": on_disk(ref, layout),
-            "passages": [_passage(row, later.get(int(row.id))) for row in rows]}
+    return {
+        "uri": f"s3://{ref.profile}/{ref.bucket}/{ref.key}",
+        "profile": ref.profile,
+        "bucket": ref.bucket,
+        "key": ref.key,
+        "on_disk": on_disk(ref, layout),
+        "passages": [_passage(row, later.get(int(row.id))) for row in rows],
+    }
 
 
 def _passage(row: FileRecord, requeued_to: int | None) -> dict[str, Any]:
     return {
-        "id": int(row.id), "state": row.current_state,
+        "id": int(row.id),
+        "state": row.current_state,
         "since": utc_text(as_datetime(row.last_updated)),
         "created": utc_text(as_datetime(row.file_creation_date)),
-        "outcome": row.upload_outcome, "size": row.size, "etag": row.etag,
-        "reason": row.reason, "error": row.error, "retry_count": row.retry_count,
+        "outcome": row.upload_outcome,
+        "size": row.size,
+        "etag": row.etag,
+        "reason": row.reason,
+        "error": row.error,
+        "retry_count": row.retry_count,
         "next_attempt_at": utc_text(as_datetime(row.next_attempt_at)),
-        "requeued_from": row.requeued_from, "requeued_to": requeued_to,
-        "attempts": [{"attempt": a.attempt, "at": utc_text(as_datetime(a.attempted_at)),
-                      "outcome": a.outcome, "error": a.error}
-                     for a in RetryAttempt.select().where(RetryAttempt.file_record_id == row.id)
-                     .order_by(RetryAttempt.attempt, RetryAttempt.id)],
+        "requeued_from": row.requeued_from,
+        "requeued_to": requeued_to,
+        "attempts": [
+            {
+                "attempt": a.attempt,
+                "at": utc_text(as_datetime(a.attempted_at)),
+                "outcome": a.outcome,
+                "error": a.error,
+            }
+            for a in RetryAttempt.select()
+            .where(RetryAttempt.file_record_id == row.id)
+            .order_by(RetryAttempt.attempt, RetryAttempt.id)
+        ],
     }
 
 
@@ -324,8 +384,9 @@ def _backups(directory: str, base: str) -> list[str]:
         names = os.listdir(directory)
     except OSError:
         return []
-    found = [(int(m.group(2)), n) for n in names
-             if (m := _BACKUP_RE.match(n)) and m.group(1) == base]
+    found = [
+        (int(m.group(2)), n) for n in names if (m := _BACKUP_RE.match(n)) and m.group(1) == base
+    ]
     return [n for _, n in sorted(found, reverse=True)]
 
 
@@ -358,31 +419,66 @@ def snapshot_json(snap: Snapshot, root: Path, db: str, sup: dict[str, Any]) -> d
         row["next_retry_at"] = utc_text(entry.next_retry_at)
         del row["oldest_pending"]
         row["oldest_pending_age_seconds"] = (
-            None if entry.oldest_pending is None else round(now - entry.oldest_pending, 3))
+            None if entry.oldest_pending is None else round(now - entry.oldest_pending, 3)
+        )
         rows.append(row)
     oldest = snap.oldest_pending()
-    return {"generated_at": utc_text(snap.now), "server_dir": str(root), "db": db,
-            "supervisor": sup, "buckets": rows,
-            "totals": {k: sum(r[k] for r in rows) for k in (
-                "incoming", "processing", "waiting_retry", "failed", "completed_today",
-                "ignored")},
-            "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 3),
-            "paused": snap.holds, "errors": snap.errors}
+    return {
+        "generated_at": utc_text(snap.now),
+        "server_dir": str(root),
+        "db": db,
+        "supervisor": sup,
+        "buckets": rows,
+        "totals": {
+            k: sum(r[k] for r in rows)
+            for k in (
+                "incoming",
+                "processing",
+                "waiting_retry",
+                "failed",
+                "completed_today",
+                "ignored",
+            )
+        },
+        "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 3),
+        "paused": snap.holds,
+        "errors": snap.errors,
+    }
 
 
 def print_table(data: dict[str, Any]) -> None:
     sup = data["supervisor"]
-    running = ("running, pid {}".format(sup["pid"]) if sup["running"]
-               else "not running" if sup["running"] is False else "state unknown")
-    print(f"{data['server_dir']} (supervisor {running}); records {data['db']}; "
-          f"{data['generated_at']}")
-    header = ("PROFILE", "BUCKET", "INCOMING", "PROCESSING", "RETRY", "NEXT RETRY", "FAILED",
-              "DONE TODAY", "OLDEST PENDING", "PAUSED")
+    running = (
+        "running, pid {}".format(sup["pid"])
+        if sup["running"]
+        else "not running"
+        if sup["running"] is False
+        else "state unknown"
+    )
+    print(
+        f"{data['server_dir']} (supervisor {running}); records {data['db']}; {data['generated_at']}"
+    )
+    header = (
+        "PROFILE",
+        "BUCKET",
+        "INCOMING",
+        "PROCESSING",
+        "RETRY",
+        "NEXT RETRY",
+        "FAILED",
+        "DONE TODAY",
+        "OLDEST PENDING",
+        "PAUSED",
+    )
     lines = [header] + [_table_row(r, data["generated_at"]) for r in data["buckets"]]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
-        print("  ".join(c.ljust(w) if i < 2 or i == 9 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip())
+        print(
+            "  ".join(
+                c.ljust(w) if i < 2 or i == 9 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+        )
     if not data["buckets"]:
         print("(no profile or bucket directories yet)")
     print(f"oldest pending: {age_text(data['oldest_pending_age_seconds'])}")
@@ -397,10 +493,18 @@ def _table_row(row: dict[str, Any], now_text: str) -> tuple[str, ...]:
         wait = (dt.datetime.fromisoformat(row["next_retry_at"].rstrip("Z")) - now).total_seconds()
         due = f"in {age_text(wait)}" if wait > 0 else "due"
     ignored = f" (+{row['ignored']} ignored)" if row["ignored"] else ""
-    return (row["profile"], row["bucket"], f"{row['incoming']}{ignored}",
-            str(row["processing"]), str(row["waiting_retry"]), due, str(row["failed"]),
-            str(row["completed_today"]), age_text(row["oldest_pending_age_seconds"]),
-            row["paused"] or "")
+    return (
+        row["profile"],
+        row["bucket"],
+        f"{row['incoming']}{ignored}",
+        str(row["processing"]),
+        str(row["waiting_retry"]),
+        due,
+        str(row["failed"]),
+        str(row["completed_today"]),
+        age_text(row["oldest_pending_age_seconds"]),
+        row["paused"] or "",
+    )
 
 
 def _print_holds(holds: list[dict[str, Any]]) -> None:
@@ -420,8 +524,10 @@ def _print_errors(errors: list[dict[str, Any]]) -> None:
     print("errors (last 24 h failed; retrying now):")
     for g in errors:
         files = _count(g["files"], "file")
-        print(f"  {g['state']:<8} {g['reason']}: {files} in {', '.join(g['buckets'])}; "
-              f"last {g['last_at']}: {_one_line(g['last_error'])}")
+        print(
+            f"  {g['state']:<8} {g['reason']}: {files} in {', '.join(g['buckets'])}; "
+            f"last {g['last_at']}: {_one_line(g['last_error'])}"
+        )
 
 
 def _count(n: int, noun: str) -> str:
@@ -430,13 +536,14 @@ def _count(n: int, noun: str) -> str:
 
 def _one_line(text: str | None, width: int = 160) -> str:
     flat = " ".join((text or "").split())
-    return flat if len(flat) <= width else flat[:width - 3] + "..."
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
 def print_history(item: dict[str, Any]) -> None:
     print(item["uri"])
-    where = "; ".join(f"{f['state']}: {f['path']} ({_count(f['size'], 'byte')})"
-                      for f in item["on_disk"])
+    where = "; ".join(
+        f"{f['state']}: {f['path']} ({_count(f['size'], 'byte')})" for f in item["on_disk"]
+    )
     print(f"  on disk: {where or 'nowhere in the server dir'}")
     if not item["passages"]:
         print("  no record")
@@ -457,8 +564,10 @@ def _ending(p: dict[str, Any]) -> str:
         reason = p["reason"] or "?"
         text = f"failed: {error if error.startswith(reason) else f'{reason}: {error}'}"
     elif p["state"] == PROCESSING and p["next_attempt_at"]:
-        text = (f"processing: retry {p['retry_count']} due {p['next_attempt_at']} after "
-                f"{_one_line(p['error'])}")
+        text = (
+            f"processing: retry {p['retry_count']} due {p['next_attempt_at']} after "
+            f"{_one_line(p['error'])}"
+        )
     else:
         text = p["state"] + (f" ({p['reason']})" if p["reason"] else "")
     if p["requeued_to"]:
@@ -468,10 +577,18 @@ def _ending(p: dict[str, Any]) -> str:
 
 # -- the command -------------------------------------------------------------------------------
 def parser() -> cli.Parser:
-    p = cli.Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", nargs="*", metavar="[why] TARGET",
-                   help="a file's path in the server dir, s3://PROFILE/BUCKET/KEY or KEY")
+    p = cli.Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "target",
+        nargs="*",
+        metavar="[why] TARGET",
+        help="a file's path in the server dir, s3://PROFILE/BUCKET/KEY or KEY",
+    )
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     cli.add_location_options(p)
     return p
@@ -499,8 +616,7 @@ def open_records(option: str | None) -> str:
     """Open the existing records database (a read-only command must not create one)."""
     path = cli.db_path(option)
     if not os.path.exists(path):
-        raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else "
-                          "./flood.db)")
+        raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else ./flood.db)")
     try:
         records.open_db(path)
     except (OSError, pw.PeeweeException) as exc:

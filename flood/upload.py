@@ -33,13 +33,13 @@ from flood.s3 import check_bucket as head_bucket
 from flood.settings import Settings
 
 # Outcomes of one pass over a job, for the uploader role to act on.
-DONE = "done"          # completed/ or failed/: nothing more to do
-SKIPPED = "skipped"    # not there any more (a duplicate event), or left waiting in incoming/
-RETRY = "retry"        # transient failure or a retry not yet due: run again at `due`
-BUSY = "busy"          # the same path is still in processing/: try again shortly, in order
-CHANGED = "changed"    # the file changed while it was read: upload again once it settles
-MOVE_RETRY = 5.0       # seconds before a file whose final move failed is tried again
-BATCH = 32                    # files an uploader takes from its queue at once
+DONE = "done"  # completed/ or failed/: nothing more to do
+SKIPPED = "skipped"  # not there any more (a duplicate event), or left waiting in incoming/
+RETRY = "retry"  # transient failure or a retry not yet due: run again at `due`
+BUSY = "busy"  # the same path is still in processing/: try again shortly, in order
+CHANGED = "changed"  # the file changed while it was read: upload again once it settles
+MOVE_RETRY = 5.0  # seconds before a file whose final move failed is tried again
+BATCH = 32  # files an uploader takes from its queue at once
 BATCH_MAX_BYTES = 1024 * 1024  # larger files are not held in memory for a batch
 # Bytes of a batch's PUTs in flight at once (always at least one PUT). The next file is read
 # and hashed while they are: 1 MiB keeps 32 small PUTs in flight, or one 1 MiB PUT while the
@@ -79,8 +79,14 @@ def _protected_hardlinks() -> bool:
 class FileUploader:
     """Uploads the files of one profile; one per uploader process, holding its client."""
 
-    def __init__(self, settings: Settings, profile: str, client: Any, log: Any,
-                 checked_buckets: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        profile: str,
+        client: Any,
+        log: Any,
+        checked_buckets: set[str] | None = None,
+    ) -> None:
         self.settings = settings
         self.profile = profile
         self.client = client
@@ -94,12 +100,17 @@ class FileUploader:
         account = settings.profiles[profile]
         # BATCH connections for the PUTs a batch keeps in flight, one more for the files
         # uploaded one at a time (LeanPut.put), which may come in the middle of a batch.
-        self.lean = (LeanPut(account, connections=BATCH + 1)
-                     if settings.lean_put and account.endpoint else None)
-        self.transfer = TransferConfig(multipart_threshold=settings.multipart_threshold,
-                                       multipart_chunksize=settings.multipart_chunksize,
-                                       max_concurrency=settings.multipart_threads,
-                                       use_threads=True)
+        self.lean = (
+            LeanPut(account, connections=BATCH + 1)
+            if settings.lean_put and account.endpoint
+            else None
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=settings.multipart_threshold,
+            multipart_chunksize=settings.multipart_chunksize,
+            max_concurrency=settings.multipart_threads,
+            use_threads=True,
+        )
 
     # -- entry point ---------------------------------------------------------------------
     def run(self, job: Job, now: float) -> Result:
@@ -129,7 +140,7 @@ class FileUploader:
         outcomes: list[Result | Exception] = [Result(SKIPPED)] * len(jobs)
         inflight: collections.deque[tuple[int, _Staged, PendingPut]] = collections.deque()
         fds: list[int] = []
-        indexes: list[int] = []   # of the proven uploads, in the order of `proven`
+        indexes: list[int] = []  # of the proven uploads, in the order of `proven`
         proven: list[tuple[FileRef, int, int, os.stat_result, str | None, float]] = []
 
         def conclude_oldest() -> None:
@@ -141,8 +152,16 @@ class FileUploader:
                 verdict = exc
             if isinstance(verdict, str):
                 indexes.append(index)
-                proven.append((staged.ref, staged.record_id, 0, staged.before, verdict,
-                               time.monotonic() - staged.started))
+                proven.append(
+                    (
+                        staged.ref,
+                        staged.record_id,
+                        0,
+                        staged.before,
+                        verdict,
+                        time.monotonic() - staged.started,
+                    )
+                )
             else:
                 outcomes[index] = verdict
 
@@ -158,13 +177,17 @@ class FileUploader:
                     outcomes[index] = staged
                     continue
                 fds.append(staged.fd)
-                while inflight and len(staged.data) + sum(
-                        len(earlier.data) for _, earlier, _ in inflight) > WINDOW_BYTES:
+                while (
+                    inflight
+                    and len(staged.data) + sum(len(earlier.data) for _, earlier, _ in inflight)
+                    > WINDOW_BYTES
+                ):
                     conclude_oldest()
                 crashpoints.point("after_put_start")
                 # A job's index is below BATCH and unique in the batch: its own connection.
-                pending = self.lean.start(index, ref.bucket, ref.key, staged.data,
-                                          staged.content_md5)
+                pending = self.lean.start(
+                    index, ref.bucket, ref.key, staged.data, staged.content_md5
+                )
                 inflight.append((index, staged, pending))
             while inflight:
                 conclude_oldest()
@@ -182,8 +205,9 @@ class FileUploader:
             self.dirs.close()
         return outcomes
 
-    def claim_all(self, jobs: list[Job], now: float,
-                  outcomes: list[Result | Exception]) -> list[tuple[int, FileRef, int]]:
+    def claim_all(
+        self, jobs: list[Job], now: float, outcomes: list[Result | Exception]
+    ) -> list[tuple[int, FileRef, int]]:
         """Claim each incoming job's file, then record the claims in one transaction; the
         claimed ones as (index, ref, record id). Other outcomes go into `outcomes`."""
         taken: list[tuple[int, FileRef, os.stat_result, dt.datetime | None]] = []
@@ -208,8 +232,10 @@ class FileUploader:
             for index, *_ in taken:
                 outcomes[index] = exc
             return []
-        return [(index, ref, record_id)
-                for (index, ref, _, _), record_id in zip(taken, ids, strict=True)]
+        return [
+            (index, ref, record_id)
+            for (index, ref, _, _), record_id in zip(taken, ids, strict=True)
+        ]
 
     def stage(self, ref: FileRef, record_id: int, now: float) -> Result | _Staged:
         """Open a claimed file and read it if it is small; a Result if this pass ends here
@@ -229,8 +255,16 @@ class FileUploader:
             os.close(fd)
             raise
         digest = hashlib.md5(data, usedforsecurity=False)
-        return _Staged(ref, record_id, fd, before, data, digest.hexdigest(),
-                       base64.b64encode(digest.digest()).decode("ascii"), time.monotonic())
+        return _Staged(
+            ref,
+            record_id,
+            fd,
+            before,
+            data,
+            digest.hexdigest(),
+            base64.b64encode(digest.digest()).decode("ascii"),
+            time.monotonic(),
+        )
 
     def conclude(self, staged: _Staged, pending: PendingPut, now: float) -> Result | str:
         """A started PUT's answer: the proven ETag, or the Result that ends this pass."""
@@ -238,8 +272,19 @@ class FileUploader:
             etag = pending.result().strip('"')
         except (ClientError, BotoCoreError) as exc:
             return self.failed_attempt(staged.ref, staged.record_id, 0, exc, now)
-        return self.check(staged.ref, staged.record_id, 0, staged.fd, staged.before, etag,
-                          etag == staged.md5_hex, now) or etag
+        return (
+            self.check(
+                staged.ref,
+                staged.record_id,
+                0,
+                staged.fd,
+                staged.before,
+                etag,
+                etag == staged.md5_hex,
+                now,
+            )
+            or etag
+        )
 
     # -- holds ---------------------------------------------------------------------------
     def held(self, bucket: str, now: float) -> bool:
@@ -281,8 +326,13 @@ class FileUploader:
 
     def pause(self, bucket: str, reason: str, detail: str) -> None:
         if records.hold(self.profile, bucket, reason, detail):
-            self.log.error("profile_paused" if not bucket else "bucket_paused",
-                           profile=self.profile, bucket=bucket or None, reason=reason, error=detail)
+            self.log.error(
+                "profile_paused" if not bucket else "bucket_paused",
+                profile=self.profile,
+                bucket=bucket or None,
+                reason=reason,
+                error=detail,
+            )
         self.holds[(self.profile, bucket)] = reason
 
     # -- claim ---------------------------------------------------------------------------
@@ -295,8 +345,9 @@ class FileUploader:
         except FileNotFoundError:
             return None
         except fsops.EscapesTree as exc:
-            self.log.warning("path_escapes", profile=ref.profile, bucket=ref.bucket,
-                             key=ref.key, reason=str(exc))
+            self.log.warning(
+                "path_escapes", profile=ref.profile, bucket=ref.bucket, key=ref.key, reason=str(exc)
+            )
             return None
         try:
             dst = self.dirs.get(PROCESSING, parts, create=True)
@@ -310,15 +361,21 @@ class FileUploader:
         crashpoints.point("after_claim")
         return info, created
 
-    def record_claims(self, taken: list[tuple[FileRef, os.stat_result, dt.datetime | None]]
-                      ) -> list[int]:
+    def record_claims(
+        self, taken: list[tuple[FileRef, os.stat_result, dt.datetime | None]]
+    ) -> list[int]:
         """Record files just claimed (one transaction); their passages' record ids."""
-        ids = records.record_claims([(ref, created, info.st_size)
-                                     for ref, info, created in taken])
+        ids = records.record_claims([(ref, created, info.st_size) for ref, info, created in taken])
         for (ref, info, _), record_id in zip(taken, ids, strict=True):
-            self.log.info("file_claimed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                          path=self.layout.path(PROCESSING, ref), size=info.st_size,
-                          record_id=record_id)
+            self.log.info(
+                "file_claimed",
+                profile=ref.profile,
+                bucket=ref.bucket,
+                key=ref.key,
+                path=self.layout.path(PROCESSING, ref),
+                size=info.st_size,
+                record_id=record_id,
+            )
         return ids
 
     def resume(self, ref: FileRef, now: float) -> Result:
@@ -350,8 +407,9 @@ class FileUploader:
         finally:
             os.close(fd)
 
-    def open_claimed(self, ref: FileRef, record_id: int,
-                     attempt: int) -> tuple[int, os.stat_result] | Result:
+    def open_claimed(
+        self, ref: FileRef, record_id: int, attempt: int
+    ) -> tuple[int, os.stat_result] | Result:
         """The claimed file opened for reading (a regular file, checked names), or the Result
         that ends this pass (failed/, vanished)."""
         parts, name = _split(ref)
@@ -363,27 +421,45 @@ class FileUploader:
         try:
             fd, before = fsops.open_regular(name, dir_fd=self.dirs.get(PROCESSING, parts))
         except fsops.NotRegularFile as exc:
-            return self.fail(ref, record_id, "not_regular_file",
-                             f"{exc.kind}, not a regular file", attempt)
+            return self.fail(
+                ref, record_id, "not_regular_file", f"{exc.kind}, not a regular file", attempt
+            )
         except (FileNotFoundError, fsops.EscapesTree):
             return self.vanished(ref, record_id)
         except PermissionError as exc:
             return self.fail(ref, record_id, "unreadable", str(exc), attempt)
         if before.st_nlink > 1 and not self.kernel_guards_hardlinks:
             os.close(fd)
-            return self.fail(ref, record_id, "hard_link",
-                             "file has other hard links and fs.protected_hardlinks is off",
-                             attempt)
+            return self.fail(
+                ref,
+                record_id,
+                "hard_link",
+                "file has other hard links and fs.protected_hardlinks is off",
+                attempt,
+            )
         return fd, before
 
     def vanished(self, ref: FileRef, record_id: int) -> Result:
-        self.log.warning("file_vanished", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                         path=self.layout.path(PROCESSING, ref), record_id=record_id)
+        self.log.warning(
+            "file_vanished",
+            profile=ref.profile,
+            bucket=ref.bucket,
+            key=ref.key,
+            path=self.layout.path(PROCESSING, ref),
+            record_id=record_id,
+        )
         records.set_state(record_id, "failed", "vanished")
         return Result(SKIPPED)
 
-    def _attempt_open(self, ref: FileRef, record_id: int, attempt: int, fd: int,
-                      before: os.stat_result, now: float) -> Result:
+    def _attempt_open(
+        self,
+        ref: FileRef,
+        record_id: int,
+        attempt: int,
+        fd: int,
+        before: os.stat_result,
+        now: float,
+    ) -> Result:
         started = time.monotonic()
         try:
             crashpoints.point("after_put_start")
@@ -392,24 +468,47 @@ class FileUploader:
             return self.failed_attempt(ref, record_id, attempt, exc, now)
         return self.settle(ref, record_id, attempt, fd, before, etag, proven, now, started)
 
-    def settle(self, ref: FileRef, record_id: int, attempt: int, fd: int,
-               before: os.stat_result, etag: str | None, proven: bool, now: float,
-               started: float) -> Result:
+    def settle(
+        self,
+        ref: FileRef,
+        record_id: int,
+        attempt: int,
+        fd: int,
+        before: os.stat_result,
+        etag: str | None,
+        proven: bool,
+        now: float,
+        started: float,
+    ) -> Result:
         """After the PUT returned: check(), then record and move."""
-        return self.check(ref, record_id, attempt, fd, before, etag, proven, now) or \
-            self.complete(ref, record_id, attempt, before, etag, time.monotonic() - started)
+        return self.check(ref, record_id, attempt, fd, before, etag, proven, now) or self.complete(
+            ref, record_id, attempt, before, etag, time.monotonic() - started
+        )
 
-    def check(self, ref: FileRef, record_id: int, attempt: int, fd: int,
-              before: os.stat_result, etag: str | None, proven: bool, now: float
-              ) -> Result | None:
+    def check(
+        self,
+        ref: FileRef,
+        record_id: int,
+        attempt: int,
+        fd: int,
+        before: os.stat_result,
+        etag: str | None,
+        proven: bool,
+        now: float,
+    ) -> Result | None:
         """After the PUT returned: the source must be unchanged, and the upload proven by its
         answer or by a HEAD. None if it may complete, else the Result that ends this pass."""
         try:
             crashpoints.point("after_put")
             after = os.fstat(fd)
             if _changed(before, after):
-                self.log.warning("source_modified", profile=ref.profile, bucket=ref.bucket,
-                                 key=ref.key, size=after.st_size)
+                self.log.warning(
+                    "source_modified",
+                    profile=ref.profile,
+                    bucket=ref.bucket,
+                    key=ref.key,
+                    size=after.st_size,
+                )
                 return Result(CHANGED, now + self.settings.settle_seconds)
             if not proven or self.settings.verify == "head":
                 self.verify(ref, before.st_size)
@@ -432,8 +531,9 @@ class FileUploader:
             if self.lean is not None:
                 etag = self.lean.put(ref.bucket, ref.key, data, content_md5)
             else:
-                answer = self.client.put_object(Bucket=ref.bucket, Key=ref.key, Body=data,
-                                                ContentMD5=content_md5)
+                answer = self.client.put_object(
+                    Bucket=ref.bucket, Key=ref.key, Body=data, ContentMD5=content_md5
+                )
                 etag = str(answer.get("ETag", ""))
             etag = etag.strip('"')
             return etag, etag == digest.hexdigest()
@@ -449,11 +549,17 @@ class FileUploader:
         for upload in answer.get("Uploads", []):
             if upload.get("Key") != ref.key:
                 continue
-            self.client.abort_multipart_upload(Bucket=ref.bucket, Key=ref.key,
-                                               UploadId=upload["UploadId"])
-            self.log.info("multipart_aborted", profile=ref.profile, bucket=ref.bucket,
-                          key=ref.key, upload_id=upload["UploadId"],
-                          reason="left by an interrupted attempt")
+            self.client.abort_multipart_upload(
+                Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
+            )
+            self.log.info(
+                "multipart_aborted",
+                profile=ref.profile,
+                bucket=ref.bucket,
+                key=ref.key,
+                upload_id=upload["UploadId"],
+                reason="left by an interrupted attempt",
+            )
 
     def verify(self, ref: FileRef, size: int) -> None:
         """HEAD the object: its size must be the file's. A denied HEAD is logged and accepted."""
@@ -462,28 +568,45 @@ class FileUploader:
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status in (403, 405, 501):
-                self.log.info("verify_skipped", profile=ref.profile, bucket=ref.bucket,
-                              key=ref.key, reason=f"http_{status}")
+                self.log.info(
+                    "verify_skipped",
+                    profile=ref.profile,
+                    bucket=ref.bucket,
+                    key=ref.key,
+                    reason=f"http_{status}",
+                )
                 return
             raise
         if int(head.get("ContentLength", -1)) != size:
             raise _Mismatch(f"object has {head.get('ContentLength')} bytes, file has {size}")
 
     # -- endings -------------------------------------------------------------------------
-    def complete(self, ref: FileRef, record_id: int, attempt: int, info: os.stat_result,
-                 etag: str | None, seconds: float) -> Result:
+    def complete(
+        self,
+        ref: FileRef,
+        record_id: int,
+        attempt: int,
+        info: os.stat_result,
+        etag: str | None,
+        seconds: float,
+    ) -> Result:
         result = self.complete_all([(ref, record_id, attempt, info, etag, seconds)])[0]
         if isinstance(result, Exception):
             raise result
         return result
 
-    def complete_all(self, done: list[tuple[FileRef, int, int, os.stat_result, str | None,
-                                            float]]) -> list[Result | Exception]:
+    def complete_all(
+        self, done: list[tuple[FileRef, int, int, os.stat_result, str | None, float]]
+    ) -> list[Result | Exception]:
         """Proven uploads (ref, record id, retry number, stat, ETag, seconds): their records
         first (one transaction), then each file's move to completed/ and its outcome (an
         Exception: its move crashed; the others still move)."""
-        records.record_completions([(record_id, info.st_size, etag, attempt)
-                                    for _, record_id, attempt, info, etag, _ in done])
+        records.record_completions(
+            [
+                (record_id, info.st_size, etag, attempt)
+                for _, record_id, attempt, info, etag, _ in done
+            ]
+        )
         crashpoints.point("after_record")
         results: list[Result | Exception] = []
         for ref, record_id, attempt, info, etag, seconds in done:
@@ -496,9 +619,18 @@ class FileUploader:
                 results.append(Result(RETRY, time.time() + MOVE_RETRY))
                 continue
             crashpoints.point("after_move_completed")
-            self.log.info("upload_succeeded", profile=ref.profile, bucket=ref.bucket,
-                          key=ref.key, path=self.layout.path(COMPLETED, ref), size=info.st_size,
-                          etag=etag, duration=seconds, attempt=attempt, record_id=record_id)
+            self.log.info(
+                "upload_succeeded",
+                profile=ref.profile,
+                bucket=ref.bucket,
+                key=ref.key,
+                path=self.layout.path(COMPLETED, ref),
+                size=info.st_size,
+                etag=etag,
+                duration=seconds,
+                attempt=attempt,
+                record_id=record_id,
+            )
             results.append(Result(DONE))
         return results
 
@@ -508,9 +640,17 @@ class FileUploader:
         if not self.finish_or_wait(FAILED, ref, record_id):
             return Result(RETRY, time.time() + MOVE_RETRY)
         crashpoints.point("after_move_failed")
-        self.log.error("upload_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                       path=self.layout.path(FAILED, ref), reason=reason, error=error,
-                       attempt=attempt, record_id=record_id)
+        self.log.error(
+            "upload_failed",
+            profile=ref.profile,
+            bucket=ref.bucket,
+            key=ref.key,
+            path=self.layout.path(FAILED, ref),
+            reason=reason,
+            error=error,
+            attempt=attempt,
+            record_id=record_id,
+        )
         return Result(DONE)
 
     def give_up(self, ref: FileRef, error: str) -> None:
@@ -522,11 +662,19 @@ class FileUploader:
             self.finish(FAILED, ref)
         finally:
             self.dirs.close()
-        self.log.error("upload_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                       path=self.layout.path(FAILED, ref), reason="internal_error", error=error)
+        self.log.error(
+            "upload_failed",
+            profile=ref.profile,
+            bucket=ref.bucket,
+            key=ref.key,
+            path=self.layout.path(FAILED, ref),
+            reason="internal_error",
+            error=error,
+        )
 
-    def failed_attempt(self, ref: FileRef, record_id: int, attempt: int, exc: BaseException,
-                       now: float) -> Result:
+    def failed_attempt(
+        self, ref: FileRef, record_id: int, attempt: int, exc: BaseException, now: float
+    ) -> Result:
         """Classify an error: fail now, pause the profile or bucket too, or schedule a retry."""
         verdict = _Mismatch.verdict(exc) or retry.classify(exc)
         error = f"{type(exc).__name__}: {exc}"
@@ -542,16 +690,30 @@ class FileUploader:
         wait = retry.delay(following, self.settings.retry_base, self.settings.retry_max_delay)
         due = now + wait
         records.record_retry_scheduled(
-            record_id, following, dt.datetime.fromtimestamp(due, dt.UTC).replace(tzinfo=None),
-            error, attempt)
+            record_id,
+            following,
+            dt.datetime.fromtimestamp(due, dt.UTC).replace(tzinfo=None),
+            error,
+            attempt,
+        )
         crashpoints.point("after_retry_record")
-        self.log.warning("upload_retry_scheduled", profile=ref.profile, bucket=ref.bucket,
-                         key=ref.key, reason=verdict.reason, error=error, attempt=attempt,
-                         next_attempt=following, delay=round(wait, 3), record_id=record_id)
+        self.log.warning(
+            "upload_retry_scheduled",
+            profile=ref.profile,
+            bucket=ref.bucket,
+            key=ref.key,
+            reason=verdict.reason,
+            error=error,
+            attempt=attempt,
+            next_attempt=following,
+            delay=round(wait, 3),
+            record_id=record_id,
+        )
         return Result(RETRY, due)
 
-    def finish_or_wait(self, state: str, ref: FileRef, record_id: int,
-                       inode: int | None = None) -> bool:
+    def finish_or_wait(
+        self, state: str, ref: FileRef, record_id: int, inode: int | None = None
+    ) -> bool:
         """finish(); if the move fails (disk full, say) the file stays in processing/ and so
         does its record, so the next pass continues this passage instead of starting one."""
         try:
@@ -559,9 +721,16 @@ class FileUploader:
             return True
         except OSError as exc:
             records.set_state(record_id, PROCESSING)
-            self.log.error("move_failed", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                           path=self.layout.path(PROCESSING, ref), reason=state,
-                           error=f"{type(exc).__name__}: {exc}", record_id=record_id)
+            self.log.error(
+                "move_failed",
+                profile=ref.profile,
+                bucket=ref.bucket,
+                key=ref.key,
+                path=self.layout.path(PROCESSING, ref),
+                reason=state,
+                error=f"{type(exc).__name__}: {exc}",
+                record_id=record_id,
+            )
             return False
 
     def finish(self, state: str, ref: FileRef, inode: int | None = None) -> None:
@@ -569,8 +738,7 @@ class FileUploader:
         key.~N~ (mv --backup=numbered). With `inode`, only that file is moved (what we read)."""
         parts, name = _split(ref)
         src = self.dirs.get(PROCESSING, parts)
-        if inode is not None and os.stat(name, dir_fd=src,
-                                         follow_symlinks=False).st_ino != inode:
+        if inode is not None and os.stat(name, dir_fd=src, follow_symlinks=False).st_ino != inode:
             raise _Mismatch(f"processing/{ref.key} is no longer the file that was uploaded")
         dst = self.dirs.get(state, parts, create=True)
         with contextlib.suppress(FileNotFoundError):
@@ -624,7 +792,10 @@ class _Mismatch(Exception):
 
 def _changed(before: os.stat_result, after: os.stat_result) -> bool:
     return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
-        after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    )
 
 
 def _read_all(fd: int, size: int) -> bytes:

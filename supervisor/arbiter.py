@@ -24,13 +24,22 @@ from flood.settings import Settings
 from flood.supervisor import startup
 from flood.workers import uploader, watcher
 
-QUEUE_SIZE = 10_000          # jobs per uploader queue: bounded memory, back-pressure on scans
+QUEUE_SIZE = 10_000  # jobs per uploader queue: bounded memory, back-pressure on scans
 RESTART_BACKOFF_MAX = 30.0
-STABLE_AFTER = 60.0          # a generation that lived this long resets the restart backoff
-EXTEND_EVERY = 10.0          # before READY=1, push systemd's start timeout on this often...
+STABLE_AFTER = 60.0  # a generation that lived this long resets the restart backoff
+EXTEND_EVERY = 10.0  # before READY=1, push systemd's start timeout on this often...
 EXTEND_BY_USEC = 60_000_000  # ...by this much, while the children make progress
-PRELOAD = ["boto3", "botocore.session", "botocore.client", "peewee", "structlog", "pyinotify",
-           "flood.upload", "flood.workers.uploader", "flood.workers.watcher"]
+PRELOAD = [
+    "boto3",
+    "botocore.session",
+    "botocore.client",
+    "peewee",
+    "structlog",
+    "pyinotify",
+    "flood.upload",
+    "flood.workers.uploader",
+    "flood.workers.watcher",
+]
 
 
 @dataclass
@@ -53,8 +62,9 @@ class Generation:
 
 
 class Arbiter:
-    def __init__(self, settings: Settings, layout: Layout, checked: dict[str, set[str]],
-                 log: Any) -> None:
+    def __init__(
+        self, settings: Settings, layout: Layout, checked: dict[str, set[str]], log: Any
+    ) -> None:
         self.settings = settings
         self.layout = layout
         self.checked = checked
@@ -134,20 +144,26 @@ class Arbiter:
         while self.signals:
             signum = self.signals.pop(0)
             if signum == signal.SIGHUP:
-                self.log.info("signal_received", signal="SIGHUP",
-                              reason="re-reading credentials; uploads in flight finish first")
+                self.log.info(
+                    "signal_received",
+                    signal="SIGHUP",
+                    reason="re-reading credentials; uploads in flight finish first",
+                )
                 if not self.stopping:
                     self.reload()
                 continue
-            self.log.info("signal_received", signal=signal.Signals(signum).name,
-                          reason="stopping: in-flight uploads get the grace period")
+            self.log.info(
+                "signal_received",
+                signal=signal.Signals(signum).name,
+                reason="stopping: in-flight uploads get the grace period",
+            )
             self.stopping = True
 
     def on_message(self, child: Child) -> None:
         try:
             while child.conn.poll():
                 message = child.conn.recv()
-                child.beat_at = time.monotonic()   # any message is progress ("alive" says so)
+                child.beat_at = time.monotonic()  # any message is progress ("alive" says so)
                 if message[0] == "ready":
                     child.ready = True
                 elif message[0] == "drained":
@@ -164,8 +180,12 @@ class Arbiter:
                 # It exited by itself before it was ready (config, import, setup error):
                 # restarting it would loop. Killed by a signal, it is a death like any other.
                 self.log.error("child_boot_failed", child=child.name, exit_code=code)
-                print(f"flood-supervisor: {child.name} failed at start (exit code {code}); "
-                      "see the log above", flush=True, file=sys.stderr)
+                print(
+                    f"flood-supervisor: {child.name} failed at start (exit code {code}); "
+                    "see the log above",
+                    flush=True,
+                    file=sys.stderr,
+                )
                 self.exit_code = code if code == 78 else EX_SOFTWARE
                 self.stopping = True
                 return
@@ -196,8 +216,10 @@ class Arbiter:
             return
         self.ready_pending = False
         self.ready_once = True
-        self.notifier.ready(f"uploading from {self.settings.server_dir} for "
-                            f"{', '.join(sorted(self.settings.profiles))}")
+        self.notifier.ready(
+            f"uploading from {self.settings.server_dir} for "
+            f"{', '.join(sorted(self.settings.profiles))}"
+        )
 
     def ping_watchdog(self) -> None:
         """WATCHDOG=1 every half interval, only while every child reports progress."""
@@ -207,8 +229,11 @@ class Arbiter:
         stale = self.watchdog.stale(now, {c.name: c.beat_at for c in self.generation.children})
         if stale != self.withheld:
             if stale:
-                self.log.warning("watchdog_withheld", children=stale,
-                                 reason=f"no progress for {self.watchdog.stall_after:g} s")
+                self.log.warning(
+                    "watchdog_withheld",
+                    children=stale,
+                    reason=f"no progress for {self.watchdog.stall_after:g} s",
+                )
             else:
                 self.log.info("watchdog_resumed")
             self.withheld = stale
@@ -236,16 +261,20 @@ class Arbiter:
             settings = dataclasses.replace(self.settings, profiles=creds.profiles)
             self.layout.prepare(settings.profiles)
         except (FloodError, OSError) as exc:
-            self.log.error("reload_failed", error=str(exc),
-                           reason="keeping the profiles loaded before")
+            self.log.error(
+                "reload_failed", error=str(exc), reason="keeping the profiles loaded before"
+            )
             self.notifier.ready("reload failed; running with the profiles loaded before")
             return
         if sorted(settings.secrets()) != sorted(self.settings.secrets()):
             logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
         self.log.info("credentials_reloaded", path=str(creds.path), profiles=sorted(creds.profiles))
         if creds.loose_permissions():
-            self.log.warning("credentials_file_exposed", path=str(creds.path),
-                             reason=f"mode {creds.mode & 0o777:o}: group or others can read it")
+            self.log.warning(
+                "credentials_file_exposed",
+                path=str(creds.path),
+                reason=f"mode {creds.mode & 0o777:o}: group or others can read it",
+            )
         self.count_restarts("reload")
         self.stop_children("reload")
         self.settings = self.checker.settings = settings
@@ -263,15 +292,20 @@ class Arbiter:
                 jobs = self.ctx.Queue(QUEUE_SIZE)
                 queues[profile].append(jobs)
                 gen.queues.append(jobs)
-                gen.children.append(self.spawn(
-                    f"uploader-{profile}-{slot}", uploader.main,
-                    (self.settings, profile, slot, jobs, set(self.checked.get(profile, ())))))
+                gen.children.append(
+                    self.spawn(
+                        f"uploader-{profile}-{slot}",
+                        uploader.main,
+                        (self.settings, profile, slot, jobs, set(self.checked.get(profile, ()))),
+                    )
+                )
         child = self.spawn("watcher", watcher.main, (self.settings, queues))
         gen.children.append(child)
         self.watcher_conn = child.conn
         self.generation = gen
-        self.log.info("children_started", count=len(gen.children),
-                      pids=[c.process.pid for c in gen.children])
+        self.log.info(
+            "children_started", count=len(gen.children), pids=[c.process.pid for c in gen.children]
+        )
 
     def spawn(self, name: str, target: Any, args: tuple[Any, ...]) -> Child:
         """Start one child; its entry point takes `args`, its end of a duplex pipe, our pid."""

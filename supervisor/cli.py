@@ -31,51 +31,130 @@ server directory; 70 a child failed at start."""
 
 
 def parser() -> cli.Parser:
-    p = cli.Parser(prog="flood-supervisor", description=DESCRIPTION, epilog=EPILOG,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(
+        prog="flood-supervisor",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("server_dir", metavar="SERVER_DIR", help="the spool directory")
-    p.add_argument("--workers", type=cli.positive_int, default=4, metavar="N",
-                   help="uploader processes per profile (default: 4)")
-    p.add_argument("--credentials", metavar="FILE",
-                   help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE nor "
-                        "~/.aws/credentials exists")
-    p.add_argument("--db", metavar="PATH",
-                   help="SQLite records (default: $FLOOD_DB, else ./flood.db)")
-    p.add_argument("--retry-base", type=cli.seconds, default=30.0, metavar="SECONDS",
-                   help="retry n waits d..2d with d = base * 2^(n-1) (default: 30)")
-    p.add_argument("--max-retries", type=cli.non_negative_int, default=10, metavar="N",
-                   help="retries after the first upload before failed/ (default: 10)")
-    p.add_argument("--retry-max-delay", type=cli.seconds, default=None, metavar="SECONDS",
-                   help="cap on one retry's wait (default: no cap)")
+    p.add_argument(
+        "--workers",
+        type=cli.positive_int,
+        default=4,
+        metavar="N",
+        help="uploader processes per profile (default: 4)",
+    )
+    p.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE nor "
+        "~/.aws/credentials exists",
+    )
+    p.add_argument(
+        "--db", metavar="PATH", help="SQLite records (default: $FLOOD_DB, else ./flood.db)"
+    )
+    p.add_argument(
+        "--retry-base",
+        type=cli.seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="retry n waits d..2d with d = base * 2^(n-1) (default: 30)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=cli.non_negative_int,
+        default=10,
+        metavar="N",
+        help="retries after the first upload before failed/ (default: 10)",
+    )
+    p.add_argument(
+        "--retry-max-delay",
+        type=cli.seconds,
+        default=None,
+        metavar="SECONDS",
+        help="cap on one retry's wait (default: no cap)",
+    )
     p.add_argument("--log-file", metavar="PATH", help="JSON log lines go here (default: stdout)")
-    p.add_argument("--log-level", type=cli.log_level, default="info", metavar="LEVEL",
-                   help="debug, info, warning, error or critical, any case (default: info)")
-    p.add_argument("--multipart-threshold", type=cli.positive_int, default=16, metavar="MIB",
-                   help="files this size or larger go up in parts (default: 16)")
-    p.add_argument("--settle", type=cli.seconds, default=1.0, metavar="SECONDS",
-                   help="a file found by a scan is claimed once unchanged this long (default: 1)")
-    p.add_argument("--rescan-interval", type=cli.seconds, default=300.0, metavar="SECONDS",
-                   help="reconciling scan of incoming/ (default: 300)")
-    p.add_argument("--recheck-interval", type=cli.seconds, default=30.0, metavar="SECONDS",
-                   help="first re-check of a paused profile or bucket, doubling (default: 30)")
-    p.add_argument("--grace", type=cli.seconds, default=20.0, metavar="SECONDS",
-                   help="on SIGTERM, time for uploads in flight to finish (default: 20)")
-    p.add_argument("--verify", choices=("content-md5", "head"), default="content-md5",
-                   help="content-md5: a single PUT is proven by the server's Content-MD5 "
-                        "check and its ETag, HEAD only for multipart or non-MD5 ETags; "
-                        "head: also HEAD every object (default: content-md5)")
-    p.add_argument("--boto3-put", action="store_true",
-                   help="send single PUTs through boto3 instead of the lean signed path")
-    p.add_argument("--strict-permissions", action="store_true",
-                   help="refuse (exit 78) a credentials file group or others can read, "
-                        "instead of warning")
-    p.add_argument("--ignore", default=",".join(DEFAULT_IGNORE), metavar="PATTERNS",
-                   help="comma-separated file-name patterns left in incoming/ and logged "
-                        f"(default: {','.join(DEFAULT_IGNORE)}; '' ignores nothing)")
-    p.add_argument("--metrics-port", type=port_number, metavar="PORT",
-                   help="serve Prometheus metrics on this port (0: any free one, logged)")
-    p.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
-                   help="address the metrics port is bound to (default: 127.0.0.1)")
+    p.add_argument(
+        "--log-level",
+        type=cli.log_level,
+        default="info",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical, any case (default: info)",
+    )
+    p.add_argument(
+        "--multipart-threshold",
+        type=cli.positive_int,
+        default=16,
+        metavar="MIB",
+        help="files this size or larger go up in parts (default: 16)",
+    )
+    p.add_argument(
+        "--settle",
+        type=cli.seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="a file found by a scan is claimed once unchanged this long (default: 1)",
+    )
+    p.add_argument(
+        "--rescan-interval",
+        type=cli.seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="reconciling scan of incoming/ (default: 300)",
+    )
+    p.add_argument(
+        "--recheck-interval",
+        type=cli.seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="first re-check of a paused profile or bucket, doubling (default: 30)",
+    )
+    p.add_argument(
+        "--grace",
+        type=cli.seconds,
+        default=20.0,
+        metavar="SECONDS",
+        help="on SIGTERM, time for uploads in flight to finish (default: 20)",
+    )
+    p.add_argument(
+        "--verify",
+        choices=("content-md5", "head"),
+        default="content-md5",
+        help="content-md5: a single PUT is proven by the server's Content-MD5 "
+        "check and its ETag, HEAD only for multipart or non-MD5 ETags; "
+        "head: also HEAD every object (default: content-md5)",
+    )
+    p.add_argument(
+        "--boto3-put",
+        action="store_true",
+        help="send single PUTs through boto3 instead of the lean signed path",
+    )
+    p.add_argument(
+        "--strict-permissions",
+        action="store_true",
+        help="refuse (exit 78) a credentials file group or others can read, instead of warning",
+    )
+    p.add_argument(
+        "--ignore",
+        default=",".join(DEFAULT_IGNORE),
+        metavar="PATTERNS",
+        help="comma-separated file-name patterns left in incoming/ and logged "
+        f"(default: {','.join(DEFAULT_IGNORE)}; '' ignores nothing)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (0: any free one, logged)",
+    )
+    p.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address the metrics port is bound to (default: 127.0.0.1)",
+    )
     return p
 
 
@@ -113,11 +192,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         lean_put=not args.boto3_put,
     )
     log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
-    log.info("credentials_loaded", path=str(creds.path),
-             reason=f"first that exists: {creds.source}", profiles=sorted(creds.profiles))
+    log.info(
+        "credentials_loaded",
+        path=str(creds.path),
+        reason=f"first that exists: {creds.source}",
+        profiles=sorted(creds.profiles),
+    )
     if creds.loose_permissions():
-        why = (f"credentials file {creds.path} has mode {creds.mode & 0o777:o}: group or "
-               "others can read it; chmod 600 it")
+        why = (
+            f"credentials file {creds.path} has mode {creds.mode & 0o777:o}: group or "
+            "others can read it; chmod 600 it"
+        )
         if args.strict_permissions:
             log.error("credentials_file_exposed", path=str(creds.path), reason=why)
             return cli.fail("flood-supervisor", why, 78)
@@ -133,8 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_arbiter(args, settings, layout, checked, log)
 
 
-def run_arbiter(args: argparse.Namespace, settings: Settings, layout: Layout,
-                checked: dict[str, set[str]], log: Any) -> int:
+def run_arbiter(
+    args: argparse.Namespace,
+    settings: Settings,
+    layout: Layout,
+    checked: dict[str, set[str]],
+    log: Any,
+) -> int:
     """The arbiter until it stops, with metrics only when --metrics-port asks: the multiprocess
     dir must be in the environment before prometheus_client loads and the first child starts."""
     if args.metrics_port is None:
@@ -144,14 +234,19 @@ def run_arbiter(args: argparse.Namespace, settings: Settings, layout: Layout,
     try:
         arbiter = Arbiter(settings, layout, checked, log)
         try:
-            server = metrics.serve(args.metrics_port, args.metrics_address,
-                                   lambda: _snapshot(arbiter), lambda: arbiter.restart_counts)
+            server = metrics.serve(
+                args.metrics_port,
+                args.metrics_address,
+                lambda: _snapshot(arbiter),
+                lambda: arbiter.restart_counts,
+            )
         except OSError as exc:
             why = f"cannot serve metrics on {args.metrics_address}:{args.metrics_port}: {exc}"
             log.error("metrics_failed", error=why)
             return cli.fail("flood-supervisor", why, EX_TEMPFAIL)
-        log.info("metrics_serving", address=args.metrics_address, port=server.server_port,
-                 path=path)
+        log.info(
+            "metrics_serving", address=args.metrics_address, port=server.server_port, path=path
+        )
         try:
             return int(arbiter.run())
         finally:
@@ -163,7 +258,8 @@ def run_arbiter(args: argparse.Namespace, settings: Settings, layout: Layout,
 def _snapshot(arbiter: Arbiter) -> status.Snapshot:
     """Counts for a scrape, from the scrape's own thread and db connection."""
     try:
-        return status.snapshot(arbiter.layout, arbiter.settings.profiles, arbiter.settings.ignore,
-                               history=False)
+        return status.snapshot(
+            arbiter.layout, arbiter.settings.profiles, arbiter.settings.ignore, history=False
+        )
     finally:
         records.close_db()

@@ -64,9 +64,17 @@ def repair(layout: Layout, log: Any) -> int:
         records.set_state(int(row.id), state, None if state != "abandoned" else "wiped")
         if state == COMPLETED:
             records.FileRecord.update(upload_outcome="success").where(
-                records.FileRecord.id == row.id).execute()
-        log.warning("record_repaired", profile=ref.profile, bucket=ref.bucket, key=ref.key,
-                    record_id=int(row.id), was=row.current_state, now=state)
+                records.FileRecord.id == row.id
+            ).execute()
+        log.warning(
+            "record_repaired",
+            profile=ref.profile,
+            bucket=ref.bucket,
+            key=ref.key,
+            record_id=int(row.id),
+            was=row.current_state,
+            now=state,
+        )
         fixed += 1
     return fixed
 
@@ -91,8 +99,11 @@ def check_buckets(settings: Settings, layout: Layout, log: Any) -> dict[str, set
     for name in sorted(settings.profiles):
         checked[name] = check_one(settings, layout, name, log)
     for name in sorted(layout.profiles_present() - set(settings.profiles)):
-        log.warning("profile_unknown", profile=name,
-                    reason="directory has no profile in the credentials file; files left alone")
+        log.warning(
+            "profile_unknown",
+            profile=name,
+            reason="directory has no profile in the credentials file; files left alone",
+        )
     return checked
 
 
@@ -110,8 +121,13 @@ def check_one(settings: Settings, layout: Layout, name: str, log: Any) -> set[st
     for bucket, verdict in result.buckets.items():
         if verdict == MISSING:
             if records.hold(name, bucket, "NoSuchBucket", f"bucket {bucket} does not exist"):
-                    log.error("bucket_paused", profile=name, bucket=bucket, reason="NoSuchBucket",
-                          error="bucket does not exist on the server; its files stay in incoming/")
+                log.error(
+                    "bucket_paused",
+                    profile=name,
+                    bucket=bucket,
+                    reason="NoSuchBucket",
+                    error="bucket does not exist on the server; its files stay in incoming/",
+                )
         else:
             records.release(name, bucket)
             ok.add(bucket)

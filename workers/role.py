@@ -44,8 +44,9 @@ def die_with_supervisor(supervisor_pid: int) -> None:
         pidfd = os.pidfd_open(supervisor_pid)
     except ProcessLookupError:
         os._exit(1)
-    threading.Thread(target=_kill_self_when_readable, args=(pidfd,), name="supervisor-watch",
-                     daemon=True).start()
+    threading.Thread(
+        target=_kill_self_when_readable, args=(pidfd,), name="supervisor-watch", daemon=True
+    ).start()
 
 
 def _kill_self_when_readable(pidfd: int) -> None:

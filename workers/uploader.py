@@ -17,9 +17,9 @@ from flood.settings import Settings
 from flood.upload import BATCH, BUSY, CHANGED, RETRY, SKIPPED, FileUploader, Result
 from flood.workers.role import serve
 
-BUSY_WAIT = 0.5       # the same path is still in processing/: look again this much later
-ERROR_WAIT = 5.0      # an unexpected error: leave the file where it is, look again later
-MAX_CRASHES = 3       # ...this many times for one file, then it goes to failed/
+BUSY_WAIT = 0.5  # the same path is still in processing/: look again this much later
+ERROR_WAIT = 5.0  # an unexpected error: leave the file where it is, look again later
+MAX_CRASHES = 3  # ...this many times for one file, then it goes to failed/
 IDLE_WAIT = 0.2
 
 
@@ -27,8 +27,15 @@ class UploaderRole:
     """One uploader process of one profile. Files waiting for a retry sit in a heap keyed by
     their due time, so they never hold the uploader while other files flow."""
 
-    def __init__(self, settings: Settings, profile: str, slot: int, jobs: Any,
-                 checked_buckets: set[str], conn: Connection | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        profile: str,
+        slot: int,
+        jobs: Any,
+        checked_buckets: set[str],
+        conn: Connection | None = None,
+    ) -> None:
         self.settings = settings
         self.profile = profile
         self.slot = slot
@@ -44,24 +51,25 @@ class UploaderRole:
         self.heartbeat = Heartbeat(conn)
 
     def setup(self) -> None:
-        self.log = logs.configure("uploader", self.settings.log_level, self.settings.log_file,
-                                  self.settings.secrets())
+        self.log = logs.configure(
+            "uploader", self.settings.log_level, self.settings.log_file, self.settings.secrets()
+        )
         records.open_db(self.settings.db_path)
         client = make_client(self.settings.profiles[self.profile])
         # Every S3 call that returns is progress, even within one long multipart upload.
         for event in ("after-call.s3", "after-call-error.s3"):
             client.meta.events.register(event, self.heartbeat.beat)
         log = metrics.ObservingLog(self.log, metrics.recorder()) if metrics.enabled() else self.log
-        self.uploader = FileUploader(self.settings, self.profile, client, log,
-                                     self.checked_buckets)
+        self.uploader = FileUploader(self.settings, self.profile, client, log, self.checked_buckets)
         self.log.info("uploader_started", profile=self.profile, slot=self.slot)
 
     def stop(self) -> None:
         self.alive = False
 
     def teardown(self) -> None:
-        self.log.info("uploader_stopped", profile=self.profile, slot=self.slot,
-                      waiting=len(self.waiting))
+        self.log.info(
+            "uploader_stopped", profile=self.profile, slot=self.slot, waiting=len(self.waiting)
+        )
         records.close_db()
 
     def loop(self, now: float) -> None:
@@ -96,8 +104,13 @@ class UploaderRole:
         assert self.uploader is not None
         for job, outcome in zip(jobs, self.uploader.run_many(jobs, now), strict=True):
             if isinstance(outcome, Exception):
-                self.log.error("upload_crashed", profile=self.profile, bucket=job.bucket,
-                               key=job.key, exc_info=outcome)
+                self.log.error(
+                    "upload_crashed",
+                    profile=self.profile,
+                    bucket=job.bucket,
+                    key=job.key,
+                    exc_info=outcome,
+                )
                 self.crashed(job, outcome, now)
                 continue
             self.crashes.pop((job.bucket, job.key), None)
@@ -128,8 +141,9 @@ class UploaderRole:
         try:
             result = self.uploader.run(job, now)
         except Exception as exc:  # the per-file boundary: log it, keep the file, go on
-            self.log.exception("upload_crashed", profile=self.profile, bucket=job.bucket,
-                               key=job.key)
+            self.log.exception(
+                "upload_crashed", profile=self.profile, bucket=job.bucket, key=job.key
+            )
             self.crashed(job, exc, now)
             return
         self.crashes.pop((job.bucket, job.key), None)
@@ -149,8 +163,9 @@ class UploaderRole:
                 self.crashes.pop((job.bucket, job.key), None)
                 return
             except Exception:
-                self.log.exception("give_up_failed", profile=self.profile, bucket=job.bucket,
-                                   key=job.key)
+                self.log.exception(
+                    "give_up_failed", profile=self.profile, bucket=job.bucket, key=job.key
+                )
         retry_in = ERROR_WAIT * 2 ** min(count - 1, 6)
         self.push(now + retry_in, Job(PROCESSING if claimed else job.state, job.bucket, job.key))
 
@@ -169,8 +184,14 @@ class UploaderRole:
             self.waiting_keys.add((job.bucket, job.key))
 
 
-def main(settings: Settings, profile: str, slot: int, jobs: Any, checked_buckets: set[str],
-         conn: Connection, supervisor_pid: int) -> None:
+def main(
+    settings: Settings,
+    profile: str,
+    slot: int,
+    jobs: Any,
+    checked_buckets: set[str],
+    conn: Connection,
+    supervisor_pid: int,
+) -> None:
     """Process entry point (started by the supervisor's arbiter)."""
-    serve(UploaderRole(settings, profile, slot, jobs, checked_buckets, conn), conn,
-          supervisor_pid)
+    serve(UploaderRole(settings, profile, slot, jobs, checked_buckets, conn), conn, supervisor_pid)

@@ -20,9 +20,13 @@ from flood.notify import Heartbeat
 from flood.settings import Settings
 from flood.workers.role import send, serve
 
-MASK = (pyinotify.IN_MOVED_TO | pyinotify.IN_CLOSE_WRITE | pyinotify.IN_CREATE
-        | pyinotify.IN_DONT_FOLLOW)
-FALLBACK_RESCAN = 10.0   # seconds between rescans while some directory could not be watched
+MASK = (
+    pyinotify.IN_MOVED_TO
+    | pyinotify.IN_CLOSE_WRITE
+    | pyinotify.IN_CREATE
+    | pyinotify.IN_DONT_FOLLOW
+)
+FALLBACK_RESCAN = 10.0  # seconds between rescans while some directory could not be watched
 SETTLE_CHECK = 0.25
 _ONCE_LIMIT = 10_000
 
@@ -35,8 +39,9 @@ def slot_of(bucket: str, key: str, workers: int) -> int:
 class WatcherRole:
     """Watches incoming/ recursively and dispatches every file to its uploader's queue."""
 
-    def __init__(self, settings: Settings, queues: dict[str, list[Any]],
-                 conn: Connection | None) -> None:
+    def __init__(
+        self, settings: Settings, queues: dict[str, list[Any]], conn: Connection | None
+    ) -> None:
         self.settings = settings
         self.queues = queues
         self.conn = conn
@@ -46,9 +51,9 @@ class WatcherRole:
         self.drained = False  # the start-up drain runs in the first loop, after "ready"
         self.alive = True
         self.log: Any = None
-        self.pending: dict[str, float] = {}   # found by a scan, not settled yet: path -> mtime
+        self.pending: dict[str, float] = {}  # found by a scan, not settled yet: path -> mtime
         self.told: set[tuple[str, str]] = set()
-        self.recent: set[str] = set()         # dispatched by the start-up drain, arrived during it
+        self.recent: set[str] = set()  # dispatched by the start-up drain, arrived during it
         self.watch_failed = False
         self.next_rescan = 0.0
         self.next_settle_check = 0.0
@@ -57,8 +62,9 @@ class WatcherRole:
 
     # -- lifecycle -----------------------------------------------------------------------
     def setup(self) -> None:
-        self.log = logs.configure("watcher", self.settings.log_level, self.settings.log_file,
-                                  self.settings.secrets())
+        self.log = logs.configure(
+            "watcher", self.settings.log_level, self.settings.log_file, self.settings.secrets()
+        )
         self.metrics = metrics.recorder()
         self.wm = pyinotify.WatchManager()
         self.notifier = pyinotify.Notifier(self.wm, default_proc_fun=self.on_event, timeout=200)
@@ -115,10 +121,14 @@ class WatcherRole:
         failed = [p for p, wd in result.items() if wd < 0]
         if failed:
             self.watch_failed = True
-            self.log.error("watch_failed", path=failed[0], count=len(failed),
-                           error="inotify could not watch these directories (is "
-                                 "fs.inotify.max_user_watches too low?); rescanning every "
-                                 f"{FALLBACK_RESCAN:g} s instead")
+            self.log.error(
+                "watch_failed",
+                path=failed[0],
+                count=len(failed),
+                error="inotify could not watch these directories (is "
+                "fs.inotify.max_user_watches too low?); rescanning every "
+                f"{FALLBACK_RESCAN:g} s instead",
+            )
 
     def read_events(self) -> None:
         try:
@@ -220,8 +230,11 @@ class WatcherRole:
             return 0
         jobs = self.queues.get(ref.profile)
         if jobs is None:
-            self.once("profile_unknown", ref.profile,
-                      f"profile {ref.profile!r} is not in the credentials file; files left alone")
+            self.once(
+                "profile_unknown",
+                ref.profile,
+                f"profile {ref.profile!r} is not in the credentials file; files left alone",
+            )
             return 0
         name = os.path.basename(path)
         for pattern in self.settings.ignore:
@@ -231,7 +244,7 @@ class WatcherRole:
         target = jobs[slot_of(ref.bucket, ref.key, len(jobs))]
         job = Job(state, ref.bucket, ref.key)
         while self.alive:
-            self.heartbeat.beat()   # a long scan, or a full queue behind uploaders that move
+            self.heartbeat.beat()  # a long scan, or a full queue behind uploaders that move
             try:
                 target.put(job, timeout=0.5)
                 return 1
@@ -259,7 +272,8 @@ class WatcherRole:
                 self.rescan(message[2], message[1])
 
 
-def main(settings: Settings, queues: dict[str, list[Any]], conn: Connection,
-         supervisor_pid: int) -> None:
+def main(
+    settings: Settings, queues: dict[str, list[Any]], conn: Connection, supervisor_pid: int
+) -> None:
     """Process entry point (started by the supervisor's arbiter)."""
     serve(WatcherRole(settings, queues, conn), conn, supervisor_pid)

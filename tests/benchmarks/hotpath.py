@@ -34,29 +34,34 @@ def proc_cpu(pid: int | None) -> float:
     if pid is None:
         return 0.0
     stat = Path(f"/proc/{pid}/stat").read_bytes()
-    fields = stat[stat.rindex(b")") + 2:].split()
+    fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
-def measured(results: dict[str, Any], name: str, count: int, server_pid: int | None = None
-             ) -> Iterator[None]:
+def measured(
+    results: dict[str, Any], name: str, count: int, server_pid: int | None = None
+) -> Iterator[None]:
     """CPU (user+sys of this process; of the S3 server too if given) and wall time per
     operation, in milliseconds."""
-    r0, t0, s0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), proc_cpu(
-        server_pid)
+    r0, t0, s0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), proc_cpu(server_pid)
     yield
-    t1, r1, s1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), proc_cpu(
-        server_pid)
+    t1, r1, s1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), proc_cpu(server_pid)
     cpu = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / count * 1000
     sys_cpu = (r1.ru_stime - r0.ru_stime) / count * 1000
     server = (s1 - s0) / count * 1000
-    results[name] = {"cpu_ms": round(cpu, 3), "sys_ms": round(sys_cpu, 3),
-                     "wall_ms": round((t1 - t0) / count * 1000, 3),
-                     "server_cpu_ms": round(server, 3) if server_pid else None}
+    results[name] = {
+        "cpu_ms": round(cpu, 3),
+        "sys_ms": round(sys_cpu, 3),
+        "wall_ms": round((t1 - t0) / count * 1000, 3),
+        "server_cpu_ms": round(server, 3) if server_pid else None,
+    }
     extra = f"  server CPU {server:6.3f} ms" if server_pid else ""
-    print(f"{name:58} CPU {cpu:7.3f} ms (sys {sys_cpu:5.3f})  wall "
-          f"{(t1 - t0) / count * 1000:7.3f} ms{extra}", flush=True)
+    print(
+        f"{name:58} CPU {cpu:7.3f} ms (sys {sys_cpu:5.3f})  wall "
+        f"{(t1 - t0) / count * 1000:7.3f} ms{extra}",
+        flush=True,
+    )
 
 
 def s3_steps(server: LocalS3, n: int, results: dict[str, Any]) -> None:
@@ -66,10 +71,12 @@ def s3_steps(server: LocalS3, n: int, results: dict[str, Any]) -> None:
     from flood.s3 import make_client
 
     server.create_bucket("hot-path")
-    base = Profile("p", "amazon", server.admin.access_key, server.admin.secret_key, REGION,
-                   server.endpoint)
-    other = Profile("p", "other", server.admin.access_key, server.admin.secret_key, REGION,
-                    server.endpoint)
+    base = Profile(
+        "p", "amazon", server.admin.access_key, server.admin.secret_key, REGION, server.endpoint
+    )
+    other = Profile(
+        "p", "other", server.admin.access_key, server.admin.secret_key, REGION, server.endpoint
+    )
     data = os.urandom(4 * KiB)
     md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
@@ -99,8 +106,11 @@ def s3_steps(server: LocalS3, n: int, results: dict[str, Any]) -> None:
     from flood.s3 import LeanPut  # what Flood's uploader really sends
 
     one = LeanPut(other, connections=1)
-    loop(one, "s3 PUT, Flood's LeanPut, one at a time",
-         lambda c, i: c.put("hot-path", f"l{i}", data, md5))
+    loop(
+        one,
+        "s3 PUT, Flood's LeanPut, one at a time",
+        lambda c, i: c.put("hot-path", f"l{i}", data, md5),
+    )
     batch = int(os.environ.get("HOTPATH_BATCH", "8"))
     many = LeanPut(other, connections=batch)
 
@@ -125,8 +135,9 @@ def db_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
             records.record_completions([(rid, 4096, "etag", 0)])
     with measured(results, "db: claims and completions of 8 files per txn", n):
         for j in range(0, n, 8):
-            ids = records.record_claims([(FileRef("p", "b", f"e/k{i}"), now, 4096)
-                                         for i in range(j, min(n, j + 8))])
+            ids = records.record_claims(
+                [(FileRef("p", "b", f"e/k{i}"), now, 4096) for i in range(j, min(n, j + 8))]
+            )
             records.record_completions([(rid, 4096, "etag", 0) for rid in ids])
     with measured(results, "db: records.holds() (read every second; per call)", n):
         for _ in range(n):
@@ -135,9 +146,11 @@ def db_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
     conn = sqlite3.connect(tmp / "flood.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=wal")
     conn.execute("PRAGMA synchronous=normal")
-    insert = ("INSERT INTO file_records (profile, bucket, filepath, file_creation_date, "
-              "current_state, last_updated, upload_outcome, size, etag, retry_count) "
-              "VALUES (?, ?, ?, ?, 'completed', ?, 'success', ?, ?, 0)")
+    insert = (
+        "INSERT INTO file_records (profile, bucket, filepath, file_creation_date, "
+        "current_state, last_updated, upload_outcome, size, etag, retry_count) "
+        "VALUES (?, ?, ?, ?, 'completed', ?, 'success', ?, ?, 0)"
+    )
     with measured(results, "db: one raw INSERT per file (sqlite3, 1 txn)", n):
         for i in range(n):
             conn.execute("BEGIN IMMEDIATE")
@@ -146,8 +159,10 @@ def db_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
     with measured(results, "db: raw INSERTs, 50 files per txn", n):
         for j in range(0, n, 50):
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(insert, [("p", "b", f"s/k{i}", now, now, 4096, "etag")
-                                      for i in range(j, min(n, j + 50))])
+            conn.executemany(
+                insert,
+                [("p", "b", f"s/k{i}", now, now, 4096, "etag") for i in range(j, min(n, j + 50))],
+            )
             conn.execute("COMMIT")
     conn.close()
 
@@ -158,27 +173,45 @@ def log_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
     log = logs.configure("uploader", "info", str(tmp / "flood.log"), ["S" * 40])
     with measured(results, "logs: file_claimed + upload_succeeded (2 lines)", n):
         for i in range(n):
-            log.info("file_claimed", profile="p", bucket="b", key=f"d/k{i}",
-                     path=f"/srv/processing/p/b/d/k{i}", size=4096, record_id=i)
-            log.info("upload_succeeded", profile="p", bucket="b", key=f"d/k{i}",
-                     path=f"/srv/completed/p/b/d/k{i}", size=4096, etag="0" * 32,
-                     duration=0.004, attempt=0, record_id=i)
+            log.info(
+                "file_claimed",
+                profile="p",
+                bucket="b",
+                key=f"d/k{i}",
+                path=f"/srv/processing/p/b/d/k{i}",
+                size=4096,
+                record_id=i,
+            )
+            log.info(
+                "upload_succeeded",
+                profile="p",
+                bucket="b",
+                key=f"d/k{i}",
+                path=f"/srv/completed/p/b/d/k{i}",
+                size=4096,
+                etag="0" * 32,
+                duration=0.004,
+                attempt=0,
+                record_id=i,
+            )
 
 
 def fs_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
     from flood import fsops
     from flood.upload import _read_all
 
-    states = {s: tmp / "spool" / s / "p" / "b" / "d" for s in ("incoming", "processing",
-                                                               "completed")}
+    states = {
+        s: tmp / "spool" / s / "p" / "b" / "d" for s in ("incoming", "processing", "completed")
+    }
     for path in states.values():
         path.mkdir(parents=True)
     for i in range(n):
         (states["incoming"] / f"k{i}").write_bytes(os.urandom(4 * KiB))
     with measured(results, "fs: claim+open+read+md5+fstat+finish (Flood's fsops)", n):
         for i in range(n):
-            src, mid, dst = (str(states[s] / f"k{i}") for s in ("incoming", "processing",
-                                                                 "completed"))
+            src, mid, dst = (
+                str(states[s] / f"k{i}") for s in ("incoming", "processing", "completed")
+            )
             fsops.move_into(src, mid)
             os.lstat(mid)
             fsops.creation_date(mid)

@@ -26,11 +26,32 @@ from spool import Spool, Supervisor, new_bucket
 
 MiB = 1024 * 1024
 FAULTS = ("refuse", "reset", "503")
-ACTIONS = {"kill_uploader": 3, "kill_watcher": 2, "kill_supervisor": 2, "restart": 1,
-           "fault": 4, "heal": 3}
-SUPERVISOR_ARGS = ("--retry-base", "0.2", "--retry-max-delay", "3", "--max-retries", "60",
-                   "--recheck-interval", "0.5", "--grace", "3", "--settle", "0.5",
-                   "--multipart-threshold", "5", "--log-level", "info")
+ACTIONS = {
+    "kill_uploader": 3,
+    "kill_watcher": 2,
+    "kill_supervisor": 2,
+    "restart": 1,
+    "fault": 4,
+    "heal": 3,
+}
+SUPERVISOR_ARGS = (
+    "--retry-base",
+    "0.2",
+    "--retry-max-delay",
+    "3",
+    "--max-retries",
+    "60",
+    "--recheck-interval",
+    "0.5",
+    "--grace",
+    "3",
+    "--settle",
+    "0.5",
+    "--multipart-threshold",
+    "5",
+    "--log-level",
+    "info",
+)
 DIRS = ("a", "a/b/c", "données/été", "深い/パス", "with space/x", "z")
 WORDS = ("plain", "ünïcødé", "日本語", "emoji-🙂", "space name", "Ωmega")
 
@@ -38,7 +59,7 @@ WORDS = ("plain", "ünïcødé", "日本語", "emoji-🙂", "space name", "Ωmeg
 @dataclass(frozen=True)
 class Config:
     seed: int = 1
-    duration: float = 300.0      # seconds of kills and faults while files are queued
+    duration: float = 300.0  # seconds of kills and faults while files are queued
     files: int = 3000
     max_size: int = 32 * MiB
     workers: int = 3
@@ -54,9 +75,9 @@ class Result:
     faults: Counter[str] = field(default_factory=Counter)
     requests_faulted: int = 0
     restarts: int = 0
-    exits: int = 0               # supervisors that exited without being told to
-    orphans: int = 0             # children still alive after their supervisor was killed
-    refused: int = 0             # new supervisors refused the lock after a kill
+    exits: int = 0  # supervisors that exited without being told to
+    orphans: int = 0  # children still alive after their supervisor was killed
+    refused: int = 0  # new supervisors refused the lock after a kill
     lost: int = 0
     wrong: int = 0
     out_of_step: int = 0
@@ -75,18 +96,20 @@ class Result:
         c = self.config
         kills = ", ".join(f"{k} {v}" for k, v in sorted(self.killed.items())) or "none"
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
-        return (f"flood chaos seed={c.seed} duration={c.duration:g}s: "
-                f"{self.queued} files queued ({self.queued_bytes / MiB:.0f} MiB), "
-                f"{sum(self.killed.values())} processes killed ({kills}), "
-                f"{sum(self.faults.values())} faults injected ({faults}; "
-                f"{self.requests_faulted} requests failed), "
-                f"{self.lost} files lost, {self.wrong} objects with wrong bytes, "
-                f"{self.out_of_step} records out of step, "
-                f"time to drain {self.drain_seconds:.1f} s "
-                f"[completed {self.completed}, failed {self.failed}, "
-                f"supervisor restarts {self.restarts}, unasked exits {self.exits}, "
-                f"orphans {self.orphans}, lock refusals {self.refused}, "
-                f"incomplete multipart uploads {self.incomplete_uploads}]")
+        return (
+            f"flood chaos seed={c.seed} duration={c.duration:g}s: "
+            f"{self.queued} files queued ({self.queued_bytes / MiB:.0f} MiB), "
+            f"{sum(self.killed.values())} processes killed ({kills}), "
+            f"{sum(self.faults.values())} faults injected ({faults}; "
+            f"{self.requests_faulted} requests failed), "
+            f"{self.lost} files lost, {self.wrong} objects with wrong bytes, "
+            f"{self.out_of_step} records out of step, "
+            f"time to drain {self.drain_seconds:.1f} s "
+            f"[completed {self.completed}, failed {self.failed}, "
+            f"supervisor restarts {self.restarts}, unasked exits {self.exits}, "
+            f"orphans {self.orphans}, lock refusals {self.refused}, "
+            f"incomplete multipart uploads {self.incomplete_uploads}]"
+        )
 
 
 # -- the files -----------------------------------------------------------------------------
@@ -138,8 +161,9 @@ class Files(Mapping[Ref, bytes]):
 class Producer(threading.Thread):
     """Queues the planned files the producer's way (write aside, rename into incoming/)."""
 
-    def __init__(self, spool: Spool, files: list[tuple[Ref, int]], seed: int, span: float,
-                 queued: Files) -> None:
+    def __init__(
+        self, spool: Spool, files: list[tuple[Ref, int]], seed: int, span: float, queued: Files
+    ) -> None:
         super().__init__(name="producer", daemon=True)
         self.spool, self.files, self.seed, self.span, self.queued = spool, files, seed, span, queued
         self.staging = spool.root / "staging"
@@ -356,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time())
-    config = Config(seed, args.duration, args.files, args.max_size, args.workers,
-                    args.drain_timeout)
+    config = Config(
+        seed, args.duration, args.files, args.max_size, args.workers, args.drain_timeout
+    )
     with tempfile.TemporaryDirectory(prefix="flood-chaos-") as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)

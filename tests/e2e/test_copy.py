@@ -24,8 +24,15 @@ BIG = 256 * 1024 * 1024  # sparse: big enough to catch the copy half-way, cheap 
 
 # -- helpers ---------------------------------------------------------------------------------
 def copy(spool: Spool, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return spool.run("flood-copy", "--server-dir", str(spool.dir), "--credentials",
-                     str(spool.credentials), *args, **kwargs)
+    return spool.run(
+        "flood-copy",
+        "--server-dir",
+        str(spool.dir),
+        "--credentials",
+        str(spool.credentials),
+        *args,
+        **kwargs,
+    )
 
 
 def started(spool: Spool) -> None:
@@ -61,18 +68,39 @@ def popen_copy(spool: Spool, *args: str) -> subprocess.Popen[str]:
     """flood-copy in the background, with SIGINT at its default whatever pytest inherited:
     a shell that starts pytest with `&` leaves SIGINT ignored, and that survives exec."""
     return subprocess.Popen(
-        [str(BIN / "flood-copy"), "--server-dir", str(spool.dir), "--credentials",
-         str(spool.credentials), *args], env=spool.env(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        [
+            str(BIN / "flood-copy"),
+            "--server-dir",
+            str(spool.dir),
+            "--credentials",
+            str(spool.credentials),
+            *args,
+        ],
+        env=spool.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def mid_copy(spool: Spool, bucket: str, key: str) -> int:
     """Wait until `key` is half-copied in incoming_tmp with its record there; the record id."""
     tmp = spool.path("incoming_tmp", "p1", bucket, key)
-    rows = wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0 and spool.query(
-        "SELECT id FROM file_records WHERE filepath = ? AND current_state = 'incoming_tmp'",
-        key), 30, f"{key} half-copied")
+    rows = wait_for(
+        lambda: (
+            tmp.exists()
+            and tmp.stat().st_size > 0
+            and spool.query(
+                "SELECT id FROM file_records WHERE filepath = ? AND current_state = 'incoming_tmp'",
+                key,
+            )
+        ),
+        30,
+        f"{key} half-copied",
+    )
     return int(rows[0]["id"])
 
 
@@ -93,24 +121,31 @@ def big_tree(tmp_path: Path) -> Iterator[Path]:
 
 
 # -- keys, as aws s3 cp makes them -------------------------------------------------------------
-def test_file_keys_follow_aws_s3_cp(spool: Spool, bucket: str, client: Any,
-                                    tmp_path: Path) -> None:
+def test_file_keys_follow_aws_s3_cp(spool: Spool, bucket: str, client: Any, tmp_path: Path) -> None:
     """s3://p/b/ and s3://p/b name a file by its name, a full key names it, several go below."""
     started(spool)
-    src = tree(tmp_path / "src", {"a.txt": b"alpha", "b.txt": b"beta", "m/1": b"one",
-                                  "m/2": b"two"})
+    src = tree(
+        tmp_path / "src", {"a.txt": b"alpha", "b.txt": b"beta", "m/1": b"one", "m/2": b"two"}
+    )
     elsewhere = other_filesystem(tmp_path)
     far = tree(elsewhere or tmp_path / "far", {"c.txt": b"from another filesystem"})
     try:
-        runs = [copy(spool, str(src / "a.txt"), f"s3://p1/{bucket}/"),
-                copy(spool, str(src / "b.txt"), f"s3://p1/{bucket}"),
-                copy(spool, str(far / "c.txt"), f"s3://p1/{bucket}/x/y.txt"),
-                copy(spool, str(src / "m/1"), str(src / "m/2"), f"s3://p1/{bucket}/multi/")]
+        runs = [
+            copy(spool, str(src / "a.txt"), f"s3://p1/{bucket}/"),
+            copy(spool, str(src / "b.txt"), f"s3://p1/{bucket}"),
+            copy(spool, str(far / "c.txt"), f"s3://p1/{bucket}/x/y.txt"),
+            copy(spool, str(src / "m/1"), str(src / "m/2"), f"s3://p1/{bucket}/multi/"),
+        ]
     finally:
         shutil.rmtree(far)
     assert [r.returncode for r in runs] == [0, 0, 0, 0], [r.stderr for r in runs]
-    expected = {"a.txt": b"alpha", "b.txt": b"beta", "x/y.txt": b"from another filesystem",
-                "multi/1": b"one", "multi/2": b"two"}
+    expected = {
+        "a.txt": b"alpha",
+        "b.txt": b"beta",
+        "x/y.txt": b"from another filesystem",
+        "multi/1": b"one",
+        "multi/2": b"two",
+    }
     spool.wait_done("p1", bucket, list(expected))
     for key, data in expected.items():
         assert object_bytes(client, bucket, key) == data
@@ -118,11 +153,16 @@ def test_file_keys_follow_aws_s3_cp(spool: Spool, bucket: str, client: Any,
 
 
 def test_recursive_nested_unicode_tree_goes_below_the_prefix(
-        spool: Spool, bucket: str, client: Any, tmp_path: Path) -> None:
+    spool: Spool, bucket: str, client: Any, tmp_path: Path
+) -> None:
     """-r DIR s3://p/b/pre/ (or .../pre) keys every file below DIR as pre/<relative path>."""
     started(spool)
-    files = {"top.txt": b"top", "üñí cödé/ファイル name.txt": "ü".encode() * 50,
-             "a/b/c/d/deep.bin": os.urandom(3000), "a/empty": b""}
+    files = {
+        "top.txt": b"top",
+        "üñí cödé/ファイル name.txt": "ü".encode() * 50,
+        "a/b/c/d/deep.bin": os.urandom(3000),
+        "a/empty": b"",
+    }
     src = tree(tmp_path / "src", files)
     with_slash = copy(spool, "-r", str(src), f"s3://p1/{bucket}/one/")
     without = copy(spool, "--recursive", str(src), f"s3://p1/{bucket}/two")
@@ -135,7 +175,8 @@ def test_recursive_nested_unicode_tree_goes_below_the_prefix(
 
 
 def test_links_out_of_the_tree_and_special_files_are_skipped_with_a_message(
-        spool: Spool, tmp_path: Path) -> None:
+    spool: Spool, tmp_path: Path
+) -> None:
     """A link leading out of the tree and a FIFO are skipped and named; a link inside is copied."""
     outside = tree(tmp_path / "outside", {"secret": b"not for upload"})
     src = tree(tmp_path / "src", {"real.txt": b"real"})
@@ -163,8 +204,13 @@ def test_newer_copy_of_a_waiting_key_supersedes_it(spool: Spool, tmp_path: Path)
 # -- refusals ----------------------------------------------------------------------------------
 REFUSALS = [
     (["-r"], "{src}/missing", "s3://p1/bucket-one/", 2, "{src}/missing: no such file or directory"),
-    ([], "{src}", "s3://p1/bucket-one/", 2,
-     "{src} is a directory (use -r to copy the files below it)"),
+    (
+        [],
+        "{src}",
+        "s3://p1/bucket-one/",
+        2,
+        "{src} is a directory (use -r to copy the files below it)",
+    ),
     ([], "{src}/f", "s3://nobody/bucket-one/", 2, "unknown profile 'nobody'"),
     ([], "{src}/f", "http://p1/bucket-one/", 2, "is not s3://PROFILE/BUCKET/[KEY]"),
     ([], "{src}/f", "s3://p1", 2, "names no bucket"),
@@ -176,15 +222,20 @@ REFUSALS = [
     ([], "{src}/f", "s3://p1/Bucket_One/", 2, "invalid bucket name 'Bucket_One'"),
     ([], "{src}/f", "s3://p1/ab/", 2, "invalid bucket name 'ab'"),
     ([], "{src}/f", "s3://p1/" + "b" * 64 + "/", 2, "S3 wants 3-63 characters"),
-    (["{src}/f"], "{src}/f", "s3://p1/bucket-one/k", 2,
-     "several sources need a destination ending in '/'"),
+    (
+        ["{src}/f"],
+        "{src}/f",
+        "s3://p1/bucket-one/k",
+        2,
+        "several sources need a destination ending in '/'",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("extra", "source", "uri", "code", "message"), REFUSALS)
 def test_bad_input_is_refused_in_one_line_queueing_nothing(
-        spool: Spool, tmp_path: Path, extra: list[str], source: str, uri: str, code: int,
-        message: str) -> None:
+    spool: Spool, tmp_path: Path, extra: list[str], source: str, uri: str, code: int, message: str
+) -> None:
     """A missing source, a directory without -r, an unknown profile, a bad URI or bucket."""
     src = tree(tmp_path / "src", {"f": b"data"})
     args = [a.format(src=src) for a in [*extra, source]]
@@ -197,7 +248,8 @@ def test_bad_input_is_refused_in_one_line_queueing_nothing(
 
 @pytest.mark.parametrize("origin", ["option", "environment", "default"])
 def test_missing_server_dir_is_refused_naming_path_and_origin(
-        spool: Spool, tmp_path: Path, origin: str) -> None:
+    spool: Spool, tmp_path: Path, origin: str
+) -> None:
     """A server dir that does not exist is named with where it came from; exit 78."""
     missing = tmp_path / "no-such-dir"
     src = tree(tmp_path / "src", {"f": b"data"})
@@ -208,12 +260,16 @@ def test_missing_server_dir_is_refused_naming_path_and_origin(
     if origin == "default" and os.path.exists("/srv/flood"):
         pytest.skip("/srv/flood exists on this machine")
     result = spool.run("flood-copy", *args, env=env)
-    shown = {"option": f"{missing} (from --server-dir)",
-             "environment": f"{missing} (from $FLOOD_SERVER_DIR)",
-             "default": "/srv/flood (the default; set --server-dir or $FLOOD_SERVER_DIR)"}[origin]
+    shown = {
+        "option": f"{missing} (from --server-dir)",
+        "environment": f"{missing} (from $FLOOD_SERVER_DIR)",
+        "default": "/srv/flood (the default; set --server-dir or $FLOOD_SERVER_DIR)",
+    }[origin]
     assert result.returncode == 78
-    assert result.stderr == f"flood-copy: server directory {shown} does not exist or is not a " \
-                            "directory\n"
+    assert (
+        result.stderr == f"flood-copy: server directory {shown} does not exist or is not a "
+        "directory\n"
+    )
 
 
 def test_unprepared_server_dir_is_fine(spool: Spool, tmp_path: Path) -> None:
@@ -245,8 +301,15 @@ def test_incoming_tmp_on_another_filesystem_is_refused(spool: Spool, tmp_path: P
 def test_credentials_error_exits_78(spool: Spool, tmp_path: Path) -> None:
     """No credentials file anywhere: the search is named, exit 78, nothing queued."""
     src = tree(tmp_path / "src", {"f": b"data"})
-    result = spool.run("flood-copy", "--server-dir", str(spool.dir), "--credentials",
-                       str(tmp_path / "absent"), str(src / "f"), "s3://p1/bucket-one/")
+    result = spool.run(
+        "flood-copy",
+        "--server-dir",
+        str(spool.dir),
+        "--credentials",
+        str(tmp_path / "absent"),
+        str(src / "f"),
+        "s3://p1/bucket-one/",
+    )
     assert result.returncode == 78
     assert result.stderr.startswith("flood-copy: no credentials file found; looked at")
     assert spool.files("incoming") == []
@@ -254,7 +317,8 @@ def test_credentials_error_exits_78(spool: Spool, tmp_path: Path) -> None:
 
 # -- failures half-way -------------------------------------------------------------------------
 def test_unreadable_file_among_many_queues_the_rest(
-        spool: Spool, bucket: str, client: Any, tmp_path: Path) -> None:
+    spool: Spool, bucket: str, client: Any, tmp_path: Path
+) -> None:
     """One unreadable file: the others are queued and uploaded, it is listed, exit 1."""
     files = {f"f{i}.txt": f"file {i}".encode() for i in range(5)}
     src = tree(tmp_path / "src", files)
@@ -263,8 +327,7 @@ def test_unreadable_file_among_many_queues_the_rest(
     as_root = {"preexec_fn": drop_dac_override} if os.geteuid() == 0 else {}
     result = copy(spool, "-r", str(src), f"s3://p1/{bucket}/", **as_root)
     assert result.returncode == 1
-    assert f"flood-copy: not queued: {src}/f2.txt: cannot read: Permission denied" \
-        in result.stderr
+    assert f"flood-copy: not queued: {src}/f2.txt: cannot read: Permission denied" in result.stderr
     assert result.stdout == f"queued 4 of 5 files (24 B) to s3://p1/{bucket}/\n"
     done = [k for k in files if k != "f2.txt"]
     spool.wait_done("p1", bucket, done)
@@ -274,7 +337,8 @@ def test_unreadable_file_among_many_queues_the_rest(
 
 
 def test_ctrl_c_leaves_no_partial_file_and_says_what_was_queued(
-        spool: Spool, big_tree: Path) -> None:
+    spool: Spool, big_tree: Path
+) -> None:
     """SIGINT half-way: no partial file in incoming/, the record abandoned, exit 130."""
     proc = popen_copy(spool, "-r", str(big_tree), "s3://p1/bucket-one/")
     try:
@@ -284,17 +348,23 @@ def test_ctrl_c_leaves_no_partial_file_and_says_what_was_queued(
     finally:
         stop(proc)
     assert (proc.returncode, out) == (130, ""), err
-    assert err.endswith("flood-copy: interrupted: queued 1 of 3 files; not queued: "
-                        f"{big_tree}/b.big, {big_tree}/c.txt\n")
+    assert err.endswith(
+        "flood-copy: interrupted: queued 1 of 3 files; not queued: "
+        f"{big_tree}/b.big, {big_tree}/c.txt\n"
+    )
     assert spool.files("incoming") == ["p1/bucket-one/a.txt"]
     assert spool.files("incoming_tmp") == []
     [row] = spool.records("b.big")
-    assert (row["id"], row["current_state"], row["reason"]) == (record_id, "abandoned",
-                                                               "interrupted")
+    assert (row["id"], row["current_state"], row["reason"]) == (
+        record_id,
+        "abandoned",
+        "interrupted",
+    )
 
 
 def test_wiped_incoming_tmp_loses_one_file_and_records_follow_each_state(
-        spool: Spool, bucket: str, client: Any, big_tree: Path) -> None:
+    spool: Spool, bucket: str, client: Any, big_tree: Path
+) -> None:
     """incoming_tmp wiped under a copy: that file is reported and abandoned, the rest go up,
     each record passes incoming_tmp -> incoming and the supervisor continues it."""
     proc = popen_copy(spool, "-r", str(big_tree), f"s3://p1/{bucket}/")
@@ -310,14 +380,16 @@ def test_wiped_incoming_tmp_loses_one_file_and_records_follow_each_state(
     assert f"not queued: {big_tree}/b.big: incoming_tmp was wiped under the copy" in err
     assert out == f"queued 2 of 3 files (10 B) to s3://p1/{bucket}/\n"
     assert [(r["current_state"], r["reason"]) for r in spool.records("b.big")] == [
-        ("abandoned", "wiped")]
+        ("abandoned", "wiped")
+    ]
     queued = {k: spool.records(k)[0]["id"] for k in ("a.txt", "c.txt")}
     started(spool)
     spool.wait_done("p1", bucket, list(queued))
     assert object_bytes(client, bucket, "c.txt") == b"third"
     for key, record_id in queued.items():
         assert [(r["id"], r["current_state"]) for r in spool.records(key)] == [
-            (record_id, "completed")]
+            (record_id, "completed")
+        ]
 
 
 # -- --wait ------------------------------------------------------------------------------------
@@ -325,14 +397,16 @@ def test_wiped_incoming_tmp_loses_one_file_and_records_follow_each_state(
 def two_profiles(tmp_path: Path, s3: Any) -> Iterator[Spool]:
     """A spool with p1 (may write) and ro (the server's read-only identity)."""
     assert s3.readonly is not None
-    sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1"),
-                              "ro": s3.credentials_ini("ro", s3.readonly)})
+    sp = Spool(
+        tmp_path, s3, {"p1": s3.credentials_ini("p1"), "ro": s3.credentials_ini("ro", s3.readonly)}
+    )
     yield sp
     sp.close()
 
 
 def test_wait_reports_completed_and_failed_files(
-        two_profiles: Spool, bucket: str, client: Any, tmp_path: Path) -> None:
+    two_profiles: Spool, bucket: str, client: Any, tmp_path: Path
+) -> None:
     """--wait prints each file's outcome: exit 0 when all completed, 1 when one failed."""
     spool = two_profiles
     src = tree(tmp_path / "src", {"good.txt": b"good", "bad.txt": b"bad"})
@@ -352,8 +426,10 @@ def test_wait_timeout_exits_124(spool: Spool, tmp_path: Path) -> None:
     src = tree(tmp_path / "src", {"f": b"data"})
     result = copy(spool, "--wait", "--timeout", "0.5", str(src / "f"), "s3://p1/bucket-one/")
     assert result.returncode == 124
-    assert result.stderr == ("flood-copy: timed out after 0.5 s; 1 file not finished (still "
-                             "queued): s3://p1/bucket-one/f\n")
+    assert result.stderr == (
+        "flood-copy: timed out after 0.5 s; 1 file not finished (still "
+        "queued): s3://p1/bucket-one/f\n"
+    )
     assert spool.files("incoming") == ["p1/bucket-one/f"]
 
 
@@ -362,9 +438,20 @@ def run_on_pty(spool: Spool, *args: str) -> tuple[int, str, str]:
     """Run flood-copy with stderr on a pseudo-terminal: exit status, stdout, terminal output."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [str(BIN / "flood-copy"), "--server-dir", str(spool.dir), "--credentials",
-         str(spool.credentials), *args], env=spool.env(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=slave, start_new_session=True)
+        [
+            str(BIN / "flood-copy"),
+            "--server-dir",
+            str(spool.dir),
+            "--credentials",
+            str(spool.credentials),
+            *args,
+        ],
+        env=spool.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     chunks = []
     try:

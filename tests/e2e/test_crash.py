@@ -22,18 +22,28 @@ from flood.localserver import LocalS3
 
 pytestmark = pytest.mark.timeout(300)
 
-UPLOADER_POINTS = ("after_claim", "after_put_start", "after_put", "after_head", "after_record",
-                   "after_move_completed", "after_fail_record", "after_move_failed")
+UPLOADER_POINTS = (
+    "after_claim",
+    "after_put_start",
+    "after_put",
+    "after_head",
+    "after_record",
+    "after_move_completed",
+    "after_fail_record",
+    "after_move_failed",
+)
 WATCHER_POINTS = ("after_drain_processing", "after_drain_incoming")
 STARTUP_POINTS = ("after_wipe", "after_repair")
 TARGETS = ("self", "supervisor")
+
 
 @pytest.fixture
 def two(tmp_path: Path, s3: LocalS3) -> Iterator[Spool]:
     """A spool with profile p1 (may write) and ro (read-only key: every PUT is AccessDenied)."""
     assert s3.readonly is not None
-    sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1"),
-                              "ro": s3.credentials_ini("ro", s3.readonly)})
+    sp = Spool(
+        tmp_path, s3, {"p1": s3.credentials_ini("p1"), "ro": s3.credentials_ini("ro", s3.readonly)}
+    )
     yield sp
     sp.close()
 
@@ -73,31 +83,45 @@ def drop_more(spool: Spool, bucket: str, expected: dict[Ref, bytes], count: int 
 
 
 def crash_env(spool: Spool, point: str, target: str) -> dict[str, str]:
-    return spool.env(FLOOD_CRASH_AT=point, FLOOD_CRASH_TARGET=target,
-                     FLOOD_CRASH_ONCE=str(spool.root / "crashed"))
+    return spool.env(
+        FLOOD_CRASH_AT=point,
+        FLOOD_CRASH_TARGET=target,
+        FLOOD_CRASH_ONCE=str(spool.root / "crashed"),
+    )
 
 
-def replace_dead_supervisor(spool: Spool, sup: Supervisor, args: tuple[str, ...],
-                            env: dict[str, str], workers: int = 2) -> Supervisor:
+def replace_dead_supervisor(
+    spool: Spool, sup: Supervisor, args: tuple[str, ...], env: dict[str, str], workers: int = 2
+) -> Supervisor:
     """The supervisor was killed: its children die with it and a new one starts at once."""
     code = sup.proc.wait(60)
     assert code in (-signal.SIGKILL, 137), f"supervisor exit status {code}"
     wait_for(lambda: not session_pids(sup.pid), 10, "no orphan child left in the session")
     new = spool.start(*args, workers=workers, env=env)
-    wait_for(lambda: new.proc.poll() is not None or [
-        e for e in events(spool, "startup_drain_queued") if e["process"]["pid"] == new.pid],
-        60, "the new supervisor's drain")
+    wait_for(
+        lambda: (
+            new.proc.poll() is not None
+            or [e for e in events(spool, "startup_drain_queued") if e["process"]["pid"] == new.pid]
+        ),
+        60,
+        "the new supervisor's drain",
+    )
     assert new.proc.poll() is None, "the new supervisor did not start at once"
     return new
 
 
-def drain_running(spool: Spool, sup: Supervisor, expected: dict[Ref, bytes],
-                  timeout: float = 120) -> None:
+def drain_running(
+    spool: Spool, sup: Supervisor, expected: dict[Ref, bytes], timeout: float = 120
+) -> None:
     """Wait for the drain while the supervisor keeps running; fail fast if it exits."""
-    wait_for(lambda: sup.proc.poll() is not None or drained(spool, expected), timeout,
-             f"the drain ({spool.pending_summary()})")
+    wait_for(
+        lambda: sup.proc.poll() is not None or drained(spool, expected),
+        timeout,
+        f"the drain ({spool.pending_summary()})",
+    )
     assert sup.proc.poll() is None, (
-        f"supervisor exited with {sup.proc.returncode}; left: {spool.pending_summary()}")
+        f"supervisor exited with {sup.proc.returncode}; left: {spool.pending_summary()}"
+    )
 
 
 def assert_invariant(spool: Spool, client: Any, expected: dict[Ref, bytes]) -> None:
@@ -105,8 +129,9 @@ def assert_invariant(spool: Spool, client: Any, expected: dict[Ref, bytes]) -> N
     assert report.ok, report.summary()
 
 
-def run_crash(spool: Spool, client: Any, bucket: str, point: str, target: str,
-              args: tuple[str, ...] = ()) -> None:
+def run_crash(
+    spool: Spool, client: Any, bucket: str, point: str, target: str, args: tuple[str, ...] = ()
+) -> None:
     """Crash at `point` once (the process itself or the supervisor), then check the invariant."""
     expected = preload(spool, bucket)
     env = crash_env(spool, point, target)
@@ -124,17 +149,18 @@ def run_crash(spool: Spool, client: Any, bucket: str, point: str, target: str,
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("point", UPLOADER_POINTS)
-def test_uploader_crash_point(two: Spool, client: Any, bucket: str, point: str,
-                              target: str) -> None:
+def test_uploader_crash_point(
+    two: Spool, client: Any, bucket: str, point: str, target: str
+) -> None:
     """An uploader dying at a step of a file's way (or killing the supervisor there) loses
     nothing: every file ends in completed/ with its bytes in S3, or in failed/ on record."""
     run_crash(two, client, bucket, point, target)
 
 
-@pytest.mark.parametrize(("point", "target"), [
-    (point, target) for point in WATCHER_POINTS for target in TARGETS])
-def test_watcher_crash_point(two: Spool, client: Any, bucket: str, point: str,
-                             target: str) -> None:
+@pytest.mark.parametrize(
+    ("point", "target"), [(point, target) for point in WATCHER_POINTS for target in TARGETS]
+)
+def test_watcher_crash_point(two: Spool, client: Any, bucket: str, point: str, target: str) -> None:
     """The watcher dying during its start-up drain (or killing the supervisor there) loses
     nothing and the supervisor carries on."""
     run_crash(two, client, bucket, point, target)
@@ -142,15 +168,15 @@ def test_watcher_crash_point(two: Spool, client: Any, bucket: str, point: str,
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("point", STARTUP_POINTS)
-def test_startup_crash_point(two: Spool, client: Any, bucket: str, point: str,
-                             target: str) -> None:
+def test_startup_crash_point(two: Spool, client: Any, bucket: str, point: str, target: str) -> None:
     """The supervisor dying during its own start-up steps loses nothing once restarted."""
     run_crash(two, client, bucket, point, target)
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_crash_after_retry_record(tmp_path: Path, s3: LocalS3, client: Any, bucket: str,
-                                  target: str) -> None:
+def test_crash_after_retry_record(
+    tmp_path: Path, s3: LocalS3, client: Any, bucket: str, target: str
+) -> None:
     """A crash just after a retry was put on record: the retry still happens and completes."""
     with FaultProxy("127.0.0.1", s3.port) as proxy:
         sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1", endpoint=proxy.endpoint)})
@@ -200,13 +226,19 @@ def test_crash_before_ready(two: Spool, client: Any, bucket: str, target: str) -
 
 def test_every_crash_point_has_a_test() -> None:
     """Each named point in flood.crashpoints.POINTS is exercised by a test in this module."""
-    covered = {*UPLOADER_POINTS, *WATCHER_POINTS, *STARTUP_POINTS, "after_retry_record",
-               "before_ready"}
+    covered = {
+        *UPLOADER_POINTS,
+        *WATCHER_POINTS,
+        *STARTUP_POINTS,
+        "after_retry_record",
+        "before_ready",
+    }
     assert set(POINTS) == covered
 
 
 def test_restart_during_an_outage_then_the_outage_ends(
-        tmp_path: Path, s3: LocalS3, client: Any, bucket: str) -> None:
+    tmp_path: Path, s3: LocalS3, client: Any, bucket: str
+) -> None:
     """A supervisor started while the server answers 503 holds the profile; once the server
     answers again the hold is released and every queued file is uploaded without waiting
     for the periodic rescan."""
@@ -278,7 +310,8 @@ def test_log_stays_json_after_kill9_of_the_supervisor(spool: Spool, bucket: str)
 
 
 def test_crash_before_a_multipart_put_leaves_no_upload_behind(
-        spool: Spool, client: Any, bucket: str) -> None:
+    spool: Spool, client: Any, bucket: str
+) -> None:
     """A crash at after_put_start with a file above the multipart threshold: the file is
     uploaded whole afterwards and no incomplete multipart upload is left."""
     expected = {("p1", bucket, "big/parts.bin"): os.urandom(12 * 1024 * 1024)}
@@ -292,7 +325,8 @@ def test_crash_before_a_multipart_put_leaves_no_upload_behind(
 
 
 def test_kill9_during_a_multipart_upload_leaves_no_incomplete_upload(
-        spool: Spool, client: Any, bucket: str) -> None:
+    spool: Spool, client: Any, bucket: str
+) -> None:
     """kill -9 of the supervisor while a multipart upload is in flight: after a restart the
     file is uploaded and no incomplete upload of that key is left on the server."""
     data = os.urandom(40 * 1024 * 1024)
@@ -328,10 +362,13 @@ def test_short_chaos_run(s3: LocalS3, tmp_path: Path) -> None:
     """The chaos run's short form: kills, restarts and network faults, then zero lost, zero
     wrong, zero out of step."""
     chaos = _load_chaos()
-    config = chaos.Config(seed=int(os.environ.get("FLOOD_CHAOS_SEED", "20240611")),
-                          duration=float(os.environ.get("FLOOD_CHAOS_DURATION", "60")),
-                          files=int(os.environ.get("FLOOD_CHAOS_FILES", "600")),
-                          max_size=8 * 1024 * 1024, drain_timeout=150)
+    config = chaos.Config(
+        seed=int(os.environ.get("FLOOD_CHAOS_SEED", "20240611")),
+        duration=float(os.environ.get("FLOOD_CHAOS_DURATION", "60")),
+        files=int(os.environ.get("FLOOD_CHAOS_FILES", "600")),
+        max_size=8 * 1024 * 1024,
+        drain_timeout=150,
+    )
     result = chaos.run(config, s3, tmp_path)
     print(result.line())
     assert (result.lost, result.wrong, result.out_of_step) == (0, 0, 0), result.line()

@@ -30,8 +30,13 @@ BURST_QUEUE = 1024
 
 
 def started(spool: Spool, sup: Supervisor) -> None:
-    wait_for(lambda: [e for e in events(spool, "startup_drain_queued")
-                      if e["process"]["pid"] == sup.pid], 60, "the start-up drain")
+    wait_for(
+        lambda: [
+            e for e in events(spool, "startup_drain_queued") if e["process"]["pid"] == sup.pid
+        ],
+        60,
+        "the start-up drain",
+    )
 
 
 def assert_invariant(spool: Spool, client: Any, expected: dict[Ref, bytes]) -> None:
@@ -47,8 +52,9 @@ def logged(spool: Spool, action: str, key: str) -> list[dict[str, Any]]:
 def tmpfs(where: Path, options: str) -> Iterator[Path]:
     """A small tmpfs mounted on `where` (skips the test where mounting is not permitted)."""
     where.mkdir(exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -125,8 +131,11 @@ def test_disk_full_writing_the_database(spool: Spool, client: Any, bucket: str) 
             ref = ("p1", bucket, f"dbfull/{i}.txt")
             expected[ref] = os.urandom(300 * (i + 1))
             spool.drop(*ref, expected[ref])
-        wait_for(lambda: [e for e in events(spool, "upload_crashed")
-                          if "full" in str(e)], 60, "a write refused for a full disk")
+        wait_for(
+            lambda: [e for e in events(spool, "upload_crashed") if "full" in str(e)],
+            60,
+            "a write refused for a full disk",
+        )
         assert spool.files("completed") == []
         (dbfs / "filler").unlink()
         wait_drained(spool, expected, 90)
@@ -135,7 +144,8 @@ def test_disk_full_writing_the_database(spool: Spool, client: Any, bucket: str) 
 
 
 def test_database_locked_longer_than_the_busy_timeout(
-        spool: Spool, client: Any, bucket: str) -> None:
+    spool: Spool, client: Any, bucket: str
+) -> None:
     """A db write lock held past the busy timeout: the claim's record write fails (logged),
     the file waits in processing/ and completes once the lock is gone."""
     sup = spool.start(workers=1)
@@ -146,8 +156,11 @@ def test_database_locked_longer_than_the_busy_timeout(
     try:
         holder.execute("BEGIN EXCLUSIVE")
         spool.drop(*ref, expected[ref])
-        wait_for(lambda: logged(spool, "upload_crashed", ref[2]), BUSY_TIMEOUT_MS / 1000 + 60,
-                 "the record write to give up")
+        wait_for(
+            lambda: logged(spool, "upload_crashed", ref[2]),
+            BUSY_TIMEOUT_MS / 1000 + 60,
+            "the record write to give up",
+        )
         assert spool.where(*ref) == ["processing"]
         assert "locked" in str(logged(spool, "upload_crashed", ref[2])[0])
     finally:
@@ -158,7 +171,8 @@ def test_database_locked_longer_than_the_busy_timeout(
 
 
 def test_file_deleted_between_its_event_and_its_claim(
-        spool: Spool, client: Any, bucket: str) -> None:
+    spool: Spool, client: Any, bucket: str
+) -> None:
     """Files withdrawn right after landing are skipped (logged); every other file arrives."""
     sup = spool.start()
     started(spool, sup)
@@ -227,10 +241,10 @@ def test_file_truncated_while_uploading(spool: Spool, client: Any, bucket: str) 
     data = os.urandom(40 * 1024 * 1024)
     spool.drop(*ref, data)
     watch_and_change(spool, ref, lambda path: os.truncate(path, 1024 * 1024))
-    expected = {ref: data[:1024 * 1024]}
+    expected = {ref: data[: 1024 * 1024]}
     wait_drained(spool, expected, 120)
     assert_invariant(spool, client, expected)
-    assert object_bytes(client, bucket, ref[2]) == data[:1024 * 1024]
+    assert object_bytes(client, bucket, ref[2]) == data[: 1024 * 1024]
 
 
 def test_read_only_file(spool: Spool, client: Any, bucket: str) -> None:
@@ -273,8 +287,11 @@ def test_name_not_valid_utf8(spool: Spool, client: Any, bucket: str) -> None:
     good = ("p1", bucket, "odd/good.txt")
     spool.drop(*good, b"fine")
     expected = {bad: b"latin-1 name", good: b"fine"}
-    wait_for(lambda: sup.proc.poll() is not None or drained(spool, expected), 60,
-             f"the drain ({spool.pending_summary()})")
+    wait_for(
+        lambda: sup.proc.poll() is not None or drained(spool, expected),
+        60,
+        f"the drain ({spool.pending_summary()})",
+    )
     assert spool.where(*bad) == ["failed"]
     assert_invariant(spool, client, expected)
     assert [r["reason"] for r in spool.records(stored(bad)[2])] == ["invalid_utf8"]
@@ -297,8 +314,7 @@ def test_key_longer_than_1024_bytes(spool: Spool, client: Any, bucket: str) -> N
     assert row["reason"] == "key_too_long"
 
 
-def test_files_landed_faster_than_inotify_can_queue(
-        spool: Spool, client: Any, bucket: str) -> None:
+def test_files_landed_faster_than_inotify_can_queue(spool: Spool, client: Any, bucket: str) -> None:
     """More files land at once than the inotify queue holds: the overflow is logged, a rescan
     finds every file and all of them arrive."""
     if not os.access(QUEUED_EVENTS, os.W_OK):
@@ -312,8 +328,9 @@ def test_files_landed_faster_than_inotify_can_queue(
         started(spool, sup)
     finally:
         QUEUED_EVENTS.write_text(before)
-    started_line = [e for e in events(spool, "children_started")
-                    if e["process"]["pid"] == sup.pid][-1]
+    started_line = [e for e in events(spool, "children_started") if e["process"]["pid"] == sup.pid][
+        -1
+    ]
     watcher = started_line["flood"]["pids"][-1]
     expected: dict[Ref, bytes] = {}
     os.kill(watcher, signal.SIGSTOP)  # it cannot read: the kernel queue overflows

@@ -45,8 +45,15 @@ def drained(spool: Spool, count: int = 1) -> None:
 
 
 def run_json(spool: Spool, command: str, *args: str) -> Any:
-    result = spool.run(command, "--server-dir", str(spool.dir), "--credentials",
-                       str(spool.credentials), "--json", *args)
+    result = spool.run(
+        command,
+        "--server-dir",
+        str(spool.dir),
+        "--credentials",
+        str(spool.credentials),
+        "--json",
+        *args,
+    )
     assert result.returncode in (0, 1), result.stderr
     return json.loads(result.stdout)
 
@@ -70,12 +77,19 @@ def by(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
 
 
 # -- flood-status ------------------------------------------------------------------------------
-def test_status_counts_each_state_holds_and_errors(tmp_path: Path, s3: LocalS3, bucket: str,
-                                                   proxy: FaultProxy) -> None:
+def test_status_counts_each_state_holds_and_errors(
+    tmp_path: Path, s3: LocalS3, bucket: str, proxy: FaultProxy
+) -> None:
     """flood-status shows, per profile and bucket, completed, failed, held and retrying files,
     the pause and its reason, the errors by reason, and the running supervisor."""
-    sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1"),
-                              "slow": s3.credentials_ini("slow", endpoint=proxy.endpoint)})
+    sp = Spool(
+        tmp_path,
+        s3,
+        {
+            "p1": s3.credentials_ini("p1"),
+            "slow": s3.credentials_ini("slow", endpoint=proxy.endpoint),
+        },
+    )
     try:
         missing = f"gone-{bucket}"
         sp.drop("p1", missing, "held.txt", b"waits")
@@ -118,8 +132,9 @@ def test_status_counts_each_state_holds_and_errors(tmp_path: Path, s3: LocalS3, 
         sp.close()
 
 
-def test_status_why_tells_one_files_history(tmp_path: Path, s3: LocalS3, bucket: str,
-                                            proxy: FaultProxy) -> None:
+def test_status_why_tells_one_files_history(
+    tmp_path: Path, s3: LocalS3, bucket: str, proxy: FaultProxy
+) -> None:
     """`flood-status why` lists a file's attempts with their errors, its outcome, size and
     ETag, found by s3:// URI, by its path in completed/ and by its bare key."""
     sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1", endpoint=proxy.endpoint)})
@@ -138,8 +153,7 @@ def test_status_why_tells_one_files_history(tmp_path: Path, s3: LocalS3, bucket:
         assert passage["etag"] == hashlib.md5(b"a story").hexdigest()
         attempts = passage["attempts"]
         assert attempts[-1]["outcome"] == "success"
-        assert all(a["outcome"] == "failure" and "SlowDown" in a["error"]
-                   for a in attempts[:-1])
+        assert all(a["outcome"] == "failure" and "SlowDown" in a["error"] for a in attempts[:-1])
         assert [d["state"] for d in item["on_disk"]] == ["completed"]
         completed = str(sp.path("completed", "p1", bucket, "dir/story.txt"))
         for target in (completed, "dir/story.txt"):
@@ -155,7 +169,8 @@ def test_status_why_tells_one_files_history(tmp_path: Path, s3: LocalS3, bucket:
 
 # -- flood-requeue -----------------------------------------------------------------------------
 def test_requeue_moves_failed_files_back_with_linked_records(
-        tmp_path: Path, s3: LocalS3, bucket: str, proxy: FaultProxy, client: Any) -> None:
+    tmp_path: Path, s3: LocalS3, bucket: str, proxy: FaultProxy, client: Any
+) -> None:
     """Failed files go back to incoming/ and up, each with a record linked to its failure;
     an older failure of the same key waits for --all and goes before the newer one."""
     sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1", endpoint=proxy.endpoint)})
@@ -167,11 +182,17 @@ def test_requeue_moves_failed_files_back_with_linked_records(
         sp.drop("p1", bucket, "b.txt", b"b")
         sp.wait_done("p1", bucket, ["a.txt", "b.txt"], state="failed")
         sp.drop("p1", bucket, "a.txt", b"new a")
-        wait_for(lambda: sp.path("failed", "p1", bucket, "a.txt.~1~").exists()
-                 and not sp.path("processing", "p1", bucket, "a.txt").exists(), 60,
-                 "the second failure of a.txt")
-        dry = sp.run("flood-requeue", "--server-dir", str(sp.dir), "--reason", "SlowDown",
-                     "--dry-run")
+        wait_for(
+            lambda: (
+                sp.path("failed", "p1", bucket, "a.txt.~1~").exists()
+                and not sp.path("processing", "p1", bucket, "a.txt").exists()
+            ),
+            60,
+            "the second failure of a.txt",
+        )
+        dry = sp.run(
+            "flood-requeue", "--server-dir", str(sp.dir), "--reason", "SlowDown", "--dry-run"
+        )
         assert dry.returncode == 0, dry.stderr
         assert "would move 2 files" in dry.stdout and "a.txt.~1~" in dry.stderr
         assert "--all" in dry.stderr
@@ -187,15 +208,17 @@ def test_requeue_moves_failed_files_back_with_linked_records(
         assert object_bytes(client, bucket, "a.txt") == b"old a"
         second = sp.run("flood-requeue", "--server-dir", str(sp.dir), "--all")
         assert second.returncode == 0 and "moved 1 file" in second.stdout, second.stderr
-        wait_for(lambda: sp.path("completed", "p1", bucket, "a.txt.~1~").exists(), 60,
-                 "the newer a.txt")
+        wait_for(
+            lambda: sp.path("completed", "p1", bucket, "a.txt.~1~").exists(), 60, "the newer a.txt"
+        )
         assert object_bytes(client, bucket, "a.txt") == b"new a"
         assert sp.files("failed") == []
         rows = sp.records("a.txt")
-        assert [r["current_state"] for r in rows] == ["failed", "failed", "completed",
-                                                      "completed"]
-        assert (rows[2]["requeued_from"], rows[3]["requeued_from"]) == (rows[0]["id"],
-                                                                        rows[1]["id"])
+        assert [r["current_state"] for r in rows] == ["failed", "failed", "completed", "completed"]
+        assert (rows[2]["requeued_from"], rows[3]["requeued_from"]) == (
+            rows[0]["id"],
+            rows[1]["id"],
+        )
         [b_old, b_new] = sp.records("b.txt")
         assert b_new["requeued_from"] == b_old["id"] and b_new["current_state"] == "completed"
     finally:
@@ -219,21 +242,33 @@ def test_requeue_never_overwrites_a_file_waiting_in_incoming(spool: Spool, bucke
 
 
 # -- flood-doctor ------------------------------------------------------------------------------
-def test_doctor_round_trip_and_classified_failures(tmp_path: Path, s3: LocalS3, bucket: str,
-                                                   client: Any) -> None:
+def test_doctor_round_trip_and_classified_failures(
+    tmp_path: Path, s3: LocalS3, bucket: str, client: Any
+) -> None:
     """flood-doctor passes a good profile (probe put, read and deleted) and classifies a wrong
     secret, a missing bucket, a read-only key and a stopped server."""
     assert s3.readonly is not None
     wrong = Identity("wrong", s3.admin.access_key, "x" * 40, s3.admin.actions)
     missing = f"gone-{uuid.uuid4().hex[:8]}"
-    sp = Spool(tmp_path, s3, {
-        "good": s3.credentials_ini("good"), "nobucket": s3.credentials_ini("nobucket"),
-        "badsecret": s3.credentials_ini("badsecret", wrong),
-        "ro": s3.credentials_ini("ro", s3.readonly),
-        "down": s3.credentials_ini("down", endpoint=f"http://127.0.0.1:{closed_port()}")})
+    sp = Spool(
+        tmp_path,
+        s3,
+        {
+            "good": s3.credentials_ini("good"),
+            "nobucket": s3.credentials_ini("nobucket"),
+            "badsecret": s3.credentials_ini("badsecret", wrong),
+            "ro": s3.credentials_ini("ro", s3.readonly),
+            "down": s3.credentials_ini("down", endpoint=f"http://127.0.0.1:{closed_port()}"),
+        },
+    )
     try:
-        for profile, name in (("good", bucket), ("nobucket", missing), ("badsecret", bucket),
-                              ("ro", bucket), ("down", bucket)):
+        for profile, name in (
+            ("good", bucket),
+            ("nobucket", missing),
+            ("badsecret", bucket),
+            ("ro", bucket),
+            ("down", bucket),
+        ):
             (sp.dir / "incoming" / profile / name).mkdir(parents=True)
         sp.start(workers=1)
         drained(sp)
@@ -262,24 +297,43 @@ def test_doctor_round_trip_and_classified_failures(tmp_path: Path, s3: LocalS3, 
 
 
 def _client_error(code: str, status: int, message: str = "m") -> Exception:
-    return ClientError({"Error": {"Code": code, "Message": message},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "PutObject",
+    )
 
 
-@pytest.mark.parametrize(("error", "operation", "category"), [
-    (_client_error("InvalidAccessKeyId", 403), "ListBuckets", "auth"),
-    (_client_error("NoSuchBucket", 404), "PutObject", "missing_bucket"),
-    (_client_error("404", 404), "HeadBucket", "missing_bucket"),
-    (_client_error("AccessDenied", 403), "DeleteObject", "permissions"),
-    (_client_error("NotImplemented", 501, "A header you provided implies functionality that is "
-                   "not implemented"), "PutObject", "incompatible"),
-    (_client_error("InvalidArgument", 400, "Unsupported header 'x-amz-checksum-crc32'"),
-     "PutObject", "incompatible"),
-    (_client_error("RequestTimeTooSkewed", 403), "PutObject", "clock"),
-    (_client_error("SlowDown", 503), "PutObject", "server"),
-])
-def test_doctor_classifies_provider_answers(error: Exception, operation: str,
-                                            category: str) -> None:
+@pytest.mark.parametrize(
+    ("error", "operation", "category"),
+    [
+        (_client_error("InvalidAccessKeyId", 403), "ListBuckets", "auth"),
+        (_client_error("NoSuchBucket", 404), "PutObject", "missing_bucket"),
+        (_client_error("404", 404), "HeadBucket", "missing_bucket"),
+        (_client_error("AccessDenied", 403), "DeleteObject", "permissions"),
+        (
+            _client_error(
+                "NotImplemented",
+                501,
+                "A header you provided implies functionality that is not implemented",
+            ),
+            "PutObject",
+            "incompatible",
+        ),
+        (
+            _client_error("InvalidArgument", 400, "Unsupported header 'x-amz-checksum-crc32'"),
+            "PutObject",
+            "incompatible",
+        ),
+        (_client_error("RequestTimeTooSkewed", 403), "PutObject", "clock"),
+        (_client_error("SlowDown", 503), "PutObject", "server"),
+    ],
+)
+def test_doctor_classifies_provider_answers(
+    error: Exception, operation: str, category: str
+) -> None:
     """Answers the local server cannot give (a refused checksum header, 501, skew) still get
     their category, and a permissions problem names the operation."""
     found, detail = classify(error, operation)
@@ -293,8 +347,11 @@ def test_doctor_classifies_provider_answers(error: Exception, operation: str,
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
         text = answer.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_count_uploads_across_processes_and_restarts(spool: Spool, bucket: str) -> None:
@@ -321,20 +378,31 @@ def test_metrics_count_uploads_across_processes_and_restarts(spool: Spool, bucke
     for key, data in list(sizes.items())[4:]:
         spool.drop("p1", bucket, key, data)
     spool.wait_done("p1", bucket, list(sizes))
-    values = wait_for(lambda: (v := scrape(port)).get(("flood_files_uploaded_total", ok)) == 6
-                      and v, 30, "6 counted")
+    values = wait_for(
+        lambda: (v := scrape(port)).get(("flood_files_uploaded_total", ok)) == 6 and v,
+        30,
+        "6 counted",
+    )
     failed = (("bucket", bucket), ("outcome", "failure"), ("profile", "p1"))
     assert values[("flood_files_uploaded_total", failed)] == 1
     assert values[("flood_uploaded_bytes_total", ok)] == sum(len(d) for d in sizes.values())
     assert values[("flood_upload_duration_seconds_count", (("profile", "p1"),))] == 6
-    assert values[("flood_files", (("bucket", bucket), ("profile", "p1"),
-                                   ("state", "failed")))] == 1
-    assert values[("flood_files", (("bucket", missing), ("profile", "p1"),
-                                   ("state", "incoming")))] == 1
-    assert values[("flood_paused", (("bucket", missing), ("profile", "p1"),
-                                    ("reason", "NoSuchBucket")))] == 1
-    assert values[("flood_oldest_pending_age_seconds", (("bucket", missing),
-                                                        ("profile", "p1")))] >= 0
+    assert (
+        values[("flood_files", (("bucket", bucket), ("profile", "p1"), ("state", "failed")))] == 1
+    )
+    assert (
+        values[("flood_files", (("bucket", missing), ("profile", "p1"), ("state", "incoming")))]
+        == 1
+    )
+    assert (
+        values[
+            ("flood_paused", (("bucket", missing), ("profile", "p1"), ("reason", "NoSuchBucket")))
+        ]
+        == 1
+    )
+    assert (
+        values[("flood_oldest_pending_age_seconds", (("bucket", missing), ("profile", "p1")))] >= 0
+    )
     assert values[("flood_process_restarts_total", (("reason", "child_died"),))] == 3
     # Certain events: the last two files renamed into a directory watched since start-up
     # (how many of the first ones arrive as events or by the new directory's scan is timing).
@@ -399,8 +467,9 @@ class NotifySocket:
         os.unlink(self.path)
 
 
-def test_notify_ready_watchdog_reload_and_stopping(spool: Spool, bucket: str,
-                                                   tmp_path: Path) -> None:
+def test_notify_ready_watchdog_reload_and_stopping(
+    spool: Spool, bucket: str, tmp_path: Path
+) -> None:
     """READY=1 after the drain, then WATCHDOG=1 while children make progress (withheld while
     the watcher is stopped), RELOADING=1 and READY=1 on SIGHUP, STOPPING=1 at the end."""
     notify = NotifySocket(tmp_path)
@@ -438,14 +507,18 @@ def test_notify_ready_watchdog_reload_and_stopping(spool: Spool, bucket: str,
 
 
 def test_sighup_picks_up_a_new_profile_and_survives_a_broken_file(
-        spool: Spool, bucket: str, s3: LocalS3, client: Any) -> None:
+    spool: Spool, bucket: str, s3: LocalS3, client: Any
+) -> None:
     """SIGHUP re-reads the credentials: a new profile's waiting file goes up; a broken file
     is logged and the profiles already loaded keep working."""
     sup = spool.start()
     drained(spool)
     spool.drop("p2", bucket, "new-profile.txt", b"p2 data")
-    wait_for(lambda: [e for e in spool.events("profile_unknown")
-                      if e["file"]["path"] == "p2"], 30, "profile_unknown for p2")
+    wait_for(
+        lambda: [e for e in spool.events("profile_unknown") if e["file"]["path"] == "p2"],
+        30,
+        "profile_unknown for p2",
+    )
     assert spool.where("p2", bucket, "new-profile.txt") == ["incoming"]
     good = spool.credentials.read_text() + s3.credentials_ini("p2")
     spool.credentials.write_text(good)
@@ -476,13 +549,24 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     here = Path(sys.executable).parent / "flood-supervisor"
     assert "/usr/local/bin/flood-supervisor" in unit
     (tmp_path / "flood-supervisor.service").write_text(
-        unit.replace("/usr/local/bin/flood-supervisor", str(here)))
-    result = subprocess.run([analyze, "verify", str(tmp_path / "flood-supervisor.service")],
-                            capture_output=True, text=True, timeout=60)
+        unit.replace("/usr/local/bin/flood-supervisor", str(here))
+    )
+    result = subprocess.run(
+        [analyze, "verify", str(tmp_path / "flood-supervisor.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
-    for line in ("Type=notify", "KillMode=mixed", "RestartPreventExitStatus=78",
-                 "ProtectSystem=strict", "NoNewPrivileges=yes", "User=flood",
-                 "ExecReload=/bin/kill -HUP $MAINPID"):
+    for line in (
+        "Type=notify",
+        "KillMode=mixed",
+        "RestartPreventExitStatus=78",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "User=flood",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ):
         assert line in unit.splitlines()
     stop = int(re.search(r"^TimeoutStopSec=(\d+)s$", unit, re.M).group(1))  # type: ignore[union-attr]
     assert stop > 20 + 5  # --grace default plus the children's final join
@@ -495,8 +579,7 @@ def test_deploy_examples_are_usable(tmp_path: Path) -> None:
     example = DEPLOY / "credentials.example"
     loaded = credentials.load(str(example), {"HOME": str(tmp_path)})
     assert sorted(loaded.profiles) == ["archive", "backup", "offsite"]
-    assert re.search(r"install .*-m 0600 credentials\.example ",
-                     (DEPLOY / "README.md").read_text())
+    assert re.search(r"install .*-m 0600 credentials\.example ", (DEPLOY / "README.md").read_text())
     assert "flood-copy" in (DEPLOY / "flood-copy.cron").read_text()
     rotate = (DEPLOY / "flood.logrotate").read_text()
     unit = (DEPLOY / "flood-supervisor.service").read_text()
@@ -506,17 +589,62 @@ def test_deploy_examples_are_usable(tmp_path: Path) -> None:
 
 
 # -- ECS log lines -----------------------------------------------------------------------------
-ECS_OBJECTS = {"agent", "client", "cloud", "container", "destination", "dns", "ecs", "error",
-               "event", "file", "group", "host", "http", "log", "network", "observer",
-               "orchestrator", "organization", "os", "package", "process", "related", "rule",
-               "server", "service", "source", "span", "threat", "tls", "trace", "transaction",
-               "url", "user", "user_agent", "vulnerability", "labels"}
+ECS_OBJECTS = {
+    "agent",
+    "client",
+    "cloud",
+    "container",
+    "destination",
+    "dns",
+    "ecs",
+    "error",
+    "event",
+    "file",
+    "group",
+    "host",
+    "http",
+    "log",
+    "network",
+    "observer",
+    "orchestrator",
+    "organization",
+    "os",
+    "package",
+    "process",
+    "related",
+    "rule",
+    "server",
+    "service",
+    "source",
+    "span",
+    "threat",
+    "tls",
+    "trace",
+    "transaction",
+    "url",
+    "user",
+    "user_agent",
+    "vulnerability",
+    "labels",
+}
 TOP_LEVEL = ECS_OBJECTS | {"@timestamp", "message", "tags", "flood"}
-ECS_TYPES = {"@timestamp": "string", "message": "string", "log.level": "string",
-             "log.logger": "string", "ecs.version": "string", "event.action": "string",
-             "event.reason": "string", "event.duration": "integer", "process.pid": "integer",
-             "file.path": "string", "file.size": "integer", "error.message": "string",
-             "error.type": "string", "error.stack_trace": "string", "service.name": "string"}
+ECS_TYPES = {
+    "@timestamp": "string",
+    "message": "string",
+    "log.level": "string",
+    "log.logger": "string",
+    "ecs.version": "string",
+    "event.action": "string",
+    "event.reason": "string",
+    "event.duration": "integer",
+    "process.pid": "integer",
+    "file.path": "string",
+    "file.size": "integer",
+    "error.message": "string",
+    "error.type": "string",
+    "error.stack_trace": "string",
+    "service.name": "string",
+}
 LEVELS = {"debug", "info", "warning", "error", "critical"}
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 
@@ -535,8 +663,11 @@ def _type(value: Any) -> str | None:
     if isinstance(value, dict):
         return "object"
     kinds = {_type(v) for v in value} - {None}
-    return f"array of {kinds.pop()}" if len(kinds) == 1 else ("array" if not kinds else
-                                                                 f"mixed array {sorted(kinds)}")
+    return (
+        f"array of {kinds.pop()}"
+        if len(kinds) == 1
+        else ("array" if not kinds else f"mixed array {sorted(kinds)}")
+    )
 
 
 def expand(doc: dict[str, Any], problems: list[str], where: str = "") -> dict[str, Any]:
@@ -554,7 +685,7 @@ def expand(doc: dict[str, Any], problems: list[str], where: str = "") -> dict[st
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                problems.append(f"{where}{'.'.join(parts[:i + 1])} is a value and an object")
+                problems.append(f"{where}{'.'.join(parts[: i + 1])} is a value and an object")
                 break
         else:
             _merge(node, parts[-1], value, problems, f"{where}{key}")
@@ -599,10 +730,14 @@ def ecs_problems(line: str, types: dict[str, tuple[str, str]], origin: str) -> l
         problems.append(f"@timestamp {stamp!r} is not ISO 8601 UTC")
     if fields.get("log.level") not in LEVELS:
         problems.append(f"log.level {fields.get('log.level')!r} is not a level")
-    problems += [f"top-level field {k!r} is neither ECS nor flood.*" for k in doc
-                 if k not in TOP_LEVEL]
-    problems += [f"ECS object {k!r} is a {_type(doc[k])}" for k in doc
-                 if k in ECS_OBJECTS and not isinstance(doc[k], dict)]
+    problems += [
+        f"top-level field {k!r} is neither ECS nor flood.*" for k in doc if k not in TOP_LEVEL
+    ]
+    problems += [
+        f"ECS object {k!r} is a {_type(doc[k])}"
+        for k in doc
+        if k in ECS_OBJECTS and not isinstance(doc[k], dict)
+    ]
     for name in list(fields):
         parts = name.split(".")
         for i in range(1, len(parts)):
@@ -667,11 +802,13 @@ def session_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield top
     _, problems = check_logs(top)
     assert not problems, "log lines that would break Filebeat/Elasticsearch:\n" + "\n".join(
-        problems[:50])
+        problems[:50]
+    )
 
 
 def test_every_log_line_follows_the_ecs_rules_filebeat_applies(
-        spool: Spool, bucket: str, session_logs: Path) -> None:
+    spool: Spool, bucket: str, session_logs: Path
+) -> None:
     """Every log line written so far in this session (this test's supervisor included) is
     valid JSON with an ISO 8601 UTC @timestamp, log.level, message and ecs.version, dotted
     names that expand without collisions, and one type per field across all lines."""
@@ -694,12 +831,22 @@ def test_the_ecs_check_catches_what_breaks_a_mapping() -> None:
     """The checker rejects a collision, a bad timestamp, an ECS object as a string and a
     field whose type changes between lines."""
     types: dict[str, tuple[str, str]] = {}
-    good = {"@timestamp": "2026-01-01T00:00:00.000Z", "log.level": "info", "message": "m",
-            "ecs.version": "1.6.0", "flood": {"n": 1}}
+    good = {
+        "@timestamp": "2026-01-01T00:00:00.000Z",
+        "log.level": "info",
+        "message": "m",
+        "ecs.version": "1.6.0",
+        "flood": {"n": 1},
+    }
     assert ecs_problems(json.dumps(good), types, "a") == []
-    bad = [{**good, "flood.n": "one"}, {**good, "flood": {"n.x": 1}},
-           {**good, "@timestamp": "2026-01-01 00:00:00"}, {**good, "host": "h1"},
-           {**good, "log": "x"}, {**good, "custom": 1}]
+    bad = [
+        {**good, "flood.n": "one"},
+        {**good, "flood": {"n.x": 1}},
+        {**good, "@timestamp": "2026-01-01 00:00:00"},
+        {**good, "host": "h1"},
+        {**good, "log": "x"},
+        {**good, "custom": 1},
+    ]
     for doc in bad:
         assert ecs_problems(json.dumps(doc), dict(types), "b"), doc
     assert ecs_problems("{not json", types, "c")

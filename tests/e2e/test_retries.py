@@ -34,7 +34,9 @@ def proxied(tmp_path: Path, s3: LocalS3, proxy: FaultProxy) -> Iterator[Spool]:
 def attempts(spool: Spool, key: str) -> list[Any]:
     return spool.query(
         "SELECT a.* FROM retry_attempts a JOIN file_records r ON a.file_record_id = r.id "
-        "WHERE r.filepath = ? ORDER BY a.attempt", key)
+        "WHERE r.filepath = ? ORDER BY a.attempt",
+        key,
+    )
 
 
 def started(spool: Spool) -> None:
@@ -43,7 +45,8 @@ def started(spool: Spool) -> None:
 
 @pytest.mark.parametrize("fault", ["refuse", "reset", "503"])
 def test_outage_longer_than_all_retries_ends_in_failed(
-        proxied: Spool, proxy: FaultProxy, bucket: str, fault: str) -> None:
+    proxied: Spool, proxy: FaultProxy, bucket: str, fault: str
+) -> None:
     """With 3 retries the file ends in failed/ with exactly 3 attempt rows, in time order."""
     proxied.start(*FAST, workers=1)
     started(proxied)
@@ -61,7 +64,8 @@ def test_outage_longer_than_all_retries_ends_in_failed(
 
 
 def test_outage_that_ends_completes_with_the_right_bytes(
-        proxied: Spool, proxy: FaultProxy, bucket: str, client: Any) -> None:
+    proxied: Spool, proxy: FaultProxy, bucket: str, client: Any
+) -> None:
     """A 503 outage that ends after a couple of retries: completed, last attempt a success."""
     proxied.start("--retry-base", "0.2", "--max-retries", "8", workers=1)
     started(proxied)
@@ -75,12 +79,16 @@ def test_outage_that_ends_completes_with_the_right_bytes(
     assert rows[-1]["outcome"] == "success"
     assert all(r["outcome"] == "failure" for r in rows[:-1])
     [record] = proxied.records("patient.txt")
-    assert (record["upload_outcome"], record["retry_count"], record["next_attempt_at"]) == \
-        ("success", 0, None)
+    assert (record["upload_outcome"], record["retry_count"], record["next_attempt_at"]) == (
+        "success",
+        0,
+        None,
+    )
 
 
 def test_a_waiting_file_does_not_hold_the_uploader(
-        proxied: Spool, proxy: FaultProxy, bucket: str, client: Any) -> None:
+    proxied: Spool, proxy: FaultProxy, bucket: str, client: Any
+) -> None:
     """While one file waits for its retry, other files of the profile upload (one uploader)."""
     proxied.start("--retry-base", "30", workers=1)
     started(proxied)
@@ -97,7 +105,8 @@ def test_a_waiting_file_does_not_hold_the_uploader(
 
 
 def test_a_restart_continues_the_retry_count(
-        proxied: Spool, proxy: FaultProxy, bucket: str) -> None:
+    proxied: Spool, proxy: FaultProxy, bucket: str
+) -> None:
     """After a restart a waiting file is retried when due, its count going on from the db."""
     sup = proxied.start("--retry-base", "1", "--max-retries", "3", workers=1)
     started(proxied)
@@ -116,8 +125,9 @@ def test_a_restart_continues_the_retry_count(
     assert resumed and all(r["attempted_at"] >= due for r in resumed)
 
 
-def test_access_denied_fails_at_once_without_retries(tmp_path: Path, s3: LocalS3,
-                                                      bucket: str) -> None:
+def test_access_denied_fails_at_once_without_retries(
+    tmp_path: Path, s3: LocalS3, bucket: str
+) -> None:
     """A read-only key (AccessDenied on PUT) sends the file to failed/ well before any retry."""
     assert s3.readonly is not None
     sp = Spool(tmp_path, s3, {"ro": s3.credentials_ini("ro", s3.readonly)})
@@ -133,12 +143,14 @@ def test_access_denied_fails_at_once_without_retries(tmp_path: Path, s3: LocalS3
         sp.close()
 
 
-def test_key_rejected_at_startup_holds_the_profile(tmp_path: Path, s3: LocalS3,
-                                                   bucket: str) -> None:
+def test_key_rejected_at_startup_holds_the_profile(
+    tmp_path: Path, s3: LocalS3, bucket: str
+) -> None:
     """An unknown key at start-up: its files stay in incoming/, one error names the profile."""
     bogus = random_identity("bogus", ("Read",))
-    sp = Spool(tmp_path, s3, {"bad": s3.credentials_ini("bad", bogus),
-                              "p1": s3.credentials_ini("p1")})
+    sp = Spool(
+        tmp_path, s3, {"bad": s3.credentials_ini("bad", bogus), "p1": s3.credentials_ini("p1")}
+    )
     try:
         sp.drop("bad", bucket, "stays.txt", b"s")
         sp.start("--recheck-interval", "0.3")
@@ -164,8 +176,11 @@ def test_revoked_key_pauses_its_profile_and_resumes_when_restored(tmp_path: Path
         server.restart(identities=[admin, worker])
         b1, b2 = new_bucket(server), new_bucket(server)
         (tmp_path / "sp").mkdir()
-        sp = Spool(tmp_path / "sp", server, {
-            "rev": server.credentials_ini("rev", worker), "ok": server.credentials_ini("ok")})
+        sp = Spool(
+            tmp_path / "sp",
+            server,
+            {"rev": server.credentials_ini("rev", worker), "ok": server.credentials_ini("ok")},
+        )
         sp.start("--recheck-interval", "0.5", "--retry-base", "0.2", workers=1)
         started(sp)
         server.restart(identities=[admin])  # the worker key is revoked
@@ -199,7 +214,8 @@ def test_retry_rows_carry_utc_timestamps(proxied: Spool, proxy: FaultProxy, buck
 
 
 def test_endpoint_unreachable_at_startup_waits_then_flows(
-        proxied: Spool, proxy: FaultProxy, bucket: str, client: Any) -> None:
+    proxied: Spool, proxy: FaultProxy, bucket: str, client: Any
+) -> None:
     """A server that cannot be reached at start-up holds its profile; files flow once it can."""
     proxy.set_mode("refuse")
     proxied.drop("p1", bucket, "early.txt", b"early")

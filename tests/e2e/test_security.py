@@ -32,7 +32,8 @@ def drained(spool: Spool) -> None:
 
 
 def test_symlink_to_a_secret_goes_to_failed_unfollowed(
-        spool: Spool, bucket: str, client: Any, secret_file: Path) -> None:
+    spool: Spool, bucket: str, client: Any, secret_file: Path
+) -> None:
     """A symlink in incoming/ is moved, as a link, to failed/ with not_regular_file."""
     link = spool.path("incoming", "p1", bucket, "innocent.txt")
     link.parent.mkdir(parents=True)
@@ -48,7 +49,8 @@ def test_symlink_to_a_secret_goes_to_failed_unfollowed(
 
 
 def test_live_symlink_and_symlinked_directories_are_not_followed(
-        spool: Spool, bucket: str, client: Any, secret_file: Path, tmp_path: Path) -> None:
+    spool: Spool, bucket: str, client: Any, secret_file: Path, tmp_path: Path
+) -> None:
     """Links created while running (to a file, to a directory, to '..') upload nothing."""
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -68,7 +70,8 @@ def test_live_symlink_and_symlinked_directories_are_not_followed(
 
 
 def test_symlinked_profile_directory_is_not_walked(
-        spool: Spool, bucket: str, client: Any, tmp_path: Path) -> None:
+    spool: Spool, bucket: str, client: Any, tmp_path: Path
+) -> None:
     """incoming/PROFILE -> elsewhere: nothing below it is uploaded or moved."""
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / bucket).mkdir(parents=True)
@@ -84,7 +87,8 @@ def test_symlinked_profile_directory_is_not_walked(
 
 @pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
 def test_special_files_fail_without_hanging_the_uploader(
-        spool: Spool, bucket: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool: Spool, bucket: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A FIFO, socket or device node goes to failed/ and the only uploader keeps going."""
     if kind == "device" and os.geteuid() != 0:
         pytest.skip("creating a device node needs root")
@@ -111,7 +115,8 @@ def test_special_files_fail_without_hanging_the_uploader(
 
 
 def test_bad_names_fail_with_a_reason_and_the_watcher_lives(
-        spool: Spool, bucket: str, client: Any) -> None:
+    spool: Spool, bucket: str, client: Any
+) -> None:
     """Control characters and over-long keys go to failed/ with reasons; others still flow."""
     spool.start()
     drained(spool)
@@ -180,18 +185,23 @@ def test_no_secret_in_logs_db_help_or_errors(spool: Spool, bucket: str, s3: Any)
     assert secret.encode() not in spool.db.read_bytes()
     helptext = spool.run("flood-supervisor", "--help").stdout
     assert secret not in helptext
-    spool.credentials.write_text(s3.credentials_ini("p1").replace("provider = amazon",
-                                                                  "provider = nope"))
-    refused = spool.run("flood-supervisor", "--credentials", str(spool.credentials),
-                        str(spool.dir))
+    spool.credentials.write_text(
+        s3.credentials_ini("p1").replace("provider = amazon", "provider = nope")
+    )
+    refused = spool.run("flood-supervisor", "--credentials", str(spool.credentials), str(spool.dir))
     assert refused.returncode == 78 and secret not in refused.stderr + refused.stdout
 
 
 def test_loose_credentials_file_warns_or_is_refused(spool: Spool, bucket: str) -> None:
     """A 0644 credentials file is warned about; with --strict-permissions it is refused."""
     spool.credentials.chmod(0o644)
-    strict = spool.run("flood-supervisor", "--credentials", str(spool.credentials),
-                       "--strict-permissions", str(spool.dir))
+    strict = spool.run(
+        "flood-supervisor",
+        "--credentials",
+        str(spool.credentials),
+        "--strict-permissions",
+        str(spool.dir),
+    )
     assert strict.returncode == 78 and "mode 644" in strict.stderr
     assert not (spool.dir / "incoming").exists()
     spool.start()
@@ -206,7 +216,8 @@ def test_created_files_and_directories_are_not_open_to_all(spool: Spool, bucket:
     spool.wait_done("p1", bucket, ["m.txt"])
     assert sup.terminate() == 0
     for path in [spool.dir / s for s in ("incoming", "processing", "completed", "failed")] + [
-            spool.dir / "completed" / "p1" / bucket]:
+        spool.dir / "completed" / "p1" / bucket
+    ]:
         assert not path.stat().st_mode & stat.S_IWOTH, path
     assert stat.S_IMODE(spool.db.stat().st_mode) & 0o077 == 0
     assert stat.S_IMODE((spool.root / "own.log").stat().st_mode) & 0o037 == 0

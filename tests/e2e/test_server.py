@@ -19,13 +19,16 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_startup_wipes_tmp_creates_dirs_and_drains_processing_then_incoming(
-        spool: Spool, bucket: str, client: Any) -> None:
+    spool: Spool, bucket: str, client: Any
+) -> None:
     """Start-up wipes incoming_tmp, creates the layout and uploads pre-placed files."""
     stale = spool.path("incoming_tmp", "p1", bucket, "half/written")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
-    pre = {("processing", "was/claimed.bin"): b"claimed before a crash",
-           ("incoming", "queued.txt"): b"queued while down"}
+    pre = {
+        ("processing", "was/claimed.bin"): b"claimed before a crash",
+        ("incoming", "queued.txt"): b"queued while down",
+    }
     for (state, key), data in pre.items():
         p = spool.path(state, "p1", bucket, key)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +45,8 @@ def test_startup_wipes_tmp_creates_dirs_and_drains_processing_then_incoming(
 
 
 def test_files_arriving_during_the_drain_are_not_missed(
-        spool: Spool, bucket: str, client: Any) -> None:
+    spool: Spool, bucket: str, client: Any
+) -> None:
     """Files renamed in while the start-up drain runs are uploaded too."""
     early = [f"early/{i:04d}" for i in range(400)]
     for key in early:
@@ -61,8 +65,12 @@ def test_files_arriving_during_the_drain_are_not_missed(
 def test_live_files_in_nested_paths_and_odd_names(spool: Spool, bucket: str, client: Any) -> None:
     """Renamed-in files land under their key: nested, unicode, spaces, empty."""
     spool.start()
-    files = {"a/b/c/d/deep.txt": b"deep", "üñí cödé/ファイル name.txt": "ü".encode() * 100,
-             "spaces in/the name .csv": b"x,y\n", "empty": b""}
+    files = {
+        "a/b/c/d/deep.txt": b"deep",
+        "üñí cödé/ファイル name.txt": "ü".encode() * 100,
+        "spaces in/the name .csv": b"x,y\n",
+        "empty": b"",
+    }
     for key, data in files.items():
         spool.drop("p1", bucket, key, data)
     spool.wait_done("p1", bucket, list(files))
@@ -83,7 +91,8 @@ def test_file_written_in_place_is_uploaded_whole(spool: Spool, bucket: str, clie
             time.sleep(0.3)  # the producer's pauses between writes are the behaviour under test
     spool.wait_done("p1", bucket, ["inplace.log"])
     assert object_bytes(client, bucket, "inplace.log") == b"".join(
-        f"line {i}\n".encode() * 1000 for i in range(4))
+        f"line {i}\n".encode() * 1000 for i in range(4)
+    )
 
 
 def test_mkdir_p_then_immediate_write(spool: Spool, bucket: str, client: Any) -> None:
@@ -122,8 +131,10 @@ def test_large_file_goes_up_in_parts(spool: Spool, bucket: str, client: Any) -> 
     spool.wait_done("p1", bucket, ["big.bin"], timeout=120)
     head = client.head_object(Bucket=bucket, Key="big.bin")
     assert "-" in head["ETag"]  # a multipart ETag: md5-of-parts, then the part count
-    assert hashlib.sha256(object_bytes(client, bucket, "big.bin")).digest() == \
-        hashlib.sha256(data).digest()
+    assert (
+        hashlib.sha256(object_bytes(client, bucket, "big.bin")).digest()
+        == hashlib.sha256(data).digest()
+    )
 
 
 def test_small_and_larger_files_mixed_in_one_batch(spool: Spool, bucket: str, client: Any) -> None:
@@ -140,8 +151,9 @@ def test_small_and_larger_files_mixed_in_one_batch(spool: Spool, bucket: str, cl
     spool.wait_done("p1", bucket, list(files), timeout=120)
     for key, data in files.items():
         assert object_bytes(client, bucket, key) == data
-    assert {r["filepath"]: r["etag"] for r in spool.records()} == \
-        {k: hashlib.md5(d).hexdigest() for k, d in files.items()}
+    assert {r["filepath"]: r["etag"] for r in spool.records()} == {
+        k: hashlib.md5(d).hexdigest() for k, d in files.items()
+    }
     # Each on its first try: an answer read for the wrong PUT would show as a retry here.
     assert not spool.events("upload_failed") and not spool.events("upload_retry_scheduled")
     assert not spool.query("SELECT * FROM retry_attempts")
@@ -149,7 +161,8 @@ def test_small_and_larger_files_mixed_in_one_batch(spool: Spool, bucket: str, cl
 
 @pytest.mark.parametrize("options", [(), ("--verify", "head"), ("--boto3-put",)])
 def test_each_upload_path_stores_the_right_bytes(
-        spool: Spool, bucket: str, client: Any, options: tuple[str, ...]) -> None:
+    spool: Spool, bucket: str, client: Any, options: tuple[str, ...]
+) -> None:
     """The lean PUT, HEAD verification and boto3's put_object each store identical bytes."""
     files = {f"path/{i}.bin": os.urandom(i * 1000) for i in range(5)}
     spool.start(*options)
@@ -175,8 +188,11 @@ def test_two_profiles_two_buckets_are_routed(tmp_path: Path, s3: Any) -> None:
         sp.wait_done("p1", b2, ["two"])
         sp.wait_done("p2", b3, ["three"])
         client = s3.client()
-        assert (object_keys(client, b1), object_keys(client, b2), object_keys(client, b3)) == \
-            (["one"], ["two"], ["three"])
+        assert (object_keys(client, b1), object_keys(client, b2), object_keys(client, b3)) == (
+            ["one"],
+            ["two"],
+            ["three"],
+        )
         profiles = {(r["profile"], r["bucket"]) for r in sp.records()}
         assert profiles == {("p1", b1), ("p1", b2), ("p2", b3)}
     finally:
@@ -184,7 +200,8 @@ def test_two_profiles_two_buckets_are_routed(tmp_path: Path, s3: Any) -> None:
 
 
 def test_missing_bucket_holds_its_files_while_others_flow(
-        spool: Spool, bucket: str, s3: Any, client: Any) -> None:
+    spool: Spool, bucket: str, s3: Any, client: Any
+) -> None:
     """Files of a missing bucket stay in incoming/ (one error) until the bucket exists."""
     missing = f"gone-{bucket}"
     spool.drop("p1", missing, "waits.txt", b"wait for me")
@@ -202,22 +219,25 @@ def test_missing_bucket_holds_its_files_while_others_flow(
     assert object_bytes(client, missing, "waits.txt") == b"wait for me"
 
 
-def test_same_path_twice_is_uploaded_twice_in_order(
-        spool: Spool, bucket: str, client: Any) -> None:
+def test_same_path_twice_is_uploaded_twice_in_order(spool: Spool, bucket: str, client: Any) -> None:
     """The same key queued twice gives two passages, in order, the newest bytes last."""
     spool.start()
     spool.drop("p1", bucket, "report.csv", b"first")
     spool.wait_done("p1", bucket, ["report.csv"])
     spool.drop("p1", bucket, "report.csv", b"second")
-    wait_for(lambda: spool.path("completed", "p1", bucket, "report.csv.~1~").exists(), 30,
-             "the first copy kept as report.csv.~1~")
+    wait_for(
+        lambda: spool.path("completed", "p1", bucket, "report.csv.~1~").exists(),
+        30,
+        "the first copy kept as report.csv.~1~",
+    )
     spool.wait_done("p1", bucket, ["report.csv"])
     assert object_bytes(client, bucket, "report.csv") == b"second"
     assert spool.path("completed", "p1", bucket, "report.csv").read_bytes() == b"second"
     assert spool.path("completed", "p1", bucket, "report.csv.~1~").read_bytes() == b"first"
     rows = spool.records("report.csv")
-    assert [(r["current_state"], r["upload_outcome"]) for r in rows] == \
-        [("completed", "success")] * 2
+    assert [(r["current_state"], r["upload_outcome"]) for r in rows] == [
+        ("completed", "success")
+    ] * 2
     assert rows[0]["id"] < rows[1]["id"]
 
 
@@ -227,8 +247,13 @@ def test_records_follow_each_passage(spool: Spool, bucket: str) -> None:
     spool.drop("p1", bucket, "r/one.txt", b"12345")
     spool.wait_done("p1", bucket, ["r/one.txt"])
     [row] = spool.records("r/one.txt")
-    assert (row["profile"], row["bucket"], row["current_state"], row["upload_outcome"],
-            row["size"]) == ("p1", bucket, "completed", "success", 5)
+    assert (
+        row["profile"],
+        row["bucket"],
+        row["current_state"],
+        row["upload_outcome"],
+        row["size"],
+    ) == ("p1", bucket, "completed", "success", 5)
     assert row["etag"] == hashlib.md5(b"12345").hexdigest()
     assert row["file_creation_date"] and row["last_updated"] >= row["file_creation_date"][:19]
     claimed = [e for e in spool.events("file_claimed") if e["flood"]["key"] == "r/one.txt"]
@@ -238,7 +263,7 @@ def test_records_follow_each_passage(spool: Spool, bucket: str) -> None:
 def test_every_log_line_is_ecs_json(spool: Spool, bucket: str) -> None:
     """Every line written by every process parses as JSON with the ECS fields."""
     sup = spool.start()
-    spool.drop("p1", bucket, "line\nbreak \"quoted\" \x1b[31m.txt", b"x")
+    spool.drop("p1", bucket, 'line\nbreak "quoted" \x1b[31m.txt', b"x")
     spool.drop("p1", bucket, "ok.txt", b"y")
     spool.wait_done("p1", bucket, ["ok.txt"])
     assert sup.terminate() == 0
@@ -287,8 +312,7 @@ def test_second_supervisor_is_refused_naming_the_lock(spool: Spool, bucket: str)
     """A second supervisor on the same server dir exits non-zero naming the lock."""
     spool.start()
     wait_for(lambda: spool.events("startup_drain_queued"), 30, "the drain")
-    second = spool.run("flood-supervisor", "--credentials", str(spool.credentials),
-                       str(spool.dir))
+    second = spool.run("flood-supervisor", "--credentials", str(spool.credentials), str(spool.dir))
     assert second.returncode == 75
     assert ".flood.lock" in second.stderr and len(second.stderr.strip().splitlines()) == 1
 
@@ -298,23 +322,33 @@ def _session_pids(sid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-@pytest.mark.parametrize(("ini", "expected"), [
-    ("", "has no profiles"),
-    ("[p]\naws_access_key_id = A\naws_secret_access_key = S3CRET-VALUE\naws_region = r\n",
-     "profile 'p' has no 'provider' key"),
-    ("[p]\nprovider = dropbox\naws_access_key_id = A\naws_secret_access_key = S3CRET-VALUE\n"
-     "aws_region = r\n", "unknown provider 'dropbox' (known: amazon, backblaze, cloudflare)"),
-    ("[p]\nprovider = cloudflare\nAWS_SECRET_ACCESS_KEY = S3CRET-VALUE\n",
-     "profile 'p' (cloudflare) is missing aws_access_key_id, aws_region, aws_endpoint"),
-    ("just a S3CRET-VALUE line\n", "comes before any [profile] header"),
-])
+@pytest.mark.parametrize(
+    ("ini", "expected"),
+    [
+        ("", "has no profiles"),
+        (
+            "[p]\naws_access_key_id = A\naws_secret_access_key = S3CRET-VALUE\naws_region = r\n",
+            "profile 'p' has no 'provider' key",
+        ),
+        (
+            "[p]\nprovider = dropbox\naws_access_key_id = A\naws_secret_access_key = S3CRET-VALUE\n"
+            "aws_region = r\n",
+            "unknown provider 'dropbox' (known: amazon, backblaze, cloudflare)",
+        ),
+        (
+            "[p]\nprovider = cloudflare\nAWS_SECRET_ACCESS_KEY = S3CRET-VALUE\n",
+            "profile 'p' (cloudflare) is missing aws_access_key_id, aws_region, aws_endpoint",
+        ),
+        ("just a S3CRET-VALUE line\n", "comes before any [profile] header"),
+    ],
+)
 def test_credentials_errors_exit_78_and_touch_nothing(
-        spool: Spool, ini: str, expected: str) -> None:
+    spool: Spool, ini: str, expected: str
+) -> None:
     """Each credentials problem: exit 78, one line naming it, no secret, the dir untouched."""
     spool.credentials.write_text(ini)
     before = sorted(os.listdir(spool.dir))
-    result = spool.run("flood-supervisor", "--credentials", str(spool.credentials),
-                       str(spool.dir))
+    result = spool.run("flood-supervisor", "--credentials", str(spool.credentials), str(spool.dir))
     assert result.returncode == 78
     assert expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -324,8 +358,9 @@ def test_credentials_errors_exit_78_and_touch_nothing(
 
 def test_no_credentials_file_found(spool: Spool) -> None:
     """Without any credentials file the supervisor names every place it looked, exit 78."""
-    result = spool.run("flood-supervisor", "--credentials", str(spool.root / "nope"),
-                       str(spool.dir))
+    result = spool.run(
+        "flood-supervisor", "--credentials", str(spool.root / "nope"), str(spool.dir)
+    )
     assert result.returncode == 78
     assert "no credentials file found" in result.stderr
     assert "~/.aws/credentials" in result.stderr and "--credentials" in result.stderr
@@ -349,8 +384,9 @@ def test_bad_option_is_one_line_and_exit_2(spool: Spool) -> None:
 
 def test_missing_server_dir_is_refused(spool: Spool) -> None:
     """A server directory that does not exist: one line, exit 78."""
-    result = spool.run("flood-supervisor", "--credentials", str(spool.credentials),
-                       str(spool.root / "absent"))
+    result = spool.run(
+        "flood-supervisor", "--credentials", str(spool.credentials), str(spool.root / "absent")
+    )
     assert result.returncode == 78 and "does not exist" in result.stderr
 
 
@@ -381,6 +417,9 @@ def test_unknown_profile_directory_is_left_alone(spool: Spool, bucket: str) -> N
     spool.wait_done("p1", bucket, ["ours.txt"])
     assert spool.where("stranger", bucket, "theirs.txt") == ["incoming"]
     assert spool.where("stranger", bucket, "more.txt") == ["incoming"]
-    unknown = [e for e in spool.events("profile_unknown")
-               if e["flood"].get("profile") == "stranger" or "stranger" in str(e)]
+    unknown = [
+        e
+        for e in spool.events("profile_unknown")
+        if e["flood"].get("profile") == "stranger" or "stranger" in str(e)
+    ]
     assert 1 <= len(unknown) <= 2  # once at start-up, once from the watcher

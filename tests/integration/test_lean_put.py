@@ -25,8 +25,12 @@ def md5_of(data: bytes) -> str:
 
 
 def lean(s3: LocalS3, secret: str | None = None, connections: int = 4) -> LeanPut:
-    return LeanPut(Profile("p", "other", s3.admin.access_key, secret or s3.admin.secret_key,
-                           REGION, s3.endpoint), connections=connections)
+    return LeanPut(
+        Profile(
+            "p", "other", s3.admin.access_key, secret or s3.admin.secret_key, REGION, s3.endpoint
+        ),
+        connections=connections,
+    )
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 1 << 20])
@@ -43,10 +47,13 @@ def test_several_in_flight_each_land(s3: LocalS3, client: Any) -> None:
     bucket = new_bucket(s3)
     put = lean(s3, connections=8)
     bodies = {f"k{i}": os.urandom(100 + i) for i in range(8)}
-    started = [put.start(i, bucket, key, data, md5_of(data))
-               for i, (key, data) in enumerate(bodies.items())]
-    assert [p.result().strip('"') for p in started] == \
-        [hashlib.md5(d).hexdigest() for d in bodies.values()]
+    started = [
+        put.start(i, bucket, key, data, md5_of(data))
+        for i, (key, data) in enumerate(bodies.items())
+    ]
+    assert [p.result().strip('"') for p in started] == [
+        hashlib.md5(d).hexdigest() for d in bodies.values()
+    ]
     assert {k: object_bytes(client, bucket, k) for k in bodies} == bodies
 
 
@@ -74,11 +81,14 @@ def test_a_put_in_the_middle_of_a_batch_gets_its_own_answer(s3: LocalS3, client:
     bucket = new_bucket(s3)
     put = lean(s3, connections=3)
     small = {f"small{i}": os.urandom(10 + i) for i in range(2)}
-    started = [put.start(i, bucket, key, data, md5_of(data))
-               for i, (key, data) in enumerate(small.items())]
+    started = [
+        put.start(i, bucket, key, data, md5_of(data)) for i, (key, data) in enumerate(small.items())
+    ]
     large = os.urandom(300 * 1024)
-    assert put.put(bucket, "large", large, md5_of(large)).strip('"') == \
-        hashlib.md5(large).hexdigest()
-    assert [p.result().strip('"') for p in started] == \
-        [hashlib.md5(d).hexdigest() for d in small.values()]
+    assert (
+        put.put(bucket, "large", large, md5_of(large)).strip('"') == hashlib.md5(large).hexdigest()
+    )
+    assert [p.result().strip('"') for p in started] == [
+        hashlib.md5(d).hexdigest() for d in small.values()
+    ]
     assert object_bytes(client, bucket, "large") == large

@@ -25,22 +25,35 @@ class Report:
     files: int = 0
     completed: int = 0
     failed: int = 0
-    lost: list[str] = field(default_factory=list)         # not in exactly one final place
-    wrong: list[str] = field(default_factory=list)        # an object whose bytes differ
+    lost: list[str] = field(default_factory=list)  # not in exactly one final place
+    wrong: list[str] = field(default_factory=list)  # an object whose bytes differ
     out_of_step: list[str] = field(default_factory=list)  # records disagreeing with directories
-    leftover: list[str] = field(default_factory=list)     # still in incoming/ or processing/
+    leftover: list[str] = field(default_factory=list)  # still in incoming/ or processing/
 
     @property
     def ok(self) -> bool:
         return not (self.lost or self.wrong or self.out_of_step or self.leftover)
 
     def summary(self) -> str:
-        parts = [f"files={self.files}", f"completed={self.completed}", f"failed={self.failed}",
-                 f"lost={len(self.lost)}", f"wrong={len(self.wrong)}",
-                 f"out_of_step={len(self.out_of_step)}", f"leftover={len(self.leftover)}"]
-        details = [f"{name}: {items[:5]}" for name, items in (
-            ("lost", self.lost), ("wrong", self.wrong), ("out_of_step", self.out_of_step),
-            ("leftover", self.leftover)) if items]
+        parts = [
+            f"files={self.files}",
+            f"completed={self.completed}",
+            f"failed={self.failed}",
+            f"lost={len(self.lost)}",
+            f"wrong={len(self.wrong)}",
+            f"out_of_step={len(self.out_of_step)}",
+            f"leftover={len(self.leftover)}",
+        ]
+        details = [
+            f"{name}: {items[:5]}"
+            for name, items in (
+                ("lost", self.lost),
+                ("wrong", self.wrong),
+                ("out_of_step", self.out_of_step),
+                ("leftover", self.leftover),
+            )
+            if items
+        ]
         return " ".join(parts) + ("\n" + "\n".join(details) if details else "")
 
 
@@ -58,8 +71,7 @@ def check(spool: Spool, client: Any, expected: Mapping[Ref, bytes]) -> Report:
     return report
 
 
-def _check_file(spool: Spool, client: Any, ref: Ref, data: bytes, row: Any,
-                report: Report) -> None:
+def _check_file(spool: Spool, client: Any, ref: Ref, data: bytes, row: Any, report: Report) -> None:
     places = [s for s in (*OPEN, *FINAL) if os.path.lexists(_path(spool, s, ref))]
     name = _show(ref)
     if len(places) != 1 or places[0] not in FINAL:
@@ -86,8 +98,7 @@ def _check_record(ref: Ref, state: str, row: Any, report: Report) -> None:
     if row is None:
         report.out_of_step.append(f"{name}: in {state}/ with no record")
     elif row["current_state"] != state:
-        report.out_of_step.append(f"{name}: in {state}/, newest record says "
-                                  f"{row['current_state']}")
+        report.out_of_step.append(f"{name}: in {state}/, newest record says {row['current_state']}")
     elif state == "failed" and not row["reason"]:
         report.out_of_step.append(f"{name}: failed with no reason on record")
 

@@ -40,9 +40,14 @@ class Supervisor:
         self.handle = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.errors = open(log_path.with_suffix(".stderr"), "ab")  # noqa: SIM115 - as above
         self.proc = subprocess.Popen(
-            [str(BIN / "flood-supervisor"), *args], env=env, stdout=self.handle,
-            stderr=self.errors, stdin=subprocess.DEVNULL, start_new_session=True,
-            cwd=log_path.parent)
+            [str(BIN / "flood-supervisor"), *args],
+            env=env,
+            stdout=self.handle,
+            stderr=self.errors,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=log_path.parent,
+        )
 
     @property
     def pid(self) -> int:
@@ -102,17 +107,37 @@ class Spool:
         return env
 
     def start(self, *args: str, workers: int = 2, env: dict[str, str] | None = None) -> Supervisor:
-        argv = ["--credentials", str(self.credentials), "--workers", str(workers),
-                "--log-level", "debug", *args, str(self.dir)]
+        argv = [
+            "--credentials",
+            str(self.credentials),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "debug",
+            *args,
+            str(self.dir),
+        ]
         sup = Supervisor(argv, env or self.env(), self.log)
         self.supervisors.append(sup)
         return sup
 
-    def run(self, command: str, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / command), *args], env=env or self.env(),
-                              capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, **kwargs)
+    def run(
+        self,
+        command: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 60,
+        **kwargs: Any,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / command), *args],
+            env=env or self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            **kwargs,
+        )
 
     def close(self) -> None:
         for sup in self.supervisors:
@@ -138,13 +163,25 @@ class Spool:
 
     def files(self, state: str) -> list[str]:
         top = self.dir / state
-        return sorted(str(p.relative_to(top)) for p in top.rglob("*")
-                      if p.is_file() or p.is_symlink()) if top.exists() else []
+        return (
+            sorted(str(p.relative_to(top)) for p in top.rglob("*") if p.is_file() or p.is_symlink())
+            if top.exists()
+            else []
+        )
 
-    def wait_done(self, profile: str, bucket: str, keys: Sequence[str], timeout: float = 60,
-                  state: str = "completed") -> None:
-        wait_for(lambda: all(self.where(profile, bucket, k) == [state] for k in keys),
-                 timeout, f"{len(keys)} files in {state}/ (left: {self.pending_summary()})")
+    def wait_done(
+        self,
+        profile: str,
+        bucket: str,
+        keys: Sequence[str],
+        timeout: float = 60,
+        state: str = "completed",
+    ) -> None:
+        wait_for(
+            lambda: all(self.where(profile, bucket, k) == [state] for k in keys),
+            timeout,
+            f"{len(keys)} files in {state}/ (left: {self.pending_summary()})",
+        )
 
     def pending_summary(self) -> str:
         return ", ".join(f"{s}={len(self.files(s))}" for s in STATES)

@@ -17,8 +17,9 @@ def test_bucket_names_s3_accepts(name: str) -> None:
     assert check_bucket(name) == name
 
 
-@pytest.mark.parametrize("name", ["ab", "a" * 64, "Upper", "under_score", "-lead", "trail-",
-                                  "dots..twice", "sp ace"])
+@pytest.mark.parametrize(
+    "name", ["ab", "a" * 64, "Upper", "under_score", "-lead", "trail-", "dots..twice", "sp ace"]
+)
 def test_bucket_names_s3_refuses(name: str) -> None:
     """Bucket names S3 would refuse raise InvalidName with reason invalid_bucket."""
     with pytest.raises(InvalidName) as err:
@@ -26,11 +27,18 @@ def test_bucket_names_s3_refuses(name: str) -> None:
     assert err.value.reason == "invalid_bucket"
 
 
-@pytest.mark.parametrize(("key", "reason"), [
-    ("a/../b", "invalid_key"), ("./a", "invalid_key"), ("a//b", "invalid_key"),
-    ("a\x01b", "invalid_key"), ("line\nbreak", "invalid_key"), ("x" * 1025, "key_too_long"),
-    ("bad\udcffname", "invalid_utf8"),
-])
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("a/../b", "invalid_key"),
+        ("./a", "invalid_key"),
+        ("a//b", "invalid_key"),
+        ("a\x01b", "invalid_key"),
+        ("line\nbreak", "invalid_key"),
+        ("x" * 1025, "key_too_long"),
+        ("bad\udcffname", "invalid_utf8"),
+    ],
+)
 def test_keys_refused_with_reason(key: str, reason: str) -> None:
     """Dot segments, empty segments, control characters, over-long and non-UTF-8 keys."""
     with pytest.raises(InvalidName) as err:
@@ -46,8 +54,9 @@ def test_key_of_1024_bytes_is_fine() -> None:
 def test_parse_maps_paths_to_profile_bucket_key(tmp_path: Path) -> None:
     """A path below STATE/P/B/ maps to its key; a shallower one is misplaced (None)."""
     layout = Layout(tmp_path)
-    assert layout.parse("incoming", str(tmp_path / "incoming/p/b/x/y.txt")) == \
-        FileRef("p", "b", "x/y.txt")
+    assert layout.parse("incoming", str(tmp_path / "incoming/p/b/x/y.txt")) == FileRef(
+        "p", "b", "x/y.txt"
+    )
     assert layout.parse("incoming", str(tmp_path / "incoming/p/loose.txt")) is None
 
 

@@ -63,8 +63,12 @@ def test_without_notify_socket_nothing_is_sent() -> None:
 def test_variables_are_read_then_unset_for_children(listener: tuple[socket.socket, str]) -> None:
     """With unset, the socket and watchdog variables leave the environment children inherit."""
     _, path = listener
-    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid()),
-           "OTHER": "kept"}
+    env = {
+        "NOTIFY_SOCKET": path,
+        "WATCHDOG_USEC": "4000000",
+        "WATCHDOG_PID": str(os.getpid()),
+        "OTHER": "kept",
+    }
     notifier = Notifier.from_environ(env, unset=True)
     assert notifier.enabled and notifier.watchdog_interval == 4.0
     assert env == {"OTHER": "kept"}
@@ -130,6 +134,7 @@ def test_heartbeat_is_sent_at_most_once_a_second() -> None:
 
 def test_heartbeat_survives_a_closed_pipe() -> None:
     """A supervisor that is gone is not an error for the child that beats."""
+
     class Broken:
         def send(self, message: Any) -> None:
             raise BrokenPipeError
@@ -159,7 +164,14 @@ def test_observing_log_counts_outcomes_and_passes_every_call_on() -> None:
     log.warning("upload_retry_scheduled", profile="p", bucket="b", reason="SlowDown")
     log.error("upload_failed", profile="p", bucket="b", path="/nonexistent", reason="x")
     log.debug("job_skipped", profile="p")
-    assert counted == [("upload", "p", "b", "success", 5, 0.5), ("retry", "p", "b", "SlowDown"),
-                       ("upload", "p", "b", "failure", None, None)]
-    assert [c[1] for c in calls] == ["upload_succeeded", "upload_retry_scheduled",
-                                     "upload_failed", "job_skipped"]
+    assert counted == [
+        ("upload", "p", "b", "success", 5, 0.5),
+        ("retry", "p", "b", "SlowDown"),
+        ("upload", "p", "b", "failure", None, None),
+    ]
+    assert [c[1] for c in calls] == [
+        "upload_succeeded",
+        "upload_retry_scheduled",
+        "upload_failed",
+        "job_skipped",
+    ]

@@ -18,37 +18,52 @@ from flood import retry
 
 
 def client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "m"},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
 
 
-@pytest.mark.parametrize(("code", "status", "transient", "scope"), [
-    ("SlowDown", 503, True, "file"),
-    ("RequestTimeout", 400, True, "file"),
-    ("InternalError", 500, True, "file"),
-    ("ServiceUnavailable", 503, True, "file"),
-    ("Throttling", 400, True, "file"),
-    ("InvalidAccessKeyId", 403, False, "profile"),
-    ("SignatureDoesNotMatch", 403, False, "profile"),
-    ("AccessDenied", 403, False, "file"),
-    ("NoSuchBucket", 404, False, "bucket"),
-    ("NotImplemented", 501, False, "file"),
-    ("InvalidArgument", 400, False, "file"),
-    ("EntityTooLarge", 400, False, "file"),
-    ("KeyTooLongError", 400, False, "file"),
-    ("SomethingNew", 400, False, "file"),
-    ("SomethingNew", 409, False, "file"),
-])
-def test_codes_are_classified_before_status(code: str, status: int, transient: bool,
-                                            scope: str) -> None:
+@pytest.mark.parametrize(
+    ("code", "status", "transient", "scope"),
+    [
+        ("SlowDown", 503, True, "file"),
+        ("RequestTimeout", 400, True, "file"),
+        ("InternalError", 500, True, "file"),
+        ("ServiceUnavailable", 503, True, "file"),
+        ("Throttling", 400, True, "file"),
+        ("InvalidAccessKeyId", 403, False, "profile"),
+        ("SignatureDoesNotMatch", 403, False, "profile"),
+        ("AccessDenied", 403, False, "file"),
+        ("NoSuchBucket", 404, False, "bucket"),
+        ("NotImplemented", 501, False, "file"),
+        ("InvalidArgument", 400, False, "file"),
+        ("EntityTooLarge", 400, False, "file"),
+        ("KeyTooLongError", 400, False, "file"),
+        ("SomethingNew", 400, False, "file"),
+        ("SomethingNew", 409, False, "file"),
+    ],
+)
+def test_codes_are_classified_before_status(
+    code: str, status: int, transient: bool, scope: str
+) -> None:
     """Each error code of the table gets its verdict, whatever its HTTP status."""
     verdict = retry.classify(client_error(code, status))
     assert (verdict.transient, verdict.scope, verdict.reason) == (transient, scope, code)
 
 
-@pytest.mark.parametrize(("status", "transient"), [
-    (500, True), (502, True), (503, True), (504, True), (429, True), (400, False), (501, False),
-])
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [
+        (500, True),
+        (502, True),
+        (503, True),
+        (504, True),
+        (429, True),
+        (400, False),
+        (501, False),
+    ],
+)
 def test_unknown_codes_fall_back_to_the_status(status: int, transient: bool) -> None:
     """A code the table does not know is retried only for 500, 502, 503, 504 and 429."""
     assert retry.classify(client_error("Odd", status)).transient is transient
@@ -61,12 +76,15 @@ def test_head_answers_without_body_are_read_by_status(code: str, reason: str) ->
     assert (verdict.transient, verdict.reason) == (False, reason)
 
 
-@pytest.mark.parametrize("exc", [
-    EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
-    ConnectionClosedError(endpoint_url="http://127.0.0.1:1"),
-    ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
-    ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+        ConnectionClosedError(endpoint_url="http://127.0.0.1:1"),
+        ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
+        ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"),
+    ],
+)
 def test_connection_failures_are_transient(exc: Exception) -> None:
     """Refused, reset and timed-out connections are retried."""
     assert retry.classify(exc).transient

@@ -20,18 +20,31 @@ from botocore.credentials import Credentials
 from flood.s3 import MAX_HEAD, Answer, SigV4, read_response
 
 ACCESS, SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
-KEYS = ["plain.txt", "a/b/c.bin", "with space/and+plus=eq", "ünï/cödé ✓", "~tilde/(x)!*'",
-        "percent%20literal", "semi;colon,comma&amp?q#frag"]
+KEYS = [
+    "plain.txt",
+    "a/b/c.bin",
+    "with space/and+plus=eq",
+    "ünï/cödé ✓",
+    "~tilde/(x)!*'",
+    "percent%20literal",
+    "semi;colon,comma&amp?q#frag",
+]
 
 
-def botocore_headers(monkeypatch: pytest.MonkeyPatch, host: str, path: str, body: bytes,
-                     md5: str, moment: dt.datetime) -> dict[str, str]:
+def botocore_headers(
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+    path: str,
+    body: bytes,
+    md5: str,
+    moment: dt.datetime,
+) -> dict[str, str]:
     monkeypatch.setattr(auth, "get_current_datetime", lambda: moment)
-    request = AWSRequest(method="PUT", url=f"http://{host}{path}", data=body,
-                         headers={"Content-MD5": md5})
+    request = AWSRequest(
+        method="PUT", url=f"http://{host}{path}", data=body, headers={"Content-MD5": md5}
+    )
     auth.S3SigV4Auth(Credentials(ACCESS, SECRET), "s3", "eu-west-1").add_auth(request)
-    return {k: request.headers[k] for k in ("X-Amz-Date", "X-Amz-Content-SHA256",
-                                            "Authorization")}
+    return {k: request.headers[k] for k in ("X-Amz-Date", "X-Amz-Content-SHA256", "Authorization")}
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -42,9 +55,13 @@ def test_same_headers_as_botocore(monkeypatch: pytest.MonkeyPatch, key: str, hos
     moment = dt.datetime(2026, 11, 21, 13, 45, 7)
     expected = botocore_headers(monkeypatch, host, path, body, "bWQ1bWQ1bWQ1bWQ1bWQ1MQ==", moment)
     ours = SigV4(ACCESS, SECRET, "eu-west-1").sign(
-        "PUT", host, path, hashlib.sha256(body).hexdigest(),
+        "PUT",
+        host,
+        path,
+        hashlib.sha256(body).hexdigest(),
         {"Content-MD5": "bWQ1bWQ1bWQ1bWQ1bWQ1MQ=="},
-        when=moment.replace(tzinfo=dt.UTC).timestamp())
+        when=moment.replace(tzinfo=dt.UTC).timestamp(),
+    )
     assert ours == expected
 
 
@@ -54,8 +71,17 @@ def test_signing_key_follows_the_date(monkeypatch: pytest.MonkeyPatch) -> None:
     payload = hashlib.sha256(b"x").hexdigest()
     for moment in (dt.datetime(2026, 11, 21, 23, 59, 59), dt.datetime(2026, 11, 22, 0, 0, 1)):
         expected = botocore_headers(monkeypatch, "h", "/b/k", b"x", "eA==", moment)
-        assert signer.sign("PUT", "h", "/b/k", payload, {"Content-MD5": "eA=="},
-                           when=moment.replace(tzinfo=dt.UTC).timestamp()) == expected
+        assert (
+            signer.sign(
+                "PUT",
+                "h",
+                "/b/k",
+                payload,
+                {"Content-MD5": "eA=="},
+                when=moment.replace(tzinfo=dt.UTC).timestamp(),
+            )
+            == expected
+        )
 
 
 # -- read_response: the lean PUT's reading of answers -------------------------------------------
@@ -63,6 +89,7 @@ def answer_to(*pieces: bytes, close: bool = True) -> Answer:
     """read_response on a socket the pieces arrive on one by one (each its own send)."""
     ours, theirs = socket.socketpair()
     try:
+
         def feed() -> None:
             for piece in pieces:
                 theirs.sendall(piece)
@@ -82,40 +109,54 @@ def answer_to(*pieces: bytes, close: bool = True) -> Answer:
 
 
 def test_a_put_answer_split_across_reads() -> None:
-    got = answer_to(b"HTTP/1.1 200 OK\r\nETag: \"abc\"\r\nContent-", b"Length: 0\r\n",
-                    b"\r\n", close=False)
+    got = answer_to(
+        b'HTTP/1.1 200 OK\r\nETag: "abc"\r\nContent-', b"Length: 0\r\n", b"\r\n", close=False
+    )
     assert got == Answer(200, {"etag": '"abc"', "content-length": "0"}, b"", True)
 
 
 def test_an_error_body_by_content_length_and_repeated_headers() -> None:
     body = b"<Error><Code>SlowDown</Code></Error>"
-    got = answer_to(b"HTTP/1.1 503 Slow Down\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: "
-                    + str(len(body)).encode() + b"\r\n\r\n" + body[:10], body[10:], close=False)
+    got = answer_to(
+        b"HTTP/1.1 503 Slow Down\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body[:10],
+        body[10:],
+        close=False,
+    )
     assert (got.status, got.headers["x-a"], got.body, got.keep_alive) == (503, "1, 2", body, True)
 
 
 def test_a_chunked_body_with_trailers_and_interim_100() -> None:
-    got = answer_to(b"HTTP/1.1 100 Continue\r\n\r\n",
-                    b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n",
-                    b"5;ext=1\r\nhello\r\n", b"6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
-                    close=False)
+    got = answer_to(
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"5;ext=1\r\nhello\r\n",
+        b"6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        close=False,
+    )
     assert (got.status, got.body, got.keep_alive) == (500, b"hello world", True)
 
 
 def test_close_or_no_length_ends_the_connection() -> None:
-    assert not answer_to(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-                         ).keep_alive
+    assert not answer_to(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    ).keep_alive
     got = answer_to(b"HTTP/1.0 403 Forbidden\r\n\r\n<Error/>", b"tail")
     assert (got.status, got.body, got.keep_alive) == (403, b"<Error/>tail", False)
 
 
-@pytest.mark.parametrize("pieces", [
-    (b"",),                                             # closed before answering
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",),  # body cut short
-    (b"SSH-2.0-OpenSSH\r\n\r\n",),                      # not HTTP
-    (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",),
-    (b"HTTP/1.1 200 OK\r\nX: " + b"y" * (MAX_HEAD + 10),),
-])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        (b"",),  # closed before answering
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",),  # body cut short
+        (b"SSH-2.0-OpenSSH\r\n\r\n",),  # not HTTP
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"y" * (MAX_HEAD + 10),),
+    ],
+)
 def test_malformed_or_cut_answers_raise(pieces: tuple[bytes, ...]) -> None:
     with pytest.raises(http.client.HTTPException):
         answer_to(*pieces)

@@ -42,8 +42,14 @@ class WatchManager:
 
 def role(tmp_path: Path, workers: int = 3, fail: bool = False) -> tuple[WatcherRole, list[Any]]:
     profile = Profile("p", "amazon", "AK", "SECRET", "us-east-1", None)
-    settings = Settings(server_dir=tmp_path, db_path=":memory:", credentials_path="c",
-                        profiles={"p": profile}, workers=workers, settle_seconds=0.5)
+    settings = Settings(
+        server_dir=tmp_path,
+        db_path=":memory:",
+        credentials_path="c",
+        profiles={"p": profile},
+        workers=workers,
+        settle_seconds=0.5,
+    )
     queues: list[Any] = [queue.Queue() for _ in range(workers)]
     watcher = WatcherRole(settings, {"p": queues}, None)
     watcher.log = Log()

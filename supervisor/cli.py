@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flood import cli, credentials, logs, metrics, records, status
+from flood import credentials, logs, metrics, records
+from flood.commands import common, status
 from flood.errors import EX_TEMPFAIL, ConfigError, FloodError
 from flood.layout import Layout
 from flood.settings import DEFAULT_IGNORE, MiB, Settings
@@ -30,8 +31,8 @@ exit status: 0 stopped cleanly; 78 configuration error; 75 another supervisor ho
 server directory; 70 a child failed at start."""
 
 
-def parser() -> cli.Parser:
-    p = cli.Parser(
+def parser() -> common.Parser:
+    p = common.Parser(
         prog="flood-supervisor",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -40,7 +41,7 @@ def parser() -> cli.Parser:
     p.add_argument("server_dir", metavar="SERVER_DIR", help="the spool directory")
     p.add_argument(
         "--workers",
-        type=cli.positive_int,
+        type=common.positive_int,
         default=4,
         metavar="N",
         help="uploader processes per profile (default: 4)",
@@ -56,21 +57,21 @@ def parser() -> cli.Parser:
     )
     p.add_argument(
         "--retry-base",
-        type=cli.seconds,
+        type=common.seconds,
         default=30.0,
         metavar="SECONDS",
         help="retry n waits d..2d with d = base * 2^(n-1) (default: 30)",
     )
     p.add_argument(
         "--max-retries",
-        type=cli.non_negative_int,
+        type=common.non_negative_int,
         default=10,
         metavar="N",
         help="retries after the first upload before failed/ (default: 10)",
     )
     p.add_argument(
         "--retry-max-delay",
-        type=cli.seconds,
+        type=common.seconds,
         default=None,
         metavar="SECONDS",
         help="cap on one retry's wait (default: no cap)",
@@ -78,42 +79,42 @@ def parser() -> cli.Parser:
     p.add_argument("--log-file", metavar="PATH", help="JSON log lines go here (default: stdout)")
     p.add_argument(
         "--log-level",
-        type=cli.log_level,
+        type=common.log_level,
         default="info",
         metavar="LEVEL",
         help="debug, info, warning, error or critical, any case (default: info)",
     )
     p.add_argument(
         "--multipart-threshold",
-        type=cli.positive_int,
+        type=common.positive_int,
         default=16,
         metavar="MIB",
         help="files this size or larger go up in parts (default: 16)",
     )
     p.add_argument(
         "--settle",
-        type=cli.seconds,
+        type=common.seconds,
         default=1.0,
         metavar="SECONDS",
         help="a file found by a scan is claimed once unchanged this long (default: 1)",
     )
     p.add_argument(
         "--rescan-interval",
-        type=cli.seconds,
+        type=common.seconds,
         default=300.0,
         metavar="SECONDS",
         help="reconciling scan of incoming/ (default: 300)",
     )
     p.add_argument(
         "--recheck-interval",
-        type=cli.seconds,
+        type=common.seconds,
         default=30.0,
         metavar="SECONDS",
         help="first re-check of a paused profile or bucket, doubling (default: 30)",
     )
     p.add_argument(
         "--grace",
-        type=cli.seconds,
+        type=common.seconds,
         default=20.0,
         metavar="SECONDS",
         help="on SIGTERM, time for uploads in flight to finish (default: 20)",
@@ -159,7 +160,7 @@ def parser() -> cli.Parser:
 
 
 def port_number(text: str) -> int:
-    value = cli.non_negative_int(text)
+    value = common.non_negative_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
     return value
@@ -170,10 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         creds = credentials.load(args.credentials)
     except ConfigError as exc:
-        return cli.fail("flood-supervisor", str(exc), exc.exit_code)
+        return common.fail("flood-supervisor", str(exc), exc.exit_code)
     settings = Settings(
         server_dir=Path(os.path.abspath(args.server_dir)),
-        db_path=cli.db_path(args.db),
+        db_path=common.db_path(args.db),
         credentials_path=str(creds.path),
         profiles=creds.profiles,
         workers=args.workers,
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.strict_permissions:
             log.error("credentials_file_exposed", path=str(creds.path), reason=why)
-            return cli.fail("flood-supervisor", why, 78)
+            return common.fail("flood-supervisor", why, 78)
         log.warning("credentials_file_exposed", path=str(creds.path), reason=why)
     try:
         # The lock comes first: a second supervisor must not wipe the first one's incoming_tmp.
@@ -214,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checked = startup.check_buckets(settings, layout, log)
     except FloodError as exc:
         log.error("startup_failed", error=str(exc))
-        return cli.fail("flood-supervisor", str(exc), exc.exit_code)
+        return common.fail("flood-supervisor", str(exc), exc.exit_code)
     return run_arbiter(args, settings, layout, checked, log)
 
 
@@ -243,7 +244,7 @@ def run_arbiter(
         except OSError as exc:
             why = f"cannot serve metrics on {args.metrics_address}:{args.metrics_port}: {exc}"
             log.error("metrics_failed", error=why)
-            return cli.fail("flood-supervisor", why, EX_TEMPFAIL)
+            return common.fail("flood-supervisor", why, EX_TEMPFAIL)
         log.info(
             "metrics_serving", address=args.metrics_address, port=server.server_port, path=path
         )

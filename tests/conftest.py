@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 from spool import Spool, new_bucket
 
-from flood.localserver import LocalS3
+from flood.testing.localserver import LocalS3
 
 
 @pytest.fixture(scope="session")

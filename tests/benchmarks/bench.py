@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from flood.localserver import REGION, LocalS3
+from flood.testing.localserver import REGION, LocalS3
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 PROFILE = "bench"

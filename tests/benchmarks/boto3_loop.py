@@ -16,7 +16,7 @@ import os
 import sys
 
 from flood.credentials import Profile
-from flood.localserver import REGION
+from flood.testing.localserver import REGION
 
 
 def files_under(root: str) -> list[str]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flood.localserver import REGION, LocalS3
+from flood.testing.localserver import REGION, LocalS3
 
 KiB = 1024
 

@@ -368,7 +368,7 @@ def size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flood.localserver import LocalS3
+    from flood.testing.localserver import LocalS3
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int, default=None, help="default: from the clock (printed)")

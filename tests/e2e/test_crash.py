@@ -18,7 +18,7 @@ from invariant import Ref, check, drained, events, non_json_lines
 from spool import Spool, Supervisor, object_bytes, wait_for
 
 from flood.crashpoints import POINTS
-from flood.localserver import LocalS3
+from flood.testing.localserver import LocalS3
 
 pytestmark = pytest.mark.timeout(300)
 

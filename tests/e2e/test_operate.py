@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from spool import Spool, object_bytes, object_keys, wait_for
 
 from flood import credentials
-from flood.doctor import classify
-from flood.localserver import Identity, LocalS3
+from flood.commands.doctor import classify
+from flood.testing.localserver import Identity, LocalS3
 
 pytestmark = pytest.mark.timeout(180)
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

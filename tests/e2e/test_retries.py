@@ -11,7 +11,7 @@ import pytest
 from faultproxy import FaultProxy
 from spool import Spool, new_bucket, object_bytes, object_keys, wait_for
 
-from flood.localserver import LocalS3, random_identity
+from flood.testing.localserver import LocalS3, random_identity
 
 pytestmark = pytest.mark.timeout(240)
 FAST = ("--retry-base", "0.05", "--max-retries", "3")

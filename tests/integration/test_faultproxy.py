@@ -27,7 +27,7 @@ from botocore.exceptions import (  # noqa: E402
 )
 from faultproxy import FaultProxy  # noqa: E402
 
-from flood.localserver import LocalS3  # noqa: E402
+from flood.testing.localserver import LocalS3  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

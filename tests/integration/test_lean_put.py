@@ -14,8 +14,8 @@ from botocore.exceptions import ClientError
 from spool import new_bucket, object_bytes
 
 from flood.credentials import Profile
-from flood.localserver import REGION, LocalS3
 from flood.s3 import LeanPut
+from flood.testing.localserver import REGION, LocalS3
 
 pytestmark = pytest.mark.timeout(120)
 

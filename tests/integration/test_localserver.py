@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 
 from botocore.exceptions import ClientError  # noqa: E402 - after the sys.path insertion
 
-from flood.localserver import (  # noqa: E402 - after the sys.path insertion
+from flood.testing.localserver import (  # noqa: E402 - after the sys.path insertion
     ADMIN_ACTIONS,
     READONLY_ACTIONS,
     Identity,

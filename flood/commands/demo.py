@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flood.localserver import LocalS3
+from flood.testing.localserver import LocalS3
 
 BUCKET = "demo-bucket"
 FILES = {

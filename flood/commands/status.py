@@ -16,7 +16,8 @@ from typing import Any, cast
 
 import peewee as pw
 
-from flood import cli, credentials, records
+from flood import credentials, records
+from flood.commands import common
 from flood.errors import ConfigError, FloodError
 from flood.jobs import FileRef
 from flood.layout import COMPLETED, FAILED, INCOMING, PROCESSING, STATES, Layout
@@ -576,8 +577,8 @@ def _ending(p: dict[str, Any]) -> str:
 
 
 # -- the command -------------------------------------------------------------------------------
-def parser() -> cli.Parser:
-    p = cli.Parser(
+def parser() -> common.Parser:
+    p = common.Parser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -590,7 +591,7 @@ def parser() -> cli.Parser:
         help="a file's path in the server dir, s3://PROFILE/BUCKET/KEY or KEY",
     )
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
-    cli.add_location_options(p)
+    common.add_location_options(p)
     return p
 
 
@@ -607,14 +608,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args, target[0] if target else None)
     except FloodError as exc:
-        return cli.fail(PROG, str(exc), exc.exit_code)
+        return common.fail(PROG, str(exc), exc.exit_code)
     finally:
         records.close_db()
 
 
 def open_records(option: str | None) -> str:
     """Open the existing records database (a read-only command must not create one)."""
-    path = cli.db_path(option)
+    path = common.db_path(option)
     if not os.path.exists(path):
         raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else ./flood.db)")
     try:
@@ -635,7 +636,7 @@ def profile_names(option: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace, target: str | None) -> int:
-    root = cli.server_dir(args.server_dir)
+    root = common.server_dir(args.server_dir)
     layout = Layout(root)
     db = open_records(args.db)
     if target is not None:

@@ -19,7 +19,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from flood import cli, credentials
+from flood import credentials
+from flood.commands import common
 from flood.credentials import Profile
 from flood.errors import ConfigError, FloodError, LayoutError
 from flood.layout import INCOMING, STATES, Layout
@@ -364,8 +365,8 @@ def check_credentials(option: str | None) -> tuple[Check, credentials.Credential
 
 
 # -- the command -----------------------------------------------------------------------------
-def parser() -> cli.Parser:
-    p = cli.Parser(
+def parser() -> common.Parser:
+    p = common.Parser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -373,7 +374,7 @@ def parser() -> cli.Parser:
     )
     p.add_argument("--profile", metavar="P", help="probe this profile only")
     p.add_argument("--json", action="store_true", help="one JSON document instead of lines")
-    cli.add_location_options(p)
+    common.add_location_options(p)
     return p
 
 
@@ -382,13 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         checks = run(args)
     except FloodError as exc:
-        return cli.fail(PROG, str(exc), exc.exit_code)
+        return common.fail(PROG, str(exc), exc.exit_code)
     report(checks, args.json)
     return 1 if any(c.status == FAIL for c in checks) else 0
 
 
 def run(args: argparse.Namespace) -> list[Check]:
-    root = cli.server_dir(args.server_dir)
+    root = common.server_dir(args.server_dir)
     layout = Layout(root)
     creds_check, creds = check_credentials(args.credentials)
     checks = [creds_check, check_server_dir(layout), check_inotify(layout), check_disk(root)]

@@ -17,14 +17,15 @@ from typing import TextIO
 
 import peewee as pw
 
-from flood import cli, credentials, fsops, records
+from flood import credentials, fsops, records
+from flood.commands import common
 from flood.errors import ConfigError, FloodError, InvalidName, LayoutError
 from flood.jobs import FileRef
 from flood.layout import INCOMING, INCOMING_TMP, Layout, check_bucket, check_key, check_profile
 from flood.settings import DEFAULT_IGNORE, MiB
 
 PROG = "flood-copy"
-DEFAULT_SERVER_DIR = cli.DEFAULT_SERVER_DIR
+DEFAULT_SERVER_DIR = common.DEFAULT_SERVER_DIR
 CHUNK = MiB
 BAR_THRESHOLD = 8 * MiB
 REDRAW_SECONDS = 0.1
@@ -76,8 +77,8 @@ class Interrupted(Exception):
 
 
 # -- the command line ----------------------------------------------------------------------
-def parser() -> cli.Parser:
-    p = cli.Parser(
+def parser() -> common.Parser:
+    p = common.Parser(
         prog=PROG,
         usage=USAGE,
         description=DESCRIPTION,
@@ -111,7 +112,7 @@ def parser() -> cli.Parser:
     )
     p.add_argument(
         "--timeout",
-        type=cli.seconds,
+        type=common.seconds,
         metavar="S",
         help="with --wait: give up after S seconds (exit 124)",
     )
@@ -126,9 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except FloodError as exc:
-        return cli.fail(PROG, str(exc), exc.exit_code)
+        return common.fail(PROG, str(exc), exc.exit_code)
     except KeyboardInterrupt:  # before or after the copy loop: no file is half-queued
-        return cli.fail(PROG, "interrupted", EX_INTERRUPTED)
+        return common.fail(PROG, "interrupted", EX_INTERRUPTED)
     finally:
         records.close_db()
 
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Check everything, copy every file, report, and wait if asked."""
     target = parse_target(args.destination)
-    root = cli.server_dir(args.server_dir)
+    root = common.server_dir(args.server_dir)
     creds = credentials.load(args.credentials)
     if target.profile not in creds.profiles:
         raise Refused(
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: {line}", file=sys.stderr)
     layout = Layout(root)
     prepare_dirs(layout, target)
-    _open_records(cli.db_path(args.db))
+    _open_records(common.db_path(args.db))
     report = Copier(layout, target, _progress(plan.items, args.quiet)).run(plan.items)
     code = report.tell(target, args.quiet, plan.failed)
     if args.wait and code != EX_INTERRUPTED:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import peewee as pw
 
-from flood import cli, fsops, records
+from flood import fsops, records
+from flood.commands import common
 from flood.errors import ConfigError, FloodError
 from flood.jobs import FileRef
 from flood.layout import FAILED, INCOMING, Layout
@@ -53,8 +54,8 @@ class Candidate:
 NEWEST = 1 << 30
 
 
-def parser() -> cli.Parser:
-    p = cli.Parser(
+def parser() -> common.Parser:
+    p = common.Parser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -73,7 +74,7 @@ def parser() -> cli.Parser:
         help="every failed file the other options allow, older failures (KEY.~N~) included",
     )
     p.add_argument("--dry-run", action="store_true", help="say what would move; move nothing")
-    cli.add_location_options(p)
+    common.add_location_options(p)
     return p
 
 
@@ -85,14 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except FloodError as exc:
-        return cli.fail(PROG, str(exc), exc.exit_code)
+        return common.fail(PROG, str(exc), exc.exit_code)
     finally:
         records.close_db()
 
 
 def run(args: argparse.Namespace) -> int:
-    layout = Layout(cli.server_dir(args.server_dir))
-    open_records(cli.db_path(args.db))
+    layout = Layout(common.server_dir(args.server_dir))
+    open_records(common.db_path(args.db))
     chosen, notes = choose(layout, args)
     moved, skipped = 0, 0
     for cand in chosen:

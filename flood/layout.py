@@ -11,14 +11,9 @@ from pathlib import Path
 
 from flood.errors import InvalidName, LayoutError
 from flood.jobs import FileRef
+from flood.states import DIRECTORIES, Reason, State
 
-INCOMING_TMP = "incoming_tmp"
-INCOMING = "incoming"
-PROCESSING = "processing"
-FAILED = "failed"
-COMPLETED = "completed"
-STATES = (INCOMING_TMP, INCOMING, PROCESSING, FAILED, COMPLETED)
-
+LOCK_NAME = ".flood.lock"  # the supervisor's flock on the server dir
 MAX_KEY_BYTES = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -28,8 +23,8 @@ _BACKUP_RE = re.compile(r"\.~(\d+)~$")
 def check_profile(name: str) -> str:
     """Return `name` if it can be a profile directory, else raise InvalidName."""
     if name in ("", ".", "..") or "/" in name or _CONTROL_RE.search(name):
-        raise InvalidName("invalid_profile", f"invalid profile name {name!r}")
-    _check_utf8(name, "invalid_profile")
+        raise InvalidName(Reason.INVALID_PROFILE, f"invalid profile name {shown(name)!r}")
+    _check_utf8(name, Reason.INVALID_PROFILE)
     return name
 
 
@@ -37,8 +32,8 @@ def check_bucket(name: str) -> str:
     """Return `name` if S3 accepts it as a bucket name (3-63 of a-z 0-9 . -), else raise."""
     if not _BUCKET_RE.match(name) or ".." in name:
         raise InvalidName(
-            "invalid_bucket",
-            f"invalid bucket name {name!r}: S3 wants 3-63 characters of lowercase letters, "
+            Reason.INVALID_BUCKET,
+            f"invalid bucket name {shown(name)!r}: S3 wants 3-63 characters of lowercase letters, "
             "digits, dots and hyphens, starting and ending with a letter or digit",
         )
     return name
@@ -46,14 +41,14 @@ def check_bucket(name: str) -> str:
 
 def check_key(key: str) -> str:
     """Return `key` if every segment is a real name and it fits S3's 1,024 bytes, else raise."""
-    raw = _check_utf8(key, "invalid_utf8")
+    raw = _check_utf8(key, Reason.INVALID_UTF8)
     segments = key.split("/")
     if any(s in ("", ".", "..") for s in segments):
-        raise InvalidName("invalid_key", f"key {key!r} has an empty, '.' or '..' segment")
+        raise InvalidName(Reason.INVALID_KEY, f"key {key!r} has an empty, '.' or '..' segment")
     if _CONTROL_RE.search(key):
-        raise InvalidName("invalid_key", f"key {key!r} contains a control character")
+        raise InvalidName(Reason.INVALID_KEY, f"key {key!r} contains a control character")
     if len(raw) > MAX_KEY_BYTES:
-        raise InvalidName("key_too_long", f"key is {len(raw)} bytes in UTF-8, over 1024")
+        raise InvalidName(Reason.KEY_TOO_LONG, f"key is {len(raw)} bytes in UTF-8, over 1024")
     return key
 
 
@@ -61,8 +56,17 @@ def _check_utf8(text: str, reason: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
-        raise InvalidName(reason, f"name {shown!r} is not valid UTF-8") from None
+        raise InvalidName(reason, f"name {shown(text)!r} is not valid UTF-8") from None
+
+
+def shown(name: str) -> str:
+    """A name as it can be printed or stored: bytes that are not UTF-8 (surrogate escapes from
+    the filesystem) as backslash escapes, b'bad\\xff' as 'bad\\xff'."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,14 @@ class Layout:
     def profiles_present(self) -> set[str]:
         """Profile directory names found under any of the five state directories."""
         found: set[str] = set()
-        for state in STATES:
+        for state in DIRECTORIES:
             found.update(_subdirs(self.state_dir(state)))
         return found
 
     def buckets_present(self, profile: str) -> set[str]:
         """Bucket directory names of `profile` found under any of the five state directories."""
         found: set[str] = set()
-        for state in STATES:
+        for state in DIRECTORIES:
             found.update(_subdirs(os.path.join(self.state_dir(state), profile)))
         return found
 
@@ -106,26 +110,26 @@ class Layout:
         """Create the five directories, each profile's under each, and mirror bucket dirs."""
         if not self.root.is_dir():
             raise LayoutError(f"server directory {self.root} does not exist or is not a directory")
-        for state in STATES:
+        for state in DIRECTORIES:
             os.makedirs(self.state_dir(state), mode=0o750, exist_ok=True)
         self.check_one_filesystem()
         for profile in sorted(set(profiles) | self.profiles_present()):
             buckets = self.buckets_present(profile)
-            for state in STATES:
+            for state in DIRECTORIES:
                 os.makedirs(os.path.join(self.state_dir(state), profile), mode=0o750, exist_ok=True)
                 for bucket in buckets:
                     os.makedirs(self.bucket_dir(state, profile, bucket), mode=0o750, exist_ok=True)
 
     def check_one_filesystem(self) -> None:
         """Refuse state directories on different filesystems: a cross-device move is a copy."""
-        devices = {state: os.stat(self.state_dir(state)).st_dev for state in STATES}
+        devices = {state: os.stat(self.state_dir(state)).st_dev for state in DIRECTORIES}
         if len(set(devices.values())) > 1:
             where = ", ".join(f"{s} on device {d}" for s, d in devices.items())
             raise LayoutError(f"the state directories of {self.root} span filesystems: {where}")
 
     def wipe_incoming_tmp(self) -> int:
         """Delete what producers left half-written in incoming_tmp; return how many entries."""
-        top = self.state_dir(INCOMING_TMP)
+        top = self.state_dir(State.INCOMING_TMP)
         count = 0
         for entry in os.scandir(top):
             if entry.is_dir(follow_symlinks=False):
@@ -164,12 +168,6 @@ def _subdirs(path: str) -> list[str]:
         return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-def backup_name(path: str) -> str:
-    """The next free `path.~N~` name, as `mv --backup=numbered` picks it."""
-    directory, base = os.path.split(path)
-    return os.path.join(directory, next_backup(os.listdir(directory), base))
 
 
 def next_backup(names: Iterable[str], base: str) -> str:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
 from functools import cache
 from typing import Any
+
+from flood.passage import Result
+from flood.states import Step
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 SNAPSHOT_TTL = 2.0  # scrapes within this many seconds share one directory walk
@@ -65,6 +66,13 @@ def remove_dir(path: str) -> None:
 # -- what the children count -----------------------------------------------------------------
 class Recorder:
     """The counting interface the roles call; this base does nothing (metrics off)."""
+
+    def result(self, profile: str, bucket: str, result: Result) -> None:
+        """Count what one pass over a file ended in: a completion or failure, or a retry."""
+        if result.ended is not None:
+            self.upload(profile, bucket, result.ended, result.size, result.seconds)
+        elif result.step == Step.RETRY and result.reason:
+            self.retry(profile, bucket, result.reason)
 
     def upload(
         self, profile: str, bucket: str, outcome: str, size: int | None, seconds: float | None
@@ -151,52 +159,6 @@ def _children_metrics() -> tuple[Any, ...]:
 def recorder() -> Recorder:
     """The recorder for this process: real when metrics are on, else one that does nothing."""
     return PromRecorder() if enabled() else Recorder()
-
-
-class ObservingLog:
-    """Wraps an uploader's logger and counts its outcome events: upload_succeeded (size,
-    duration), upload_failed, upload_retry_scheduled (reason). The log events are the contract
-    the uploads already keep, so flood.upload needs no metrics code of its own."""
-
-    def __init__(self, log: Any, rec: Recorder) -> None:
-        self._log = log
-        self._rec = rec
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._log, name)
-
-    def info(self, event: str, **kw: Any) -> Any:
-        if event == "upload_succeeded":
-            self._rec.upload(
-                kw.get("profile", ""),
-                kw.get("bucket", ""),
-                "success",
-                kw.get("size"),
-                kw.get("duration"),
-            )
-        return self._log.info(event, **kw)
-
-    def warning(self, event: str, **kw: Any) -> Any:
-        if event == "upload_retry_scheduled":
-            self._rec.retry(kw.get("profile", ""), kw.get("bucket", ""), kw.get("reason", ""))
-        return self._log.warning(event, **kw)
-
-    def error(self, event: str, **kw: Any) -> Any:
-        if event == "upload_failed":
-            self._rec.upload(
-                kw.get("profile", ""), kw.get("bucket", ""), "failure", _size(kw.get("path")), None
-            )
-        return self._log.error(event, **kw)
-
-
-def _size(path: Any) -> int | None:
-    """The size of a regular file just moved to failed/ (the log line names where it went)."""
-    if not isinstance(path, str):
-        return None
-    with suppress(OSError):
-        info = os.lstat(path)
-        return info.st_size if stat.S_ISREG(info.st_mode) else None
-    return None
 
 
 # -- what the supervisor serves --------------------------------------------------------------

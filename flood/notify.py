@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from flood.jobs import Alive
+
 HEARTBEAT_SECONDS = 1.0  # a child reports progress at most this often
 STALL_MIN = 3.0  # never call a child stalled sooner than this (beats are ~1 s apart)
 
@@ -120,7 +122,7 @@ class Watchdog:
 
 
 class Heartbeat:
-    """A child's report of progress to the supervisor: ("alive", pid), at most once a second.
+    """A child's report of progress to the supervisor: Alive(pid), at most once a second.
     Called from the child's loop and from its S3 calls as they complete, never from a timer
     thread, so a child stuck inside a call falls silent."""
 
@@ -146,4 +148,4 @@ class Heartbeat:
                 return
             self.sent_at = now
             with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("alive", os.getpid()))
+                self.conn.send(Alive(os.getpid()))

@@ -1,29 +1,38 @@
-"""The SQLite records (peewee): a row per passage of a file, each state change a function."""
+"""The records (SQLite through peewee), the only door to the database: the schema and its
+migrations, and every query as a named function. A row per passage of a file."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import os
-from collections.abc import Iterator
-from typing import Any
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import peewee as pw
-from playhouse.sqlite_ext import AutoIncrementField  # type: ignore[import-untyped]
+from playhouse.migrate import SchemaMigrator
+from playhouse.sqlite_ext import AutoIncrementField
 
+from flood.errors import ConfigError
 from flood.jobs import FileRef
+from flood.states import OPEN, Outcome, Reason, State
 
-# States of a passage. `abandoned`: a copy that never reached incoming/ (its producer died).
-STATES = ("incoming_tmp", "incoming", "processing", "completed", "failed", "abandoned")
-OPEN_STATES = ("incoming_tmp", "incoming", "processing")
 BUSY_TIMEOUT_MS = 15_000
+DatabaseError = pw.PeeweeException  # what a failed query raises, for callers to catch
+# The schema this code writes. 1: release 0.1.0 (no version table). 2: the version table and
+# an index for requeue's look-up of linked passages.
+SCHEMA_VERSION = 2
 
 db = pw.SqliteDatabase(None)
 
 
 def text(value: str | None) -> str | None:
-    """A str SQLite can store: names that are not UTF-8 (surrogate escapes) are kept
-    readable with backslash escapes (b'bad\\xff' is stored as 'bad\\xff')."""
+    """A str the database can store: names that are not UTF-8 (surrogate escapes) are kept
+    readable with backslash escapes (b'bad\\xff' is stored as 'bad\\xff'). Every name and
+    error text goes through here on its way in."""
     if value is None:
         return None
     try:
@@ -33,11 +42,22 @@ def text(value: str | None) -> str | None:
         return os.fsencode(value).decode("utf-8", "backslashreplace")
 
 
+def names_for(stored: str) -> list[str]:
+    """The file names a stored name may stand for: itself, and where it holds backslash
+    escapes, the name text() made them from (b'bad\\xff' for 'bad\\xff')."""
+    if "\\x" not in stored:
+        return [stored]
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), stored.encode())
+    original = os.fsdecode(raw)
+    return [stored, original] if text(original) == stored else [stored]
+
+
 def utcnow() -> dt.datetime:
     """Naive UTC: every timestamp in the database is UTC."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+# -- the schema ------------------------------------------------------------------------------
 class _Model(pw.Model):
     class Meta:
         database = db
@@ -46,7 +66,7 @@ class _Model(pw.Model):
 class FileRecord(_Model):
     """One passage of one file through the spool."""
 
-    id = AutoIncrementField()
+    id = AutoIncrementField()  # SQLite AUTOINCREMENT: an id is never given out twice
     profile = pw.TextField()
     bucket = pw.TextField()
     filepath = pw.TextField()
@@ -60,7 +80,7 @@ class FileRecord(_Model):
     error = pw.TextField(null=True)
     retry_count = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(null=True)
-    requeued_from = pw.IntegerField(null=True)
+    requeued_from = pw.IntegerField(null=True, index=True)
 
     class Meta:
         table_name = "file_records"
@@ -95,11 +115,80 @@ class Hold(_Model):
         primary_key = pw.CompositeKey("profile", "bucket")
 
 
-MODELS = (FileRecord, RetryAttempt, Hold)
+class SchemaVersion(_Model):
+    """One row: the schema version the tables were last migrated to."""
+
+    version = pw.IntegerField()
+
+    class Meta:
+        table_name = "flood_schema"
+        primary_key = False
 
 
-def open_db(path: str) -> pw.SqliteDatabase:
-    """Open this process's one connection (WAL, busy timeout) and create missing tables."""
+MODELS = (FileRecord, RetryAttempt, Hold, SchemaVersion)
+_RELEASE_1_TABLES = {"file_records", "retry_attempts", "holds"}
+
+
+def _to_v2(migrator: SchemaMigrator) -> None:
+    db.create_tables([SchemaVersion])
+    # The name peewee gives the model's own index, so a migrated and a new database agree.
+    _sql('CREATE INDEX "filerecord_requeued_from" ON "file_records" ("requeued_from")', ())
+
+
+# version -> the step that brings the schema from version - 1 to it
+MIGRATIONS = {2: _to_v2}
+
+
+# -- opening ---------------------------------------------------------------------------------
+def check_db(path: str) -> int:
+    """The schema version of the database at `path` (0: none yet), read without changing the
+    file; ConfigError for a file that is not a Flood database or is newer than this code."""
+    if path == ":memory:" or not os.path.exists(path) or os.path.getsize(path) == 0:
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            version = _version_of(con, names)
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"records database {path} cannot be read: {exc}") from None
+    if version < 0:
+        shown = ", ".join(sorted(names)[:5])
+        raise ConfigError(
+            f"{path} is not a Flood records database (its tables: {shown}); give another --db"
+        )
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"records database {path} has schema version {version}, newer than this Flood "
+            f"knows ({SCHEMA_VERSION}): it was written by a newer release; upgrade Flood"
+        )
+    return version
+
+
+def _version_of(con: sqlite3.Connection, names: set[str]) -> int:
+    """-1: not Flood's; 0: empty; 1: release 0.1.0; else the recorded version."""
+    if not names:
+        return 0
+    if "flood_schema" in names:
+        row = con.execute("SELECT MAX(version) FROM flood_schema").fetchone()
+        return int(row[0] or 0)
+    return 1 if names >= _RELEASE_1_TABLES else -1
+
+
+def open_db(path: str) -> None:
+    """Open this process's one connection (WAL, busy timeout), create the schema or migrate it
+    to this code's version. ConfigError for a database that is not Flood's or is newer."""
+    check_db(path)
+    try:
+        _open(path)
+    except (OSError, pw.PeeweeException) as exc:
+        close_db()
+        raise ConfigError(f"cannot open the records database {path}: {exc}") from None
+
+
+def _open(path: str) -> None:
     if path != ":memory:" and not os.path.exists(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     db.init(
@@ -114,9 +203,33 @@ def open_db(path: str) -> pw.SqliteDatabase:
         },
     )
     db.connect(reuse_if_open=True)
-    with db.atomic("IMMEDIATE"):
-        db.create_tables(MODELS, safe=True)
-    return db
+    with write():
+        _migrate()
+
+
+def _migrate() -> None:
+    """Inside a write transaction: bring the schema to SCHEMA_VERSION (another process may
+    have done it since check_db read the version)."""
+    names = set(db.get_tables())
+    if not names:
+        db.create_tables(MODELS)
+        SchemaVersion.insert(version=SCHEMA_VERSION).execute()
+        return
+    if "flood_schema" in names:
+        version = SchemaVersion.select(pw.fn.MAX(SchemaVersion.version)).scalar() or 0
+    else:
+        version = 1
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"records database has schema version {version}, newer than "
+            f"this Flood knows ({SCHEMA_VERSION}); upgrade Flood"
+        )
+    migrator = SchemaMigrator.from_database(db)
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[step](migrator)
+    if version < SCHEMA_VERSION:
+        SchemaVersion.delete().execute()
+        SchemaVersion.insert(version=SCHEMA_VERSION).execute()
 
 
 def close_db() -> None:
@@ -139,46 +252,9 @@ def write() -> Iterator[None]:
     transaction.__exit__(None, None, None)
 
 
-def newest(ref: FileRef, states: tuple[str, ...] | None = None) -> FileRecord | None:
-    query = FileRecord.select().where(
-        (FileRecord.profile == ref.profile)
-        & (FileRecord.bucket == ref.bucket)
-        & (FileRecord.filepath == text(ref.key))
-    )
-    if states is not None:
-        query = query.where(FileRecord.current_state.in_(states))
-    return query.order_by(FileRecord.id.desc()).first()  # type: ignore[no-any-return]
-
-
-def record_queued(
-    ref: FileRef,
-    state: str,
-    created: dt.datetime | None,
-    size: int | None,
-    record_id: int | None = None,
-) -> int:
-    """A producer's copy reached `state` (incoming_tmp, then incoming): one passage, one row."""
-    with write():
-        if record_id is not None:
-            # Only forward: the supervisor may have claimed the file between the producer's
-            # rename and this update, and a claimed passage must not go back to incoming.
-            FileRecord.update(current_state=state, last_updated=utcnow()).where(
-                (FileRecord.id == record_id) & (FileRecord.current_state == "incoming_tmp")
-            ).execute()
-            return record_id
-        row = FileRecord.create(
-            profile=ref.profile,
-            bucket=ref.bucket,
-            filepath=text(ref.key),
-            file_creation_date=created,
-            current_state=state,
-            size=size,
-        )
-        return int(row.id)
-
-
-# The two writes every file makes, as fixed SQL: peewee's query builder cost more CPU per
-# file than the SQLite work itself (tests/benchmarks/hotpath.py: 1.34 ms against 0.05 ms).
+# -- fixed SQL for the per-file writes ---------------------------------------------------------
+# The writes every file makes, as fixed SQL: peewee's query builder cost more CPU per file
+# than the SQLite work itself (tests/benchmarks/hotpath.py: 1.34 ms against 0.05 ms).
 _OPEN_PASSAGE = (
     "SELECT id FROM file_records WHERE profile = ? AND bucket = ? AND filepath = ?"
     " AND current_state = ? ORDER BY id DESC LIMIT 1"
@@ -209,9 +285,134 @@ def _stamp(value: dt.datetime | None) -> str | None:
     return None if value is None else str(value)
 
 
-def record_claims(claims: list[tuple[FileRef, dt.datetime | None, int]]) -> list[int]:
-    """Files (ref, creation date, size) just moved into processing/, in one transaction: each
-    continues its producer's passage or starts a new one. Their record ids, in order."""
+def _of(ref: FileRef) -> Any:
+    """The condition that selects the passages of one key."""
+    return (
+        (FileRecord.profile == ref.profile)
+        & (FileRecord.bucket == ref.bucket)
+        & (FileRecord.filepath == text(ref.key))
+    )
+
+
+# -- a producer's copy (flood-copy, flood-requeue) ---------------------------------------------
+def record_queued(
+    ref: FileRef,
+    state: State,
+    created: dt.datetime | None,
+    size: int | None,
+    record_id: int | None = None,
+) -> int:
+    """A producer's copy reached `state` (incoming_tmp, then incoming): one passage, one row."""
+    with write():
+        if record_id is not None:
+            # Only forward: the supervisor may have claimed the file between the producer's
+            # rename and this update, and a claimed passage must not go back to incoming.
+            FileRecord.update(current_state=state, last_updated=utcnow()).where(
+                (FileRecord.id == record_id) & (FileRecord.current_state == State.INCOMING_TMP)
+            ).execute()
+            return record_id
+        row = FileRecord.create(
+            profile=ref.profile,
+            bucket=ref.bucket,
+            filepath=text(ref.key),
+            file_creation_date=created,
+            current_state=state,
+            size=size,
+        )
+        return int(row.id)
+
+
+def record_requeued(ref: FileRef, from_id: int | None, size: int) -> int:
+    """A failed file on its way back to incoming/: a new passage in incoming_tmp, linked to
+    the failed one and keeping its creation date."""
+    old = FileRecord.get_or_none(FileRecord.id == from_id) if from_id else None
+    with write():
+        row = FileRecord.create(
+            profile=ref.profile,
+            bucket=ref.bucket,
+            filepath=text(ref.key),
+            file_creation_date=old.file_creation_date if old is not None else None,
+            current_state=State.INCOMING_TMP,
+            size=size,
+            requeued_from=from_id,
+        )
+    return int(row.id)
+
+
+def abandon(record_id: int, reason: Reason) -> None:
+    """A copy that will not reach incoming/ (after all, or only if it has not yet)."""
+    with write():
+        FileRecord.update(
+            current_state=State.ABANDONED, reason=reason, last_updated=utcnow()
+        ).where(
+            (FileRecord.id == record_id) & (FileRecord.current_state == State.INCOMING_TMP)
+        ).execute()
+
+
+def supersede_waiting(ref: FileRef, newer_id: int | None) -> None:
+    """A newer copy of a key replaced one that waited in incoming/: close the older passages."""
+    with write():
+        FileRecord.update(
+            current_state=State.ABANDONED, reason=Reason.SUPERSEDED, last_updated=utcnow()
+        ).where(
+            _of(ref) & (FileRecord.current_state == State.INCOMING) & (FileRecord.id != newer_id)
+        ).execute()
+
+
+class Ending(NamedTuple):
+    """How a passage stands, for flood-copy --wait."""
+
+    state: str
+    reason: str | None
+    error: str | None
+
+
+def endings(ids: Sequence[int]) -> dict[int, Ending]:
+    """The state of each of these passages (a deleted one is absent)."""
+    found: dict[int, Ending] = {}
+    for start in range(0, len(ids), 500):
+        query = FileRecord.select(
+            FileRecord.id, FileRecord.current_state, FileRecord.reason, FileRecord.error
+        ).where(FileRecord.id.in_(list(ids[start : start + 500])))
+        for row in query:
+            found[int(row.id)] = Ending(row.current_state, row.reason, row.error)
+    return found
+
+
+class Failure(NamedTuple):
+    """A failed passage that no later passage was requeued from."""
+
+    id: int
+    reason: str | None
+
+
+def unrequeued_failures(ref: FileRef) -> list[Failure]:
+    """Failed passages of this key that no later passage was requeued from, newest first."""
+    requeued = FileRecord.select(FileRecord.requeued_from).where(
+        FileRecord.requeued_from.is_null(False)
+    )
+    query = (
+        FileRecord.select(FileRecord.id, FileRecord.reason)
+        .where(
+            _of(ref) & (FileRecord.current_state == State.FAILED) & FileRecord.id.not_in(requeued)
+        )
+        .order_by(FileRecord.id.desc())
+    )
+    return [Failure(int(row.id), row.reason) for row in query]
+
+
+# -- the uploads -------------------------------------------------------------------------------
+class Claim(NamedTuple):
+    """A file just moved into processing/: what its record needs."""
+
+    ref: FileRef
+    created: dt.datetime | None
+    size: int
+
+
+def record_claims(claims: Sequence[Claim]) -> list[int]:
+    """Files just moved into processing/, in one transaction: each continues its producer's
+    passage or starts a new one. Their record ids, in order."""
     now = _stamp(utcnow())
     ids = []
     with write():
@@ -222,46 +423,65 @@ def record_claims(claims: list[tuple[FileRef, dt.datetime | None, int]]) -> list
 
 def _claim(ref: FileRef, key: str | None, created: str | None, size: int, now: str | None) -> int:
     # The passage that reached incoming/ first; a newer copy may still be in incoming_tmp.
-    for state in ("incoming", "incoming_tmp"):
-        found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, state)).fetchone()
+    for state in (State.INCOMING, State.INCOMING_TMP):
+        found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, str(state))).fetchone()
         if found is not None:
             _sql(_CONTINUE, (now, size, created, found[0]))
             return int(found[0])
     return int(_sql(_START, (ref.profile, ref.bucket, key, created, now, size)).lastrowid)
 
 
-def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> FileRecord:
-    """A file found in processing/ (after a restart): its open passage, or a new one."""
-    row = newest(ref, ("processing",))
-    if row is not None:
-        return row
-    with write():
-        row = FileRecord.create(
-            profile=ref.profile,
-            bucket=ref.bucket,
-            filepath=text(ref.key),
-            file_creation_date=created,
-            current_state="processing",
-            size=size,
-        )
-    return row
+class Resumed(NamedTuple):
+    """The open passage of a file found in processing/."""
+
+    id: int
+    retries: int  # retries made so far
+    due: dt.datetime | None  # when the next one is due, if one is scheduled
 
 
-def record_completions(done: list[tuple[int, int, str | None, int]]) -> None:
-    """Uploads proven (record id, size, ETag, retry number), in one transaction."""
+def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> Resumed:
+    """A file found in processing/ (after a restart, or a retry come due): its open passage,
+    or a new one."""
+    row = _newest(ref, (State.PROCESSING,))
+    if row is None:
+        with write():
+            row = FileRecord.create(
+                profile=ref.profile,
+                bucket=ref.bucket,
+                filepath=text(ref.key),
+                file_creation_date=created,
+                current_state=State.PROCESSING,
+                size=size,
+            )
+    return Resumed(int(row.id), int(row.retry_count or 0), row.next_attempt_at)
+
+
+class Completion(NamedTuple):
+    """An upload proven on the server."""
+
+    record_id: int
+    size: int
+    etag: str | None
+    attempt: int  # the retry number that succeeded (0: the first upload)
+
+
+def record_completions(done: Sequence[Completion]) -> None:
+    """Uploads proven, in one transaction."""
     now = _stamp(utcnow())
     with write():
         for record_id, size, etag, attempt in done:
             _sql(_COMPLETE, (size, etag, now, record_id))
             if attempt > 0:
-                RetryAttempt.create(file_record_id=record_id, attempt=attempt, outcome="success")
+                RetryAttempt.create(
+                    file_record_id=record_id, attempt=attempt, outcome=Outcome.SUCCESS
+                )
 
 
 def record_failed(record_id: int, reason: str, error: str, attempt: int) -> None:
     with write():
         FileRecord.update(
-            current_state="failed",
-            upload_outcome="failure",
+            current_state=State.FAILED,
+            upload_outcome=Outcome.FAILURE,
             reason=reason,
             error=text(error),
             next_attempt_at=None,
@@ -269,8 +489,18 @@ def record_failed(record_id: int, reason: str, error: str, attempt: int) -> None
         ).where(FileRecord.id == record_id).execute()
         if attempt > 0:
             RetryAttempt.create(
-                file_record_id=record_id, attempt=attempt, outcome="failure", error=text(error)
+                file_record_id=record_id,
+                attempt=attempt,
+                outcome=Outcome.FAILURE,
+                error=text(error),
             )
+
+
+def fail_open_passage(ref: FileRef, reason: str, error: str) -> None:
+    """The passage in processing/ of a file whose handling keeps crashing: failed."""
+    row = _newest(ref, (State.PROCESSING,))
+    if row is not None:
+        record_failed(int(row.id), reason, error, 0)
 
 
 def record_retry_scheduled(
@@ -285,23 +515,64 @@ def record_retry_scheduled(
             RetryAttempt.create(
                 file_record_id=record_id,
                 attempt=failed_attempt,
-                outcome="failure",
+                outcome=Outcome.FAILURE,
                 error=text(error),
             )
 
 
-def set_state(record_id: int, state: str, reason: str | None = None) -> None:
+def set_state(record_id: int, state: State, reason: str | None = None) -> None:
     with write():
         FileRecord.update(current_state=state, reason=reason, last_updated=utcnow()).where(
             FileRecord.id == record_id
         ).execute()
 
 
-def open_passages() -> Iterator[FileRecord]:
+def _newest(ref: FileRef, states: tuple[State, ...] | None = None) -> FileRecord | None:
+    query = FileRecord.select().where(_of(ref))
+    if states is not None:
+        query = query.where(FileRecord.current_state.in_(states))
+    return query.order_by(FileRecord.id.desc()).first()  # type: ignore[no-any-return]
+
+
+# -- start-up repair ---------------------------------------------------------------------------
+class OpenPassage(NamedTuple):
+    """A passage the records still call open, as stored (a non-UTF-8 key escaped)."""
+
+    id: int
+    ref: FileRef
+    state: State
+
+
+def open_passages() -> Iterator[OpenPassage]:
     """Records still in an open state: what start-up repair checks against the directories."""
-    yield from FileRecord.select().where(FileRecord.current_state.in_(OPEN_STATES)).iterator()
+    query = FileRecord.select(
+        FileRecord.id,
+        FileRecord.profile,
+        FileRecord.bucket,
+        FileRecord.filepath,
+        FileRecord.current_state,
+    ).where(FileRecord.current_state.in_(OPEN))
+    for row in query.iterator():
+        ref = FileRef(row.profile, row.bucket, row.filepath)
+        yield OpenPassage(int(row.id), ref, State(row.current_state))
 
 
+def repair(record_id: int, state: State) -> None:
+    """Make an open passage agree with where its file is: a copy wiped from incoming_tmp is
+    abandoned, a file found in completed/ was uploaded."""
+    reason = Reason.WIPED if state == State.ABANDONED else None
+    with write():
+        values: dict[Any, Any] = {
+            FileRecord.current_state: state,
+            FileRecord.reason: reason,
+            FileRecord.last_updated: utcnow(),
+        }
+        if state == State.COMPLETED:
+            values[FileRecord.upload_outcome] = Outcome.SUCCESS
+        FileRecord.update(values).where(FileRecord.id == record_id).execute()
+
+
+# -- holds -------------------------------------------------------------------------------------
 def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
     """Put a profile (bucket '') or bucket on hold; True if it was not held already."""
     with write():
@@ -319,5 +590,172 @@ def release(profile: str, bucket: str) -> bool:
     return bool(deleted)
 
 
+def release_all() -> None:
+    """Every hold lifted: start-up checks each profile and bucket afresh."""
+    with write():
+        Hold.delete().execute()
+
+
 def holds() -> dict[tuple[str, str], str]:
     return {(h.profile, h.bucket): h.reason for h in Hold.select()}
+
+
+@dataclass(frozen=True)
+class HoldRecord:
+    profile: str
+    bucket: str  # '' for the whole profile
+    reason: str
+    detail: str | None
+    since: dt.datetime | None
+
+
+def hold_records() -> list[HoldRecord]:
+    query = Hold.select().order_by(Hold.profile, Hold.bucket)
+    return [HoldRecord(h.profile, h.bucket, h.reason, h.detail, _time(h.since)) for h in query]
+
+
+# -- what flood-status and the metrics read ----------------------------------------------------
+def waiting_retries() -> dict[tuple[str, str], tuple[int, dt.datetime | None]]:
+    """Per profile and bucket: passages in processing/ waiting for a retry, and the next due."""
+    query = (
+        FileRecord.select(
+            FileRecord.profile,
+            FileRecord.bucket,
+            pw.fn.COUNT(FileRecord.id).alias("n"),
+            pw.fn.MIN(FileRecord.next_attempt_at).alias("due"),
+        )
+        .where(
+            (FileRecord.current_state == State.PROCESSING)
+            & FileRecord.next_attempt_at.is_null(False)
+        )
+        .group_by(FileRecord.profile, FileRecord.bucket)
+    )
+    return {(p, b): (int(n), _time(due)) for p, b, n, due in _tuples(query)}
+
+
+def completed_since(when: dt.datetime) -> dict[tuple[str, str], int]:
+    """Per profile and bucket: passages completed at or after `when`."""
+    query = (
+        FileRecord.select(
+            FileRecord.profile, FileRecord.bucket, pw.fn.COUNT(FileRecord.id).alias("n")
+        )
+        .where((FileRecord.current_state == State.COMPLETED) & (FileRecord.last_updated >= when))
+        .group_by(FileRecord.profile, FileRecord.bucket)
+    )
+    return {(p, b): int(n) for p, b, n in _tuples(query)}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A passage that failed, or that waits for a retry, with its last error."""
+
+    state: str  # "failed" or "retrying"
+    profile: str
+    bucket: str
+    reason: str | None
+    error: str | None
+    at: dt.datetime | None
+
+
+def problems_since(when: dt.datetime) -> Iterator[Problem]:
+    """Passages failed since `when`, then every passage now waiting for a retry, oldest first."""
+    failed = FileRecord.select().where(
+        (FileRecord.current_state == State.FAILED) & (FileRecord.last_updated >= when)
+    )
+    waiting = FileRecord.select().where(
+        (FileRecord.current_state == State.PROCESSING) & FileRecord.next_attempt_at.is_null(False)
+    )
+    for state, query in (("failed", failed), ("retrying", waiting)):
+        for row in query.order_by(FileRecord.id).iterator():
+            yield Problem(
+                state, row.profile, row.bucket, row.reason, row.error, _time(row.last_updated)
+            )
+
+
+def buckets_with_key(key: str) -> list[tuple[str, str]]:
+    """Every (profile, bucket) with a passage of this key."""
+    query = (
+        FileRecord.select(FileRecord.profile, FileRecord.bucket)
+        .distinct()
+        .where(FileRecord.filepath == text(key))
+        .order_by(FileRecord.profile, FileRecord.bucket)
+    )
+    return [(r.profile, r.bucket) for r in query]
+
+
+def known(ref: FileRef) -> bool:
+    """Whether any passage of this key is on record."""
+    return _newest(ref) is not None
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    attempt: int
+    at: dt.datetime | None
+    outcome: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class PassageRecord:
+    """One passage with its retries, for flood-status why."""
+
+    id: int
+    state: str
+    since: dt.datetime | None
+    created: dt.datetime | None
+    outcome: str | None
+    size: int | None
+    etag: str | None
+    reason: str | None
+    error: str | None
+    retry_count: int
+    next_attempt_at: dt.datetime | None
+    requeued_from: int | None
+    attempts: list[AttemptRecord] = field(default_factory=list)
+
+
+def passages(ref: FileRef) -> list[PassageRecord]:
+    """Every passage of one key, oldest first, each with its retries."""
+    rows = list(FileRecord.select().where(_of(ref)).order_by(FileRecord.id))
+    tries: dict[int, list[AttemptRecord]] = {}
+    if rows:
+        query = (
+            RetryAttempt.select()
+            .where(RetryAttempt.file_record_id.in_([r.id for r in rows]))
+            .order_by(RetryAttempt.attempt, RetryAttempt.id)
+        )
+        for a in query:
+            tries.setdefault(int(a.file_record_id), []).append(
+                AttemptRecord(int(a.attempt), _time(a.attempted_at), a.outcome, a.error)
+            )
+    return [
+        PassageRecord(
+            id=int(r.id),
+            state=r.current_state,
+            since=_time(r.last_updated),
+            created=_time(r.file_creation_date),
+            outcome=r.upload_outcome,
+            size=r.size,
+            etag=r.etag,
+            reason=r.reason,
+            error=r.error,
+            retry_count=int(r.retry_count or 0),
+            next_attempt_at=_time(r.next_attempt_at),
+            requeued_from=r.requeued_from,
+            attempts=tries.get(int(r.id), []),
+        )
+        for r in rows
+    ]
+
+
+def _tuples(query: Any) -> Iterator[tuple[Any, ...]]:
+    """A query's rows as plain tuples (peewee types them as models)."""
+    yield from query.tuples()
+
+
+def _time(value: Any) -> dt.datetime | None:
+    """A stored time (aggregates may hand back text) as naive UTC."""
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value))

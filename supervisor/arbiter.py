@@ -17,6 +17,7 @@ from typing import Any
 
 from flood import crashpoints, credentials, logs, records
 from flood.errors import EX_SOFTWARE, FloodError
+from flood.jobs import Drained, Ready, Rescan
 from flood.layout import Layout
 from flood.notify import Notifier, Watchdog
 from flood.s3 import MISSING, OK, check_bucket, make_client
@@ -164,10 +165,10 @@ class Arbiter:
             while child.conn.poll():
                 message = child.conn.recv()
                 child.beat_at = time.monotonic()  # any message is progress ("alive" says so)
-                if message[0] == "ready":
+                if isinstance(message, Ready):
                     child.ready = True
-                elif message[0] == "drained":
-                    self.log.info("startup_drain_queued", files=message[1])
+                elif isinstance(message, Drained):
+                    self.log.info("startup_drain_queued", files=message.files)
                     self.on_drained()
         except (EOFError, OSError):
             pass
@@ -344,7 +345,7 @@ class Arbiter:
                 return
             if self.watcher_conn is not None:
                 with contextlib.suppress(OSError):
-                    self.watcher_conn.send(("rescan", profile, "hold_released"))
+                    self.watcher_conn.send(Rescan(profile, "hold_released"))
 
 
 class HoldChecker(threading.Thread):

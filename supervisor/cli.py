@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flood import credentials, logs, metrics, records
-from flood.commands import common, status
+from flood import credentials, logs, metrics, records, snapshot
+from flood.commands import common
 from flood.errors import EX_TEMPFAIL, ConfigError, FloodError
 from flood.layout import Layout
 from flood.settings import DEFAULT_IGNORE, MiB, Settings
@@ -167,6 +167,7 @@ def port_number(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.printable_output()
     args = parser().parse_args(argv)
     try:
         creds = credentials.load(args.credentials)
@@ -209,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return common.fail("flood-supervisor", why, 78)
         log.warning("credentials_file_exposed", path=str(creds.path), reason=why)
     try:
+        # A database that is not Flood's, or is newer, is refused before anything is touched.
+        records.check_db(settings.db_path)
         # The lock comes first: a second supervisor must not wipe the first one's incoming_tmp.
         startup.lock(settings.server_dir)
         layout = startup.prepare(settings, log)
@@ -256,10 +259,10 @@ def run_arbiter(
         metrics.remove_dir(path)
 
 
-def _snapshot(arbiter: Arbiter) -> status.Snapshot:
+def _snapshot(arbiter: Arbiter) -> snapshot.Snapshot:
     """Counts for a scrape, from the scrape's own thread and db connection."""
     try:
-        return status.snapshot(
+        return snapshot.snapshot(
             arbiter.layout, arbiter.settings.profiles, arbiter.settings.ignore, history=False
         )
     finally:

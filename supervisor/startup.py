@@ -10,11 +10,10 @@ from typing import Any
 from flood import crashpoints, records
 from flood.errors import AlreadyRunning, LayoutError
 from flood.jobs import FileRef
-from flood.layout import COMPLETED, FAILED, INCOMING, INCOMING_TMP, PROCESSING, Layout
+from flood.layout import LOCK_NAME, Layout
 from flood.s3 import MISSING, OK, REJECTED, check_profile, make_client
 from flood.settings import Settings
-
-LOCK_NAME = ".flood.lock"
+from flood.states import Reason, State
 
 
 def lock(server_dir: Path) -> int:
@@ -37,17 +36,18 @@ def lock(server_dir: Path) -> int:
 
 
 def prepare(settings: Settings, log: Any) -> Layout:
-    """Wipe incoming_tmp, create the directories, open the records and repair them."""
+    """Open the records (refusing a database that is not Flood's or is newer, before anything
+    is touched), wipe incoming_tmp, create the directories, and repair the records."""
     layout = Layout(settings.server_dir)
     if not layout.root.is_dir():
         raise LayoutError(f"server directory {layout.root} does not exist or is not a directory")
-    os.makedirs(layout.state_dir(INCOMING_TMP), mode=0o750, exist_ok=True)
+    records.open_db(settings.db_path)
+    os.makedirs(layout.state_dir(State.INCOMING_TMP), mode=0o750, exist_ok=True)
     wiped = layout.wipe_incoming_tmp()
-    log.info("incoming_tmp_wiped", path=layout.state_dir(INCOMING_TMP), entries=wiped)
+    log.info("incoming_tmp_wiped", path=layout.state_dir(State.INCOMING_TMP), entries=wiped)
     crashpoints.point("after_wipe")
     layout.prepare(settings.profiles)
     log.info("directories_ready", path=str(layout.root), profiles=sorted(settings.profiles))
-    records.open_db(settings.db_path)
     repair(layout, log)
     crashpoints.point("after_repair")
     return layout
@@ -56,45 +56,45 @@ def prepare(settings: Settings, log: Any) -> Layout:
 def repair(layout: Layout, log: Any) -> int:
     """Make every open record agree with where its file is: the directories are the truth."""
     fixed = 0
-    for row in records.open_passages():
-        ref = FileRef(row.profile, row.bucket, row.filepath)
-        state = _where(layout, ref, row.current_state)
-        if state is None or state == row.current_state:
+    for passage in list(records.open_passages()):
+        state = _where(layout, passage.ref, passage.state)
+        if state is None or state == passage.state:
             continue
-        records.set_state(int(row.id), state, None if state != "abandoned" else "wiped")
-        if state == COMPLETED:
-            records.FileRecord.update(upload_outcome="success").where(
-                records.FileRecord.id == row.id
-            ).execute()
+        records.repair(passage.id, state)
         log.warning(
             "record_repaired",
-            profile=ref.profile,
-            bucket=ref.bucket,
-            key=ref.key,
-            record_id=int(row.id),
-            was=row.current_state,
+            profile=passage.ref.profile,
+            bucket=passage.ref.bucket,
+            key=passage.ref.key,
+            record_id=passage.id,
+            was=passage.state,
             now=state,
         )
         fixed += 1
     return fixed
 
 
-def _where(layout: Layout, ref: FileRef, recorded: str) -> str | None:
+def _where(layout: Layout, stored: FileRef, recorded: State) -> State | None:
     """The state an open passage's file is in now (None: leave the record as it is)."""
-    for state in (PROCESSING, INCOMING):
-        if os.path.lexists(layout.path(state, ref)):
+    refs = [stored._replace(key=key) for key in records.names_for(stored.key)]
+
+    def present(state: State) -> bool:
+        return any(os.path.lexists(layout.path(state, ref)) for ref in refs)
+
+    for state in (State.PROCESSING, State.INCOMING):
+        if present(state):
             return state
-    if recorded == INCOMING_TMP:
-        return "abandoned"  # incoming_tmp was wiped: the copy never reached incoming/
-    for state in (COMPLETED, FAILED):
-        if os.path.lexists(layout.path(state, ref)):
+    if recorded == State.INCOMING_TMP:
+        return State.ABANDONED  # incoming_tmp was wiped: the copy never reached incoming/
+    for state in (State.COMPLETED, State.FAILED):
+        if present(state):
             return state
     return None
 
 
 def check_buckets(settings: Settings, layout: Layout, log: Any) -> dict[str, set[str]]:
     """Check every profile's buckets on its server; hold what fails. The buckets found OK."""
-    records.Hold.delete().execute()
+    records.release_all()
     checked: dict[str, set[str]] = {}
     for name in sorted(settings.profiles):
         checked[name] = check_one(settings, layout, name, log)
@@ -112,7 +112,7 @@ def check_one(settings: Settings, layout: Layout, name: str, log: Any) -> set[st
     buckets = sorted(layout.buckets_present(name))
     result = check_profile(make_client(settings.profiles[name]), buckets)
     if result.status != OK:
-        reason = "key_rejected" if result.status == REJECTED else "unreachable"
+        reason = Reason.KEY_REJECTED if result.status == REJECTED else Reason.UNREACHABLE
         if records.hold(name, "", reason, result.detail):
             log.error("profile_paused", profile=name, reason=reason, error=result.detail)
         return set()
@@ -120,7 +120,7 @@ def check_one(settings: Settings, layout: Layout, name: str, log: Any) -> set[st
     ok = set()
     for bucket, verdict in result.buckets.items():
         if verdict == MISSING:
-            if records.hold(name, bucket, "NoSuchBucket", f"bucket {bucket} does not exist"):
+            if records.hold(name, bucket, Reason.NO_SUCH_BUCKET, f"bucket {bucket} does not exist"):
                 log.error(
                     "bucket_paused",
                     profile=name,

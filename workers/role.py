@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from flood import crashpoints
 from flood.errors import FloodError
+from flood.jobs import Ready
 
 _PR_SET_PDEATHSIG = 1
 
@@ -68,7 +69,7 @@ def serve(role: Role, conn: Connection, supervisor_pid: int) -> None:
         print(f"flood: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
     crashpoints.point("before_ready")
-    conn.send(("ready", os.getpid()))
+    conn.send(Ready(os.getpid()))
     try:
         while role.alive:
             role.loop(time.time())
@@ -76,7 +77,7 @@ def serve(role: Role, conn: Connection, supervisor_pid: int) -> None:
         role.teardown()
 
 
-def send(conn: Connection | None, *message: Any) -> None:
+def send(conn: Connection | None, message: Any) -> None:
     """Tell the supervisor something; a supervisor that is gone is not an error here."""
     if conn is None:
         return

@@ -1,4 +1,4 @@
-"""The uploader role: takes jobs from its own queue and retries that come due, one at a time."""
+"""The uploader role: takes jobs from its own queue and retries that come due, a batch at a time."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from typing import Any, cast
 
 from flood import logs, metrics, records
 from flood.jobs import SHUTDOWN, FileRef, Job
-from flood.layout import INCOMING, PROCESSING
 from flood.notify import Heartbeat
+from flood.passage import Result
 from flood.s3 import make_client
 from flood.settings import Settings
-from flood.upload import BATCH, BUSY, CHANGED, RETRY, SKIPPED, FileUploader, Result
+from flood.states import State, Step
+from flood.transfer import sender_for
+from flood.upload import BATCH, Uploads
+from flood.verdict import describe
 from flood.workers.role import serve
 
 BUSY_WAIT = 0.5  # the same path is still in processing/: look again this much later
@@ -47,7 +50,8 @@ class UploaderRole:
         self.counter = 0
         self.crashes: dict[tuple[str, str], int] = {}
         self.log: Any = None
-        self.uploader: FileUploader | None = None
+        self.uploads: Uploads | None = None
+        self.metrics = metrics.Recorder()
         self.heartbeat = Heartbeat(conn)
 
     def setup(self) -> None:
@@ -59,8 +63,15 @@ class UploaderRole:
         # Every S3 call that returns is progress, even within one long multipart upload.
         for event in ("after-call.s3", "after-call-error.s3"):
             client.meta.events.register(event, self.heartbeat.beat)
-        log = metrics.ObservingLog(self.log, metrics.recorder()) if metrics.enabled() else self.log
-        self.uploader = FileUploader(self.settings, self.profile, client, log, self.checked_buckets)
+        self.metrics = metrics.recorder()
+        self.uploads = Uploads(
+            self.settings,
+            self.profile,
+            client,
+            self.log,
+            sender=sender_for(self.settings, self.profile, client),
+            checked_buckets=self.checked_buckets,
+        )
         self.log.info("uploader_started", profile=self.profile, slot=self.slot)
 
     def stop(self) -> None:
@@ -73,19 +84,25 @@ class UploaderRole:
         records.close_db()
 
     def loop(self, now: float) -> None:
+        """One pass: the next job and whatever else is queued already, up to a batch."""
         self.heartbeat.beat()
         job = self.next_job(now)
         if job is None:
             return
-        if job.state == INCOMING and self.uploader is not None and self.uploader.lean:
-            self.handle_many(self.gather(job, now), now)
-        else:
-            self.handle(job, now)
+        batch = self.gather(job)
+        assert self.uploads is not None
+        try:
+            outcomes = self.uploads.run(batch, now)
+        except Exception as exc:  # the batch's own boundary: every job of it crashed
+            outcomes = [exc] * len(batch)
+        for one, outcome in zip(batch, outcomes, strict=True):
+            self.handle(one, outcome, now)
 
-    def gather(self, first: Job, now: float) -> list[Job]:
-        """The first incoming job and whatever other incoming jobs are queued already (up to
-        a batch); a processing job met on the way waits in the heap, due at once."""
+    def gather(self, first: Job) -> list[Job]:
+        """The first job and whatever other jobs are queued already (up to a batch). A file in
+        processing/ is taken up once per batch (a rescan may have sent it twice)."""
         batch = [first]
+        resumed = {(first.bucket, first.key)} if first.state == State.PROCESSING else set()
         while len(batch) < BATCH:
             try:
                 job = self.jobs.get_nowait()
@@ -94,27 +111,12 @@ class UploaderRole:
             if job is SHUTDOWN:
                 self.alive = False
                 break
-            if job.state == INCOMING:
-                batch.append(job)
-            else:
-                self.push(now, job)
+            if job.state == State.PROCESSING:
+                if (job.bucket, job.key) in resumed or self.known_waiting(job):
+                    continue
+                resumed.add((job.bucket, job.key))
+            batch.append(job)
         return batch
-
-    def handle_many(self, jobs: list[Job], now: float) -> None:
-        assert self.uploader is not None
-        for job, outcome in zip(jobs, self.uploader.run_many(jobs, now), strict=True):
-            if isinstance(outcome, Exception):
-                self.log.error(
-                    "upload_crashed",
-                    profile=self.profile,
-                    bucket=job.bucket,
-                    key=job.key,
-                    exc_info=outcome,
-                )
-                self.crashed(job, outcome, now)
-                continue
-            self.crashes.pop((job.bucket, job.key), None)
-            self.schedule(job, outcome, now)
 
     def next_job(self, now: float) -> Job | None:
         """A retry that has come due, else the next job from the queue (waiting briefly)."""
@@ -132,34 +134,40 @@ class UploaderRole:
         if job is SHUTDOWN:
             self.alive = False
             return None
-        if job.state == PROCESSING and (job.bucket, job.key) in self.waiting_keys:
-            return None  # a rescan found a file this process already waits on
+        if self.known_waiting(job):
+            return None
         return cast(Job, job)  # NamedTuples cross the queue as themselves: no copy
 
-    def handle(self, job: Job, now: float) -> None:
-        assert self.uploader is not None
-        try:
-            result = self.uploader.run(job, now)
-        except Exception as exc:  # the per-file boundary: log it, keep the file, go on
-            self.log.exception(
-                "upload_crashed", profile=self.profile, bucket=job.bucket, key=job.key
+    def known_waiting(self, job: Job) -> bool:
+        """A rescan found a file in processing/ that this process already waits on."""
+        return job.state == State.PROCESSING and (job.bucket, job.key) in self.waiting_keys
+
+    def handle(self, job: Job, outcome: Result | Exception, now: float) -> None:
+        if isinstance(outcome, Exception):
+            self.log.error(
+                "upload_crashed",
+                profile=self.profile,
+                bucket=job.bucket,
+                key=job.key,
+                exc_info=outcome,
             )
-            self.crashed(job, exc, now)
+            self.crashed(job, outcome, now)
             return
         self.crashes.pop((job.bucket, job.key), None)
-        self.schedule(job, result, now)
+        self.metrics.result(self.profile, job.bucket, outcome)
+        self.schedule(job, outcome, now)
 
     def crashed(self, job: Job, exc: Exception, now: float) -> None:
         """Look again later wherever the file now is (it may have been claimed already); a
         file whose handling keeps failing goes to failed/ (internal_error), never loops."""
-        assert self.uploader is not None
+        assert self.uploads is not None
         ref = FileRef(self.profile, job.bucket, job.key)
         count = self.crashes.get((job.bucket, job.key), 0) + 1
         self.crashes[(job.bucket, job.key)] = count
-        claimed = os.path.lexists(self.uploader.layout.path(PROCESSING, ref))
+        claimed = os.path.lexists(self.uploads.moves.layout.path(State.PROCESSING, ref))
         if claimed and count >= MAX_CRASHES:
             try:
-                self.uploader.give_up(ref, f"{type(exc).__name__}: {exc}")
+                self.uploads.give_up(ref, describe(exc))
                 self.crashes.pop((job.bucket, job.key), None)
                 return
             except Exception:
@@ -167,20 +175,21 @@ class UploaderRole:
                     "give_up_failed", profile=self.profile, bucket=job.bucket, key=job.key
                 )
         retry_in = ERROR_WAIT * 2 ** min(count - 1, 6)
-        self.push(now + retry_in, Job(PROCESSING if claimed else job.state, job.bucket, job.key))
+        state = State.PROCESSING if claimed else job.state
+        self.push(now + retry_in, Job(state, job.bucket, job.key))
 
     def schedule(self, job: Job, result: Result, now: float) -> None:
-        if result.outcome == BUSY:
+        if result.step == Step.BUSY:
             self.push(now + BUSY_WAIT, job)
-        elif result.outcome in (RETRY, CHANGED):
-            self.push(result.due, Job(PROCESSING, job.bucket, job.key))
-        elif result.outcome == SKIPPED:
+        elif result.step in (Step.RETRY, Step.CHANGED):
+            self.push(result.due, Job(State.PROCESSING, job.bucket, job.key))
+        elif result.step == Step.SKIPPED:
             self.log.debug("job_skipped", profile=self.profile, bucket=job.bucket, key=job.key)
 
     def push(self, due: float, job: Job) -> None:
         self.counter += 1
         heapq.heappush(self.waiting, (due, self.counter, job))
-        if job.state == PROCESSING:
+        if job.state == State.PROCESSING:
             self.waiting_keys.add((job.bucket, job.key))
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import pyinotify
 
 from flood import crashpoints, logs, metrics
-from flood.jobs import Job
-from flood.layout import INCOMING, PROCESSING, Layout
+from flood.jobs import Drained, Job, Rescan
+from flood.layout import Layout
 from flood.notify import Heartbeat
 from flood.settings import Settings
+from flood.states import State
 from flood.workers.role import send, serve
 
 MASK = (
@@ -68,7 +69,7 @@ class WatcherRole:
         self.metrics = metrics.recorder()
         self.wm = pyinotify.WatchManager()
         self.notifier = pyinotify.Notifier(self.wm, default_proc_fun=self.on_event, timeout=200)
-        self.add_watch(self.layout.state_dir(INCOMING), rec=True)
+        self.add_watch(self.layout.state_dir(State.INCOMING), rec=True)
 
     def stop(self) -> None:
         self.alive = False
@@ -103,14 +104,14 @@ class WatcherRole:
         """processing/ first, then incoming/, with the watch already in place: nothing missed."""
         started = time.time()
         count = 0
-        for path in self.layout.walk_files(PROCESSING):
-            count += self.dispatch(PROCESSING, path)
+        for path in self.layout.walk_files(State.PROCESSING):
+            count += self.dispatch(State.PROCESSING, path)
         crashpoints.point("after_drain_processing")
-        for path in self.layout.walk_files(INCOMING):
+        for path in self.layout.walk_files(State.INCOMING):
             count += self.dispatch_found(path, started)
         crashpoints.point("after_drain_incoming")
         self.log.info("startup_drain_dispatched", files=count)
-        send(self.conn, "drained", count)
+        send(self.conn, Drained(count))
 
     # -- inotify -------------------------------------------------------------------------
     def add_watch(self, path: str, rec: bool) -> None:
@@ -162,7 +163,7 @@ class WatcherRole:
             self.recent.discard(path)
             return
         self.pending.pop(path, None)
-        self.dispatch(INCOMING, path)
+        self.dispatch(State.INCOMING, path)
 
     def on_create(self, path: str) -> None:
         """A new name that is not a regular file (symlink, FIFO) gets no close event: send it
@@ -172,7 +173,7 @@ class WatcherRole:
         except FileNotFoundError:
             return
         if not stat.S_ISREG(mode):
-            self.dispatch(INCOMING, path)
+            self.dispatch(State.INCOMING, path)
 
     # -- scans ---------------------------------------------------------------------------
     def scan_dir(self, top: str, recursive: bool) -> None:
@@ -190,7 +191,7 @@ class WatcherRole:
     def rescan(self, why: str, profile: str | None = None) -> None:
         self.log.info("rescan_started", reason=why, profile=profile)
         self.metrics.watcher_rescan(why)
-        count = sum(self.dispatch_found(p) for p in self.layout.walk_files(INCOMING, profile))
+        count = sum(self.dispatch_found(p) for p in self.layout.walk_files(State.INCOMING, profile))
         self.log.info("rescan_finished", reason=why, profile=profile, files=count)
 
     def dispatch_found(self, path: str, drain_started: float | None = None) -> int:
@@ -206,7 +207,7 @@ class WatcherRole:
             return 0
         if drain_started is not None and info.st_ctime >= drain_started:
             self.recent.add(path)
-        return self.dispatch(INCOMING, path)
+        return self.dispatch(State.INCOMING, path)
 
     def check_pending(self, now: float) -> None:
         for path, mtime in list(self.pending.items()):
@@ -219,7 +220,7 @@ class WatcherRole:
                 self.pending[path] = info.st_mtime
             elif now - info.st_mtime >= self.settings.settle_seconds:
                 del self.pending[path]
-                self.dispatch(INCOMING, path)
+                self.dispatch(State.INCOMING, path)
 
     # -- dispatch ------------------------------------------------------------------------
     def dispatch(self, state: str, path: str) -> int:
@@ -261,15 +262,15 @@ class WatcherRole:
         self.log.warning(action, path=subject, reason=why)
 
     def control(self) -> None:
-        """Requests from the supervisor: ('rescan', profile or None, why)."""
+        """Requests from the supervisor (Rescan)."""
         while self.conn is not None and self.conn.poll():
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
                 self.alive = False
                 return
-            if message[0] == "rescan":
-                self.rescan(message[2], message[1])
+            if isinstance(message, Rescan):
+                self.rescan(message.reason, message.profile)
 
 
 def main(

@@ -102,6 +102,15 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def printable_output() -> None:
+    """Whatever a name holds, printing it never raises: characters the terminal's encoding
+    cannot show come out as backslash escapes (names are escaped by layout.shown first)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def fail(prog: str, message: str, code: int) -> int:
     print(f"{prog}: {message}", file=sys.stderr)
     return code

@@ -10,19 +10,18 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import peewee as pw
-
 from flood import credentials, fsops, records
 from flood.commands import common
-from flood.errors import ConfigError, FloodError, InvalidName, LayoutError
+from flood.errors import FloodError, InvalidName, LayoutError
 from flood.jobs import FileRef
-from flood.layout import INCOMING, INCOMING_TMP, Layout, check_bucket, check_key, check_profile
+from flood.layout import Layout, check_bucket, check_key, check_profile, shown
 from flood.settings import DEFAULT_IGNORE, MiB
+from flood.states import Reason, State
 
 PROG = "flood-copy"
 DEFAULT_SERVER_DIR = common.DEFAULT_SERVER_DIR
@@ -34,7 +33,7 @@ EX_USAGE = 2
 EX_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 EX_TIMEOUT = 124  # timeout(1)
 SHOWN_AT_MOST = 10
-TERMINAL_STATES = ("completed", "failed", "abandoned")
+TERMINAL_STATES = (State.COMPLETED, State.FAILED, State.ABANDONED)
 
 USAGE = (
     f"{PROG} [-h] [-q] [-r] [--server-dir DIR] [--credentials FILE] [--db PATH] "
@@ -62,7 +61,7 @@ class Refused(FloodError):
 class NotQueued(Exception):
     """One file could not be queued; `reason` is the stable code its record gets."""
 
-    def __init__(self, detail: str, reason: str = "copy_failed") -> None:
+    def __init__(self, detail: str, reason: Reason = Reason.COPY_FAILED) -> None:
         super().__init__(detail)
         self.reason = reason
 
@@ -120,6 +119,7 @@ def parser() -> common.Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.printable_output()
     p = parser()
     args = p.parse_args(argv)
     if args.timeout is not None and not args.wait:
@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     for line in plan.skipped + _ignored_warnings(plan.items):
         print(f"{PROG}: {line}", file=sys.stderr)
     layout = Layout(root)
+    records.open_db(common.db_path(args.db))  # refused before any directory is made
     prepare_dirs(layout, target)
-    _open_records(common.db_path(args.db))
     report = Copier(layout, target, _progress(plan.items, args.quiet)).run(plan.items)
     code = report.tell(target, args.quiet, plan.failed)
     if args.wait and code != EX_INTERRUPTED:
@@ -197,7 +197,7 @@ def parse_target(uri: str) -> Target:
 
 def prepare_dirs(layout: Layout, target: Target) -> None:
     """Create incoming_tmp/P/B and incoming/P/B; refuse them on different filesystems."""
-    states = (INCOMING_TMP, INCOMING)
+    states = (State.INCOMING_TMP, State.INCOMING)
     try:
         for state in states:
             make_dirs(layout.state_dir(state))
@@ -226,13 +226,6 @@ def _same_filesystem(paths: list[str]) -> None:
         raise LayoutError(
             f"{where} are on different filesystems: the rename into incoming/ would not be atomic"
         )
-
-
-def _open_records(path: str) -> None:
-    try:
-        records.open_db(path)
-    except (OSError, pw.PeeweeException) as exc:
-        raise ConfigError(f"cannot open the records database {path}: {exc}") from None
 
 
 # -- which files, under which keys ---------------------------------------------------------
@@ -267,14 +260,14 @@ def make_plan(sources: Sequence[str], target: Target, recursive: bool) -> Plan:
         name = _name(source)
         if stat.S_ISDIR(info.st_mode):
             if not recursive:
-                raise Refused(f"{source} is a directory (use -r to copy the files below it)")
+                raise Refused(f"{shown(source)} is a directory (use -r to copy the files below it)")
             prefix = _join(target.prefix(), name) if several else target.prefix()
             _walk_tree(source, prefix, plan)
         elif stat.S_ISREG(info.st_mode):
             key = target.key + name if not target.key or target.key.endswith("/") else target.key
-            plan.items.append(Item(source, source, key, info.st_size))
+            plan.items.append(Item(source, shown(source), key, info.st_size))
         else:
-            raise Refused(f"{source} is a {_kind(info.st_mode)}, not a regular file")
+            raise Refused(f"{shown(source)} is a {_kind(info.st_mode)}, not a regular file")
     _check_keys(plan.items)
     return plan
 
@@ -283,9 +276,9 @@ def _stat_source(source: str) -> os.stat_result:
     try:
         return os.stat(source)
     except FileNotFoundError:
-        raise Refused(f"{source}: no such file or directory") from None
+        raise Refused(f"{shown(source)}: no such file or directory") from None
     except OSError as exc:
-        raise Refused(f"{source}: {exc.strerror}") from None
+        raise Refused(f"{shown(source)}: {exc.strerror}") from None
 
 
 def _name(source: str) -> str:
@@ -307,7 +300,7 @@ def _walk_tree(top: str, prefix: str, plan: Plan) -> None:
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name, reverse=True)
         except OSError as exc:
-            plan.failed.append((path, f"cannot list the directory: {exc.strerror}"))
+            plan.failed.append((shown(path), f"cannot list the directory: {exc.strerror}"))
             continue
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
@@ -324,32 +317,34 @@ def _add_entry(entry: os.DirEntry[str], root: str, top: str, key: str, plan: Pla
             return
         info = entry.stat(follow_symlinks=False)
     except OSError as exc:
-        plan.failed.append((entry.path, exc.strerror or type(exc).__name__))
+        plan.failed.append((shown(entry.path), exc.strerror or type(exc).__name__))
         return
     if stat.S_ISREG(info.st_mode):
-        plan.items.append(Item(entry.path, entry.path, key, info.st_size))
+        plan.items.append(Item(entry.path, shown(entry.path), key, info.st_size))
     else:
-        plan.skipped.append(f"skipped {entry.path}: {_kind(info.st_mode)}, not a regular file")
+        plan.skipped.append(
+            f"skipped {shown(entry.path)}: {_kind(info.st_mode)}, not a regular file"
+        )
 
 
 def _add_link(path: str, root: str, top: str, key: str, plan: Plan) -> None:
     """Copy a link to a file inside the tree; skip one that leaves it, dangles or is a dir."""
     real = os.path.realpath(path)
-    shown = f"symlink {path} -> {os.readlink(path)}"
+    link = f"symlink {shown(path)} -> {shown(os.readlink(path))}"
     if os.path.commonpath([real, root]) != root:
-        plan.skipped.append(f"skipped {shown}: it leads out of {top}")
+        plan.skipped.append(f"skipped {link}: it leads out of {shown(top)}")
         return
     try:
         info = os.stat(real)
     except FileNotFoundError:
-        plan.skipped.append(f"skipped {shown}: dangling")
+        plan.skipped.append(f"skipped {link}: dangling")
         return
     if stat.S_ISREG(info.st_mode):
-        plan.items.append(Item(real, path, key, info.st_size))
+        plan.items.append(Item(real, shown(path), key, info.st_size))
     elif stat.S_ISDIR(info.st_mode):
-        plan.skipped.append(f"skipped {shown}: a link to a directory is not followed")
+        plan.skipped.append(f"skipped {link}: a link to a directory is not followed")
     else:
-        plan.skipped.append(f"skipped {shown}: {_kind(info.st_mode)}, not a regular file")
+        plan.skipped.append(f"skipped {link}: {_kind(info.st_mode)}, not a regular file")
 
 
 def _check_keys(items: list[Item]) -> None:
@@ -491,8 +486,8 @@ class Report:
 
     def tell(self, target: Target, quiet: bool, plan_failed: list[tuple[str, str]]) -> int:
         """Say what happened; the exit status so far."""
-        for shown, why in plan_failed + self.failed:
-            print(f"{PROG}: not queued: {shown}: {why}", file=sys.stderr)
+        for name, why in plan_failed + self.failed:
+            print(f"{PROG}: not queued: {name}: {why}", file=sys.stderr)
         if self.interrupted:
             missed = [s for s, _ in self.failed] + self.not_reached
             print(
@@ -525,15 +520,15 @@ class Passage:
 
     def __init__(self, layout: Layout, ref: FileRef) -> None:
         self.ref = ref
-        self.tmp = layout.path(INCOMING_TMP, ref)
-        self.final = layout.path(INCOMING, ref)
+        self.tmp = layout.path(State.INCOMING_TMP, ref)
+        self.final = layout.path(State.INCOMING, ref)
         self.fd: int | None = None
         self.record_id: int | None = None
 
     def published(self) -> bool:
         return self.fd is not None and _same_file(self.fd, self.final)
 
-    def abandon(self, reason: str) -> bool:
+    def abandon(self, reason: Reason) -> bool:
         """Undo what did not reach incoming/; True if the file had reached it after all."""
         if self.published():
             return True
@@ -541,7 +536,7 @@ class Passage:
             with suppress(FileNotFoundError):
                 os.unlink(self.tmp)
         if self.record_id is not None:
-            records.set_state(self.record_id, "abandoned", reason)
+            records.abandon(self.record_id, reason)
         return False
 
     def close(self) -> None:
@@ -589,12 +584,12 @@ class Copier:
         except NotQueued as exc:
             passage.abandon(exc.reason)
             raise
-        except (OSError, pw.PeeweeException) as exc:
-            if not passage.abandon("copy_failed") or passage.record_id is None:
+        except (OSError, records.DatabaseError) as exc:
+            if not passage.abandon(Reason.COPY_FAILED) or passage.record_id is None:
                 raise NotQueued(_describe(exc)) from None
             return passage.record_id  # it reached incoming/; the supervisor continues the record
         except KeyboardInterrupt:
-            raise Interrupted(passage.abandon("interrupted"), passage.record_id) from None
+            raise Interrupted(passage.abandon(Reason.INTERRUPTED), passage.record_id) from None
         finally:
             os.close(src)
             passage.close()
@@ -603,12 +598,12 @@ class Copier:
         passage.fd = _open_tmp(passage.tmp)
         created = fsops.creation_date(item.path)
         rid = passage.record_id = records.record_queued(
-            passage.ref, INCOMING_TMP, created, info.st_size
+            passage.ref, State.INCOMING_TMP, created, info.st_size
         )
         self._copy(src, passage.fd)
         os.fsync(passage.fd)
         self._publish(passage)
-        records.record_queued(passage.ref, INCOMING, created, info.st_size, record_id=rid)
+        records.record_queued(passage.ref, State.INCOMING, created, info.st_size, record_id=rid)
         return rid
 
     def _copy(self, src: int, dst: int) -> None:
@@ -616,7 +611,7 @@ class Copier:
             try:
                 chunk = os.read(src, CHUNK)
             except OSError as exc:
-                raise NotQueued(f"read error: {exc.strerror}", "read_error") from None
+                raise NotQueued(f"read error: {exc.strerror}", Reason.READ_ERROR) from None
             if not chunk:
                 return
             view = memoryview(chunk)
@@ -628,18 +623,18 @@ class Copier:
         """Rename incoming_tmp -> incoming; a wiped incoming_tmp leaves the file not queued."""
         assert passage.fd is not None
         if not _same_file(passage.fd, passage.tmp):
-            raise NotQueued(_WIPED, "wiped")
+            raise NotQueued(_WIPED, Reason.WIPED)
         make_dirs(os.path.dirname(passage.final))
         try:
             fsops.move_into(passage.tmp, passage.final)
         except FileNotFoundError:
-            raise NotQueued(_WIPED, "wiped") from None
+            raise NotQueued(_WIPED, Reason.WIPED) from None
         except FileExistsError:
             # An older copy of the same key still waits in incoming/, not yet claimed. Decided
             # with the lead: the newer copy supersedes it, as a second `cp` over the same
             # destination would; the older passage's record is closed as superseded.
             os.rename(passage.tmp, passage.final)
-            _supersede(passage.ref, passage.record_id)
+            records.supersede_waiting(passage.ref, passage.record_id)
         self.synced_dirs.add(os.path.dirname(passage.final))
 
     def sync_dirs(self) -> None:
@@ -661,11 +656,13 @@ def _open_source(path: str) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise NotQueued(f"cannot read: {exc.strerror}", "unreadable") from None
+        raise NotQueued(f"cannot read: {exc.strerror}", Reason.UNREADABLE) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise NotQueued(f"{_kind(info.st_mode)}, not a regular file any more", "not_regular_file")
+        raise NotQueued(
+            f"{_kind(info.st_mode)}, not a regular file any more", Reason.NOT_REGULAR_FILE
+        )
     return fd, info
 
 
@@ -694,18 +691,6 @@ def _same_file(fd: int, path: str) -> bool:
         return False
     ours = os.fstat(fd)
     return (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino)
-
-
-def _supersede(ref: FileRef, record_id: int | None) -> None:
-    older = records.FileRecord.select(records.FileRecord.id).where(
-        (records.FileRecord.profile == ref.profile)
-        & (records.FileRecord.bucket == ref.bucket)
-        & (records.FileRecord.filepath == ref.key)
-        & (records.FileRecord.current_state == INCOMING)
-        & (records.FileRecord.id != record_id)
-    )
-    for row in list(older):
-        records.set_state(int(row.id), "abandoned", "superseded")
 
 
 def _describe(exc: BaseException) -> str:
@@ -740,27 +725,20 @@ def wait_outcomes(queued: Sequence[tuple[str, int]], timeout: float | None) -> i
 
 def _finished(pending: dict[int, str]) -> list[tuple[int, str, bool]]:
     """(record id, outcome line, completed?) for each pending file that has finished."""
-    return list(_outcomes(pending))
-
-
-def _outcomes(pending: dict[int, str]) -> Iterator[tuple[int, str, bool]]:
     ids = list(pending)
-    found: set[int] = set()
-    for start in range(0, len(ids), 500):
-        rows = records.FileRecord.select().where(
-            records.FileRecord.id.in_(ids[start : start + 500])
-        )
-        for row in rows:
-            rid = int(row.id)
-            found.add(rid)
-            if row.current_state == "completed":
-                yield rid, f"completed {pending[rid]}", True
-            elif row.current_state in TERMINAL_STATES:
-                why = row.reason or row.current_state
-                error = f" ({row.error})" if row.error else ""
-                yield rid, f"failed {pending[rid]}: {why}{error}", False
-    for rid in set(ids) - found:
-        yield rid, f"failed {pending[rid]}: its record was deleted", False
+    found = records.endings(ids)
+    done = []
+    for rid in ids:
+        ending = found.get(rid)
+        if ending is None:
+            done.append((rid, f"failed {pending[rid]}: its record was deleted", False))
+        elif ending.state == State.COMPLETED:
+            done.append((rid, f"completed {pending[rid]}", True))
+        elif ending.state in TERMINAL_STATES:
+            why = ending.reason or ending.state
+            error = f" ({ending.error})" if ending.error else ""
+            done.append((rid, f"failed {pending[rid]}: {why}{error}", False))
+    return done
 
 
 def _say_pending(what: str, pending: dict[int, str]) -> None:

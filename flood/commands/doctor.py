@@ -20,11 +20,14 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from flood import credentials
+from flood import verdict as taxonomy
 from flood.commands import common
 from flood.credentials import Profile
 from flood.errors import ConfigError, FloodError, LayoutError
-from flood.layout import INCOMING, STATES, Layout
+from flood.layout import Layout
 from flood.s3 import make_client
+from flood.states import DIRECTORIES, State
+from flood.verdict import Kind
 
 PROG = "flood-doctor"
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -36,24 +39,6 @@ DISK_FAIL = (0.01, 256 * 1024 * 1024)  # fraction free, bytes free
 DISK_WARN = (0.10, 1024 * 1024 * 1024)
 INODES_FAIL, INODES_WARN = 0.01, 0.10
 WATCHES = "/proc/sys/fs/inotify/max_user_watches"
-AUTH_CODES = (
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "ExpiredToken",
-    "AuthorizationHeaderMalformed",
-)
-INCOMPATIBLE_CODES = (
-    "NotImplemented",
-    "InvalidArgument",
-    "InvalidRequest",
-    "InvalidDigest",
-    "XAmzContentSHA256Mismatch",
-    "MissingContentLength",
-    "BadDigest",
-    "UnsupportedHeader",
-)
-
 DESCRIPTION = """\
 Checks what Flood needs, and says what it found:
   credentials   the file Flood would use, its profiles and its mode;
@@ -84,35 +69,30 @@ class Check:
 
 # -- S3 --------------------------------------------------------------------------------------
 def classify(exc: BaseException, operation: str) -> tuple[str, str]:
-    """(category, detail) of an S3 error raised by `operation`."""
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        said = f"{operation}: {code or status}" + (
-            f" ({error['Message']})" if error.get("Message") else ""
-        )
-        if code in AUTH_CODES:
-            return "auth", f"{said}: the server refused the key (check the access key and secret)"
-        if code == "RequestTimeTooSkewed":
-            return "clock", f"{said}: this machine's clock is too far from the server's"
-        if code == "NoSuchBucket" or (operation == "HeadBucket" and status == 404):
-            return "missing_bucket", f"{said}: the bucket does not exist"
-        if code == "AccessDenied" or status == 403:
-            return "permissions", f"{operation} denied ({code or status})"
-        if code in INCOMPATIBLE_CODES or status in (400, 405, 411, 501):
-            hint = (
-                " (the provider refuses checksum headers?)"
-                if "checksum" in str(error.get("Message", "")).lower()
-                else ""
-            )
-            return "incompatible", f"{said}: the provider refused the request{hint}"
-        if status >= 500 or status == 429:
-            return "server", f"{said}: the server failed"
-        return "error", said
-    if isinstance(exc, BotoCoreError):
-        return "network", f"{operation}: {type(exc).__name__}: {exc}"
-    return "error", f"{operation}: {type(exc).__name__}: {exc}"
+    """(category, detail) of an S3 error raised by `operation`, from flood.verdict's kind."""
+    kind = taxonomy.classify(exc, operation).kind
+    if not isinstance(exc, ClientError):
+        if isinstance(exc, BotoCoreError):
+            return "network", f"{operation}: {type(exc).__name__}: {exc}"
+        return "error", f"{operation}: {type(exc).__name__}: {exc}"
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", "")) or str(taxonomy.status_of(exc))
+    said = f"{operation}: {code}" + (f" ({error['Message']})" if error.get("Message") else "")
+    if kind == Kind.AUTH:
+        return "auth", f"{said}: the server refused the key (check the access key and secret)"
+    if kind == Kind.CLOCK:
+        return "clock", f"{said}: this machine's clock is too far from the server's"
+    if kind == Kind.MISSING_BUCKET:
+        return "missing_bucket", f"{said}: the bucket does not exist"
+    if kind == Kind.PERMISSIONS:
+        return "permissions", f"{operation} denied ({code})"
+    if kind in (Kind.INCOMPATIBLE, Kind.MISMATCH):
+        checksum = "checksum" in str(error.get("Message", "")).lower()
+        hint = " (the provider refuses checksum headers?)" if checksum else ""
+        return "incompatible", f"{said}: the provider refused the request{hint}"
+    if kind == Kind.SERVER:
+        return "server", f"{said}: the server failed"
+    return "error", said
 
 
 class Probe:
@@ -258,7 +238,7 @@ def _skew_text(skew: float | None) -> str:
 
 # -- the host --------------------------------------------------------------------------------
 def check_server_dir(layout: Layout) -> Check:
-    missing = [s for s in STATES if not os.path.isdir(layout.state_dir(s))]
+    missing = [s for s in DIRECTORIES if not os.path.isdir(layout.state_dir(s))]
     if missing:
         return Check(
             "server dir",
@@ -270,7 +250,9 @@ def check_server_dir(layout: Layout) -> Check:
         layout.check_one_filesystem()
     except LayoutError as exc:
         return Check("server dir", FAIL, "layout", str(exc))
-    denied = [s for s in STATES if not os.access(layout.state_dir(s), os.R_OK | os.W_OK | os.X_OK)]
+    denied = [
+        s for s in DIRECTORIES if not os.access(layout.state_dir(s), os.R_OK | os.W_OK | os.X_OK)
+    ]
     if denied:
         return Check(
             "server dir",
@@ -278,7 +260,7 @@ def check_server_dir(layout: Layout) -> Check:
             "permissions",
             f"{', '.join(denied)} below {layout.root} not writable by uid {os.getuid()}",
         )
-    info = os.stat(layout.state_dir(INCOMING))
+    info = os.stat(layout.state_dir(State.INCOMING))
     return Check(
         "server dir",
         OK,
@@ -294,7 +276,7 @@ def check_inotify(layout: Layout) -> Check:
         limit = int(Path(WATCHES).read_text())
     except (OSError, ValueError):
         return Check("inotify", WARN, "inotify", f"cannot read {WATCHES}")
-    dirs = count_dirs(layout.state_dir(INCOMING))
+    dirs = count_dirs(layout.state_dir(State.INCOMING))
     detail = (
         f"{dirs} directories below incoming/ to watch; fs.inotify.max_user_watches = "
         f"{limit} (shared by every inotify user of this uid)"
@@ -379,6 +361,7 @@ def parser() -> common.Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.printable_output()
     args = parser().parse_args(argv)
     try:
         checks = run(args)

@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import fnmatch
 import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
-
-import peewee as pw
+from typing import Any
 
 from flood import credentials, records
 from flood.commands import common
 from flood.errors import ConfigError, FloodError
 from flood.jobs import FileRef
-from flood.layout import COMPLETED, FAILED, INCOMING, PROCESSING, STATES, Layout
-from flood.records import FileRecord, Hold, RetryAttempt
-from flood.settings import DEFAULT_IGNORE
+from flood.layout import Layout, shown
+from flood.snapshot import Snapshot, snapshot, supervisor_state, utc_text
+from flood.states import DIRECTORIES, State
 
 PROG = "flood-status"
-ERROR_WINDOW = dt.timedelta(hours=24)
-LOCK_NAME = ".flood.lock"  # supervisor.startup.LOCK_NAME (flood/ does not import supervisor/)
 _BACKUP_RE = re.compile(r"^(.*)\.~(\d+)~$")
-_CODE_RE = re.compile(r"An error occurred \((\w+)\)")
 
 DESCRIPTION = """\
 Without TARGET: per profile and bucket, the files in incoming/, processing/ (in flight),
@@ -43,233 +37,6 @@ processing/ (its mtime may be preserved from elsewhere by cp -p or rsync -a).
 exit status: 0 shown; 1 TARGET has no record and no file; 2 bad usage; 78 configuration error."""
 
 
-def utc_text(value: dt.datetime | None) -> str | None:
-    """ISO 8601 UTC with a Z (the records hold naive UTC)."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
-
-
-def as_datetime(value: Any) -> dt.datetime | None:
-    """A record's time (peewee may hand back text from aggregates) as naive UTC."""
-    if value is None or isinstance(value, dt.datetime):
-        return value
-    return dt.datetime.fromisoformat(str(value))
-
-
-# -- the snapshot ------------------------------------------------------------------------------
-@dataclass
-class BucketState:
-    """What one profile's bucket has in each state, and how old its oldest pending file is."""
-
-    profile: str
-    bucket: str
-    incoming: int = 0
-    processing: int = 0
-    waiting_retry: int = 0
-    next_retry_at: dt.datetime | None = None
-    failed: int = 0
-    completed_today: int = 0
-    ignored: int = 0
-    oldest_pending: float | None = None  # epoch seconds (ctime)
-    paused: str | None = None
-
-    def in_flight(self) -> int:
-        """Files in processing/ that are not waiting for a retry."""
-        return max(0, self.processing - self.waiting_retry)
-
-
-@dataclass
-class Snapshot:
-    """Everything flood-status shows, gathered once."""
-
-    now: dt.datetime
-    buckets: dict[tuple[str, str], BucketState] = field(default_factory=dict)
-    holds: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[dict[str, Any]] = field(default_factory=list)
-
-    def bucket(self, profile: str, bucket: str) -> BucketState:
-        key = (profile, bucket)
-        if key not in self.buckets:
-            self.buckets[key] = BucketState(profile, bucket)
-        return self.buckets[key]
-
-    def oldest_pending(self) -> float | None:
-        ages = [b.oldest_pending for b in self.buckets.values() if b.oldest_pending is not None]
-        return min(ages) if ages else None
-
-
-def snapshot(
-    layout: Layout,
-    profiles: Iterable[str] = (),
-    ignore: Sequence[str] = DEFAULT_IGNORE,
-    now: dt.datetime | None = None,
-    history: bool = True,
-) -> Snapshot:
-    """Count the directories and query the records (the db must be open in this thread).
-    `history`: also completed-today counts and the last errors (they read older records)."""
-    snap = Snapshot(now or records.utcnow())
-    for profile in sorted(set(profiles) | layout.profiles_present()):
-        for bucket in sorted(layout.buckets_present(profile)):
-            snap.bucket(profile, bucket)
-    _count_pending(layout, snap, ignore)
-    _count_failed(layout, snap)
-    _count_waiting(snap)
-    _read_holds(snap)
-    if history:
-        _count_completed_today(snap)
-        snap.errors = last_errors(snap.now - ERROR_WINDOW)
-    return snap
-
-
-def _count_pending(layout: Layout, snap: Snapshot, ignore: Sequence[str]) -> None:
-    for state in (INCOMING, PROCESSING):
-        for path in layout.walk_files(state):
-            ref = layout.parse(state, path)
-            if ref is None:
-                continue
-            entry = snap.bucket(ref.profile, ref.bucket)
-            name = os.path.basename(path)
-            if state == INCOMING and any(fnmatch.fnmatchcase(name, p) for p in ignore):
-                entry.ignored += 1
-                continue
-            try:
-                ctime = os.lstat(path).st_ctime
-            except FileNotFoundError:
-                continue  # moved on while we looked
-            if state == INCOMING:
-                entry.incoming += 1
-            else:
-                entry.processing += 1
-            if entry.oldest_pending is None or ctime < entry.oldest_pending:
-                entry.oldest_pending = ctime
-
-
-def _count_failed(layout: Layout, snap: Snapshot) -> None:
-    for path in layout.walk_files(FAILED):
-        ref = layout.parse(FAILED, path)
-        if ref is not None:
-            snap.bucket(ref.profile, ref.bucket).failed += 1
-
-
-def _count_waiting(snap: Snapshot) -> None:
-    query = (
-        FileRecord.select(
-            FileRecord.profile,
-            FileRecord.bucket,
-            pw.fn.COUNT(FileRecord.id).alias("n"),
-            pw.fn.MIN(FileRecord.next_attempt_at).alias("due"),
-        )
-        .where((FileRecord.current_state == PROCESSING) & FileRecord.next_attempt_at.is_null(False))
-        .group_by(FileRecord.profile, FileRecord.bucket)
-    )
-    rows = cast(Iterable[dict[str, Any]], query.dicts())  # peewee types .dicts() as models
-    for row in rows:
-        entry = snap.bucket(row["profile"], row["bucket"])
-        entry.waiting_retry = int(row["n"])
-        entry.next_retry_at = as_datetime(row["due"])
-
-
-def _count_completed_today(snap: Snapshot) -> None:
-    midnight = snap.now.replace(hour=0, minute=0, second=0, microsecond=0)
-    query = (
-        FileRecord.select(
-            FileRecord.profile, FileRecord.bucket, pw.fn.COUNT(FileRecord.id).alias("n")
-        )
-        .where((FileRecord.current_state == COMPLETED) & (FileRecord.last_updated >= midnight))
-        .group_by(FileRecord.profile, FileRecord.bucket)
-    )
-    rows = cast(Iterable[dict[str, Any]], query.dicts())  # peewee types .dicts() as models
-    for row in rows:
-        snap.bucket(row["profile"], row["bucket"]).completed_today = int(row["n"])
-
-
-def _read_holds(snap: Snapshot) -> None:
-    for hold in Hold.select().order_by(Hold.profile, Hold.bucket):
-        snap.holds.append(
-            {
-                "profile": hold.profile,
-                "bucket": hold.bucket or None,
-                "reason": hold.reason,
-                "detail": hold.detail,
-                "since": utc_text(as_datetime(hold.since)),
-            }
-        )
-        targets = (
-            [b for (p, _), b in snap.buckets.items() if p == hold.profile]
-            if not hold.bucket
-            else [snap.bucket(hold.profile, hold.bucket)]
-        )
-        for entry in targets:
-            entry.paused = hold.reason
-
-
-def last_errors(since: dt.datetime) -> list[dict[str, Any]]:
-    """Failed passages since then, and files now waiting for a retry, grouped by reason."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    failed = (
-        FileRecord.select()
-        .where((FileRecord.current_state == FAILED) & (FileRecord.last_updated >= since))
-        .order_by(FileRecord.id)
-    )
-    waiting = (
-        FileRecord.select()
-        .where((FileRecord.current_state == PROCESSING) & FileRecord.next_attempt_at.is_null(False))
-        .order_by(FileRecord.id)
-    )
-    for state, rows in (("failed", failed), ("retrying", waiting)):
-        for row in rows.iterator():
-            reason = row.reason or _error_type(row.error)
-            group = groups.setdefault(
-                (state, reason),
-                {
-                    "state": state,
-                    "reason": reason,
-                    "files": 0,
-                    "last_at": None,
-                    "last_error": None,
-                    "buckets": [],
-                },
-            )
-            group["files"] += 1
-            group["last_at"] = utc_text(as_datetime(row.last_updated))
-            group["last_error"] = row.error
-            where = f"{row.profile}/{row.bucket}"
-            if where not in group["buckets"]:
-                group["buckets"].append(where)
-    return sorted(groups.values(), key=lambda g: (g["state"], -g["files"], g["reason"]))
-
-
-def _error_type(error: str | None) -> str:
-    """A retry's record keeps the error text only: the S3 code in it, else the exception name,
-    stands for the reason."""
-    if not error:
-        return "unknown"
-    code = _CODE_RE.search(error)
-    if code:
-        return code.group(1)
-    head = error.split(":", 1)[0].strip()
-    return head if head.isidentifier() else "unknown"
-
-
-def supervisor_state(root: Path) -> dict[str, Any]:
-    """Whether a supervisor holds the server dir's lock, read from /proc/locks (never by taking
-    the lock: a probe would make a supervisor starting at that moment exit 75)."""
-    path = root / LOCK_NAME
-    try:
-        info = os.stat(path)
-        pid_text = path.read_text().strip()
-    except OSError:
-        return {"running": False, "pid": None}
-    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    try:
-        with open("/proc/locks") as handle:
-            held = any(wanted in line.split() and "FLOCK" in line for line in handle)
-    except OSError:
-        return {"running": None, "pid": int(pid_text) if pid_text.isdigit() else None}
-    return {"running": held, "pid": int(pid_text) if held and pid_text.isdigit() else None}
-
-
 # -- one file's history ------------------------------------------------------------------------
 def resolve(target: str, layout: Layout) -> list[FileRef]:
     """The files TARGET may mean: a spool path, s3://P/B/KEY, P/B/KEY, or a bare key."""
@@ -281,83 +48,58 @@ def resolve(target: str, layout: Layout) -> list[FileRef]:
     if ref is not None:
         return [ref]
     parts = target.split("/", 2)
-    if len(parts) == 3 and _known(FileRef(*parts)):
+    if len(parts) == 3 and records.known(FileRef(*parts)):
         return [FileRef(*parts)]
-    rows = (
-        FileRecord.select(FileRecord.profile, FileRecord.bucket)
-        .distinct()
-        .where(FileRecord.filepath == target)
-        .order_by(FileRecord.profile, FileRecord.bucket)
-    )
-    return [FileRef(r.profile, r.bucket, target) for r in rows]
+    return [FileRef(p, b, target) for p, b in records.buckets_with_key(target)]
 
 
 def _from_path(target: str, layout: Layout) -> FileRef | None:
     path = os.path.abspath(target)
-    for state in STATES:
+    for state in DIRECTORIES:
         top = layout.state_dir(state)
         if path.startswith(top + os.sep):
             ref = layout.parse(state, path)
             if ref is None:
                 return None
             match = _BACKUP_RE.match(ref.key)
-            if match and state in (COMPLETED, FAILED):
+            if match and state in (State.COMPLETED, State.FAILED):
                 return FileRef(ref.profile, ref.bucket, match.group(1))
             return ref
     return None
 
 
-def _known(ref: FileRef) -> bool:
-    return records.newest(ref) is not None
-
-
 def history(ref: FileRef, layout: Layout) -> dict[str, Any]:
     """Every passage of one key with its attempts, and where its files lie now."""
-    rows = list(
-        FileRecord.select()
-        .where(
-            (FileRecord.profile == ref.profile)
-            & (FileRecord.bucket == ref.bucket)
-            & (FileRecord.filepath == ref.key)
-        )
-        .order_by(FileRecord.id)
-    )
-    later = {int(r.requeued_from): int(r.id) for r in rows if r.requeued_from is not None}
+    rows = records.passages(ref)
+    later = {r.requeued_from: r.id for r in rows if r.requeued_from is not None}
     return {
-        "uri": f"s3://{ref.profile}/{ref.bucket}/{ref.key}",
+        "uri": shown(f"s3://{ref.profile}/{ref.bucket}/{ref.key}"),
         "profile": ref.profile,
         "bucket": ref.bucket,
-        "key": ref.key,
+        "key": shown(ref.key),
         "on_disk": on_disk(ref, layout),
-        "passages": [_passage(row, later.get(int(row.id))) for row in rows],
+        "passages": [_passage(row, later.get(row.id)) for row in rows],
     }
 
 
-def _passage(row: FileRecord, requeued_to: int | None) -> dict[str, Any]:
+def _passage(row: records.PassageRecord, requeued_to: int | None) -> dict[str, Any]:
     return {
-        "id": int(row.id),
-        "state": row.current_state,
-        "since": utc_text(as_datetime(row.last_updated)),
-        "created": utc_text(as_datetime(row.file_creation_date)),
-        "outcome": row.upload_outcome,
+        "id": row.id,
+        "state": row.state,
+        "since": utc_text(row.since),
+        "created": utc_text(row.created),
+        "outcome": row.outcome,
         "size": row.size,
         "etag": row.etag,
         "reason": row.reason,
         "error": row.error,
         "retry_count": row.retry_count,
-        "next_attempt_at": utc_text(as_datetime(row.next_attempt_at)),
+        "next_attempt_at": utc_text(row.next_attempt_at),
         "requeued_from": row.requeued_from,
         "requeued_to": requeued_to,
         "attempts": [
-            {
-                "attempt": a.attempt,
-                "at": utc_text(as_datetime(a.attempted_at)),
-                "outcome": a.outcome,
-                "error": a.error,
-            }
-            for a in RetryAttempt.select()
-            .where(RetryAttempt.file_record_id == row.id)
-            .order_by(RetryAttempt.attempt, RetryAttempt.id)
+            {"attempt": a.attempt, "at": utc_text(a.at), "outcome": a.outcome, "error": a.error}
+            for a in row.attempts
         ],
     }
 
@@ -365,10 +107,10 @@ def _passage(row: FileRecord, requeued_to: int | None) -> dict[str, Any]:
 def on_disk(ref: FileRef, layout: Layout) -> list[dict[str, Any]]:
     """The key's file in each state directory, and its numbered backups in completed/failed."""
     found = []
-    for state in STATES:
+    for state in DIRECTORIES:
         path = layout.path(state, ref)
         names = [os.path.basename(path)]
-        if state in (COMPLETED, FAILED):
+        if state in (State.COMPLETED, State.FAILED):
             names += _backups(os.path.dirname(path), names[0])
         for name in names:
             full = os.path.join(os.path.dirname(path), name)
@@ -376,7 +118,7 @@ def on_disk(ref: FileRef, layout: Layout) -> list[dict[str, Any]]:
                 size = os.lstat(full).st_size
             except OSError:
                 continue
-            found.append({"state": state, "path": full, "size": size})
+            found.append({"state": str(state), "path": shown(full), "size": size})
     return found
 
 
@@ -558,13 +300,13 @@ def print_history(item: dict[str, Any]) -> None:
 
 
 def _ending(p: dict[str, Any]) -> str:
-    if p["state"] == COMPLETED:
+    if p["state"] == State.COMPLETED:
         return f"completed: size {p['size']}, ETag {p['etag'] or '-'}"
-    if p["state"] == FAILED:
+    if p["state"] == State.FAILED:
         error = _one_line(p["error"])
         reason = p["reason"] or "?"
         text = f"failed: {error if error.startswith(reason) else f'{reason}: {error}'}"
-    elif p["state"] == PROCESSING and p["next_attempt_at"]:
+    elif p["state"] == State.PROCESSING and p["next_attempt_at"]:
         text = (
             f"processing: retry {p['retry_count']} due {p['next_attempt_at']} after "
             f"{_one_line(p['error'])}"
@@ -596,6 +338,7 @@ def parser() -> common.Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.printable_output()
     p = parser()
     args = p.parse_args(argv)
     target = list(args.target)
@@ -618,10 +361,7 @@ def open_records(option: str | None) -> str:
     path = common.db_path(option)
     if not os.path.exists(path):
         raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else ./flood.db)")
-    try:
-        records.open_db(path)
-    except (OSError, pw.PeeweeException) as exc:
-        raise ConfigError(f"cannot open the records database {path}: {exc}") from None
+    records.open_db(path)
     return path
 
 

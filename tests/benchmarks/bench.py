@@ -918,17 +918,12 @@ def args_warm(ctx: Context, workers: int) -> int:
 PROFILE_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("database (peewee+sqlite3)", ("(flood/records.py", "(peewee.py", "sqlite3")),
     ("logging (structlog+ecs json)", ("(flood/logs.py", "(structlog/", "(ecs_logging/")),
-    ("S3 HEAD verify (botocore+http)", ("FileUploader.verify (",)),
-    ("S3 PUT (botocore+http+md5)", ("FileUploader.put (",)),
+    ("S3 HEAD verify (botocore+http)", ("verify (flood/transfer.py",)),
     (
-        "claim/move/stat syscalls",
-        (
-            "(flood/fsops.py",
-            "FileUploader.claim (",
-            "FileUploader.finish (",
-            "FileUploader.attempt (",
-        ),
+        "S3 PUT (lean client or botocore, md5)",
+        ("(flood/lean.py", "(flood/sigv4.py", "(flood/transfer.py", "Uploads.read ("),
     ),
+    ("claim/move/stat syscalls", ("(flood/fsops.py", "(flood/moves.py")),
     ("queue get (pipe+unpickle)", ("UploaderRole.next_job (",)),
     ("dispatch (parse+pickle+pipe)", ("WatcherRole.dispatch (", "(multiprocessing/queues.py")),
     ("inotify read+process", ("(pyinotify.py",)),

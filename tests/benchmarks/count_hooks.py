@@ -55,15 +55,15 @@ def _install() -> None:
 
     setattr(botocore.endpoint.Endpoint, "_send", counted_send)  # noqa: B010 - patching
 
-    from flood.s3 import LeanPut  # Flood's own PUTs do not go through botocore's endpoint
+    from flood.lean import PendingPut  # Flood's own PUTs do not go through botocore's endpoint
 
-    lean_send = LeanPut.send
+    lean_send = PendingPut.send
 
-    def counted_lean_send(self: Any, pending: Any) -> None:
+    def counted_lean_send(self: Any) -> None:
         _bump("s3_PUT")
-        lean_send(self, pending)
+        lean_send(self)
 
-    setattr(LeanPut, "send", counted_lean_send)  # noqa: B010 - patching
+    setattr(PendingPut, "send", counted_lean_send)  # noqa: B010 - patching
 
     connect = getattr(peewee.SqliteDatabase, "_connect")  # noqa: B009 - a private method
 

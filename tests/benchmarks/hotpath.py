@@ -103,20 +103,20 @@ def s3_steps(server: LocalS3, n: int, results: dict[str, Any]) -> None:
     lean.meta.events.unregister("before-call.s3", handlers.add_expect_header)
     loop(lean, "s3 PUT, no Expect, checksum when_required", put)
 
-    from flood.s3 import LeanPut  # what Flood's uploader really sends
+    from flood.lean import LeanClient  # what Flood's uploader really sends
 
-    one = LeanPut(other, connections=1)
+    one = LeanClient(other)
     loop(
         one,
         "s3 PUT, Flood's LeanPut, one at a time",
         lambda c, i: c.put("hot-path", f"l{i}", data, md5),
     )
     batch = int(os.environ.get("HOTPATH_BATCH", "8"))
-    many = LeanPut(other, connections=batch)
+    many = LeanClient(other)
 
     def in_flight(c: Any, i: int) -> None:
         if i % batch == 0 or i < 0:
-            started = [c.start(j, "hot-path", f"m{i}-{j}", data, md5) for j in range(batch)]
+            started = [c.start("hot-path", f"m{i}-{j}", data, md5) for j in range(batch)]
             for pending in started:
                 pending.result()
 
@@ -198,7 +198,7 @@ def log_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
 
 def fs_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
     from flood import fsops
-    from flood.upload import _read_all
+    from flood.moves import read_all
 
     states = {
         s: tmp / "spool" / s / "p" / "b" / "d" for s in ("incoming", "processing", "completed")
@@ -216,7 +216,7 @@ def fs_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
             os.lstat(mid)
             fsops.creation_date(mid)
             fd, info = fsops.open_regular(mid)
-            data = _read_all(fd, info.st_size)
+            data = read_all(fd, info.st_size)
             hashlib.md5(data, usedforsecurity=False)
             os.fstat(fd)
             os.close(fd)

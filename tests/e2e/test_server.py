@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from spool import Spool, new_bucket, object_bytes, object_keys, wait_for
 
-from flood.upload import BATCH_MAX_BYTES, WINDOW_BYTES
+from flood.transfer import WINDOW_BYTES
+from flood.upload import BATCH_MAX_BYTES
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 from spool import new_bucket, object_bytes
 
 from flood.credentials import Profile
-from flood.s3 import LeanPut
+from flood.lean import LeanClient
 from flood.testing.localserver import REGION, LocalS3
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,12 +24,11 @@ def md5_of(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
 
-def lean(s3: LocalS3, secret: str | None = None, connections: int = 4) -> LeanPut:
-    return LeanPut(
+def lean(s3: LocalS3, secret: str | None = None) -> LeanClient:
+    return LeanClient(
         Profile(
             "p", "other", s3.admin.access_key, secret or s3.admin.secret_key, REGION, s3.endpoint
         ),
-        connections=connections,
     )
 
 
@@ -45,12 +44,9 @@ def test_stores_the_bytes_and_answers_their_md5(s3: LocalS3, client: Any, size: 
 
 def test_several_in_flight_each_land(s3: LocalS3, client: Any) -> None:
     bucket = new_bucket(s3)
-    put = lean(s3, connections=8)
+    put = lean(s3)
     bodies = {f"k{i}": os.urandom(100 + i) for i in range(8)}
-    started = [
-        put.start(i, bucket, key, data, md5_of(data))
-        for i, (key, data) in enumerate(bodies.items())
-    ]
+    started = [put.start(bucket, key, data, md5_of(data)) for key, data in bodies.items()]
     assert [p.result().strip('"') for p in started] == [
         hashlib.md5(d).hexdigest() for d in bodies.values()
     ]
@@ -77,13 +73,12 @@ def test_a_wrong_secret_is_a_signature_mismatch(s3: LocalS3) -> None:
 
 def test_a_put_in_the_middle_of_a_batch_gets_its_own_answer(s3: LocalS3, client: Any) -> None:
     """A file uploaded on its own while a batch's PUTs wait for their answers (a larger file
-    met in the batch) must not read one of their answers as its own."""
+    met in the batch) must not read one of their answers as its own: each PUT has a
+    connection of its own until its answer is read, and the client hands them out."""
     bucket = new_bucket(s3)
-    put = lean(s3, connections=3)
+    put = lean(s3)
     small = {f"small{i}": os.urandom(10 + i) for i in range(2)}
-    started = [
-        put.start(i, bucket, key, data, md5_of(data)) for i, (key, data) in enumerate(small.items())
-    ]
+    started = [put.start(bucket, key, data, md5_of(data)) for key, data in small.items()]
     large = os.urandom(300 * 1024)
     assert (
         put.put(bucket, "large", large, md5_of(large)).strip('"') == hashlib.md5(large).hexdigest()
@@ -92,3 +87,20 @@ def test_a_put_in_the_middle_of_a_batch_gets_its_own_answer(s3: LocalS3, client:
         hashlib.md5(d).hexdigest() for d in small.values()
     ]
     assert object_bytes(client, bucket, "large") == large
+
+
+def test_connections_are_reused_once_answered(s3: LocalS3) -> None:
+    """A connection goes back to the free list when its answer is read and is handed to the
+    next PUT; PUTs in flight together each hold their own."""
+    bucket = new_bucket(s3)
+    put = lean(s3)
+    for i in range(3):
+        put.put(bucket, f"seq{i}", b"x", md5_of(b"x"))
+    assert len(put.free) == 1
+    started = [put.start(bucket, f"par{i}", b"y", md5_of(b"y")) for i in range(4)]
+    assert len(put.free) == 0
+    for pending in started:
+        pending.result()
+    assert len(put.free) == 4
+    put.close()
+    assert put.free == []

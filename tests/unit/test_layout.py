@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from flood.errors import InvalidName
 from flood.jobs import FileRef
-from flood.layout import Layout, backup_name, check_bucket, check_key
+from flood.layout import Layout, check_bucket, check_key, next_backup
 
 
 @pytest.mark.parametrize("name", ["abc", "my.bucket-1", "a" * 63, "0ab"])
@@ -63,8 +64,8 @@ def test_parse_maps_paths_to_profile_bucket_key(tmp_path: Path) -> None:
 def test_backup_name_numbers_like_mv(tmp_path: Path) -> None:
     """The next backup is key.~N~ with N one above the highest taken."""
     (tmp_path / "k").write_text("x")
-    assert backup_name(str(tmp_path / "k")) == str(tmp_path / "k.~1~")
+    assert next_backup(os.listdir(tmp_path), "k") == "k.~1~"
     (tmp_path / "k.~1~").write_text("x")
     (tmp_path / "k.~7~").write_text("x")
     (tmp_path / "kk.~9~").write_text("x")
-    assert backup_name(str(tmp_path / "k")) == str(tmp_path / "k.~8~")
+    assert next_backup(os.listdir(tmp_path), "k") == "k.~8~"

@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 
 from flood import metrics
+from flood.jobs import Alive
 from flood.notify import HEARTBEAT_SECONDS, STALL_MIN, Heartbeat, Notifier, Watchdog
+from flood.passage import Result
+from flood.states import Outcome, Step
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -126,7 +129,7 @@ def test_heartbeat_is_sent_at_most_once_a_second() -> None:
     beat.beat()
     clock[0] += HEARTBEAT_SECONDS / 2
     beat.beat(event_name="after-call.s3")  # botocore passes keyword arguments
-    assert pipe.sent == [("alive", os.getpid())]
+    assert pipe.sent == [Alive(os.getpid())]
     clock[0] += HEARTBEAT_SECONDS
     beat.beat()
     assert len(pipe.sent) == 2
@@ -143,14 +146,10 @@ def test_heartbeat_survives_a_closed_pipe() -> None:
     Heartbeat(None).beat()
 
 
-def test_observing_log_counts_outcomes_and_passes_every_call_on() -> None:
-    """The uploader's log wrapper counts successes, failures and retries, and still logs."""
-    calls: list[tuple[str, str]] = []
+def test_metrics_count_what_a_pass_ended_in() -> None:
+    """The uploader counts results, not log lines: a completion with its size and time, a
+    failure, a retry with its reason; a busy or skipped pass counts nothing."""
     counted: list[tuple[Any, ...]] = []
-
-    class Log:
-        def __getattr__(self, level: str) -> Any:
-            return lambda event, **kw: calls.append((level, event))
 
     class Rec(metrics.Recorder):
         def upload(self, *args: Any) -> None:
@@ -159,19 +158,15 @@ def test_observing_log_counts_outcomes_and_passes_every_call_on() -> None:
         def retry(self, *args: Any) -> None:
             counted.append(("retry", *args))
 
-    log = metrics.ObservingLog(Log(), Rec())
-    log.info("upload_succeeded", profile="p", bucket="b", size=5, duration=0.5)
-    log.warning("upload_retry_scheduled", profile="p", bucket="b", reason="SlowDown")
-    log.error("upload_failed", profile="p", bucket="b", path="/nonexistent", reason="x")
-    log.debug("job_skipped", profile="p")
+    rec = Rec()
+    rec.result("p", "b", Result(Step.DONE, ended=Outcome.SUCCESS, size=5, seconds=0.5))
+    rec.result("p", "b", Result(Step.RETRY, due=9.0, reason="SlowDown"))
+    rec.result("p", "b", Result(Step.DONE, ended=Outcome.FAILURE, size=3, reason="AccessDenied"))
+    rec.result("p", "b", Result(Step.RETRY, due=9.0))  # a move to retry: not an attempt
+    rec.result("p", "b", Result(Step.BUSY))
+    rec.result("p", "b", Result(Step.SKIPPED))
     assert counted == [
         ("upload", "p", "b", "success", 5, 0.5),
         ("retry", "p", "b", "SlowDown"),
-        ("upload", "p", "b", "failure", None, None),
-    ]
-    assert [c[1] for c in calls] == [
-        "upload_succeeded",
-        "upload_retry_scheduled",
-        "upload_failed",
-        "job_skipped",
+        ("upload", "p", "b", "failure", 3, None),
     ]

@@ -17,7 +17,8 @@ from botocore import auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from flood.s3 import MAX_HEAD, Answer, SigV4, read_response
+from flood.lean import MAX_HEAD, Answer, read_response
+from flood.sigv4 import SigV4
 
 ACCESS, SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 KEYS = [

@@ -1,0 +1,199 @@
+"""The records: a database of the previous release migrates keeping every row, one that is
+newer or not Flood's is refused untouched, and the named functions keep passages straight."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flood import records
+from flood.errors import ConfigError
+from flood.jobs import FileRef
+from flood.records import Claim, Completion
+from flood.states import Reason, State
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "records-0.1.0.db"
+BAD = os.fsdecode(b"bad-name-\xff.txt")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[str]:
+    path = str(tmp_path / "flood.db")
+    records.open_db(path)
+    yield path
+    records.close_db()
+
+
+def digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def table_rows(path: str) -> dict[str, list[tuple[object, ...]]]:
+    con = sqlite3.connect(path)
+    try:
+        return {
+            t: sorted(con.execute(f"SELECT * FROM {t}"))
+            for t in ("file_records", "retry_attempts", "holds")
+        }
+    finally:
+        con.close()
+
+
+def columns(path: str, table: str) -> set[str]:
+    con = sqlite3.connect(path)
+    try:
+        return {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+    finally:
+        con.close()
+
+
+def test_release_1_database_migrates_keeping_every_row(tmp_path: Path) -> None:
+    """The fixture written by release 0.1.0 opens, keeps every row as it was, gains every
+    column and table of this schema, and records the new version; opening again is a no-op."""
+    path = str(tmp_path / "old.db")
+    shutil.copy(FIXTURE, path)
+    before = table_rows(path)
+    assert records.check_db(path) == 1
+    records.open_db(path)
+    try:
+        after = table_rows(path)
+        for table, rows in before.items():
+            width = len(rows[0])
+            assert [row[:width] for row in after[table]] == rows, table
+        for model in records.MODELS:
+            table = model._meta.table_name
+            assert {f.column_name for f in model._meta.sorted_fields} <= columns(path, table)
+        assert records.check_db(path) == records.SCHEMA_VERSION
+        # The rows read back through the named functions, a non-UTF-8 name included.
+        assert [
+            f.reason for f in records.unrequeued_failures(FileRef("p1", "bucket-one", BAD))
+        ] == ["invalid_utf8"]
+        assert records.holds() == {
+            ("p2", ""): "unreachable",
+            ("p1", "bucket-gone"): "NoSuchBucket",
+        }
+    finally:
+        records.close_db()
+    records.open_db(path)
+    records.close_db()
+    assert table_rows(path) == after
+
+
+def test_newer_database_is_refused_untouched(tmp_path: Path) -> None:
+    """A database whose schema is newer than this code is refused with one line naming both
+    versions, and its bytes stay as they were."""
+    path = str(tmp_path / "new.db")
+    records.open_db(path)
+    records.close_db()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE flood_schema SET version = ?", (records.SCHEMA_VERSION + 1,))
+    con.commit()
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    before = digest(path)
+    with pytest.raises(ConfigError) as info:
+        records.open_db(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"schema version {records.SCHEMA_VERSION + 1}" in message
+    assert f"({records.SCHEMA_VERSION})" in message
+    assert digest(path) == before
+
+
+@pytest.mark.parametrize("kind", ["other_sqlite", "not_sqlite"])
+def test_a_file_that_is_not_a_flood_database_is_refused_untouched(
+    tmp_path: Path, kind: str
+) -> None:
+    """Another program's SQLite file, or a file that is no database at all, is refused in one
+    line and left byte for byte as it was (no WAL switch, no tables added)."""
+    path = str(tmp_path / "other.db")
+    if kind == "other_sqlite":
+        con = sqlite3.connect(path)
+        con.execute("CREATE TABLE users (name TEXT)")
+        con.commit()
+        con.close()
+    else:
+        Path(path).write_bytes(os.urandom(4096))
+    before = digest(path)
+    with pytest.raises(ConfigError) as info:
+        records.open_db(path)
+    assert "\n" not in str(info.value)
+    assert ("not a Flood records database" if kind == "other_sqlite" else "cannot be read") in str(
+        info.value
+    )
+    assert digest(path) == before
+
+
+def test_a_new_database_is_private_and_current(tmp_path: Path) -> None:
+    """A database Flood creates is mode 0600 and carries this code's schema version."""
+    path = str(tmp_path / "fresh.db")
+    records.open_db(path)
+    records.close_db()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert records.check_db(path) == records.SCHEMA_VERSION
+
+
+def test_a_claim_continues_the_producers_passage(db: str) -> None:
+    """flood-copy's passage (incoming_tmp, then incoming) is the one the claim continues; a
+    file nobody recorded gets a passage of its own."""
+    copied = FileRef("p", "b", "copied.txt")
+    rid = records.record_queued(copied, State.INCOMING_TMP, None, 3)
+    records.record_queued(copied, State.INCOMING, None, 3, record_id=rid)
+    stray = FileRef("p", "b", "stray.txt")
+    ids = records.record_claims([Claim(copied, None, 3), Claim(stray, None, 4)])
+    assert ids[0] == rid and ids[1] != rid
+    assert [(p.state, p.size) for p in records.passages(copied)] == [("processing", 3)]
+    assert [(p.state, p.size) for p in records.passages(stray)] == [("processing", 4)]
+
+
+def test_a_retry_keeps_its_due_time_and_count(db: str) -> None:
+    """A scheduled retry is on record with its count and due time; its success adds a row."""
+    ref = FileRef("p", "b", "k")
+    [rid] = records.record_claims([Claim(ref, None, 1)])
+    due = dt.datetime(2030, 1, 1, 12, 0, 0)
+    records.record_retry_scheduled(rid, 1, due, "SlowDown", 0)
+    resumed = records.record_resumed(ref, None, 1)
+    assert (resumed.id, resumed.retries, resumed.due) == (rid, 1, due)
+    records.record_completions([Completion(rid, 1, "e", 1)])
+    [passage] = records.passages(ref)
+    assert (passage.state, passage.retry_count, passage.next_attempt_at) == ("completed", 0, None)
+    assert [(a.attempt, a.outcome) for a in passage.attempts] == [(1, "success")]
+
+
+def test_non_utf8_names_are_stored_escaped_and_found_again(db: str) -> None:
+    """A name that is not UTF-8 is stored with backslash escapes by every function that takes
+    a key, and the escaped form leads back to the file's real name."""
+    ref = FileRef("p", "b", BAD)
+    [rid] = records.record_claims([Claim(ref, None, 2)])
+    records.record_failed(rid, Reason.INVALID_UTF8, "name is not valid UTF-8", 0)
+    assert records.known(ref)
+    assert records.buckets_with_key(BAD) == [("p", "b")]
+    assert [f.id for f in records.unrequeued_failures(ref)] == [rid]
+    again = records.record_requeued(ref, rid, 2)
+    assert records.unrequeued_failures(ref) == []
+    assert [p.id for p in records.passages(ref)] == [rid, again]
+    stored = records.text(BAD)
+    assert stored == "bad-name-\\xff.txt"
+    assert records.names_for(stored) == [stored, BAD]
+    assert records.names_for("plain\\x41") == ["plain\\x41"]  # 'A' is no escape text() makes
+
+
+def test_repair_marks_wiped_copies_abandoned_and_found_files_completed(db: str) -> None:
+    """Start-up repair's two writes: a wiped copy is abandoned (wiped), a file found in
+    completed/ is a success."""
+    wiped = records.record_queued(FileRef("p", "b", "w"), State.INCOMING_TMP, None, 1)
+    [done] = records.record_claims([Claim(FileRef("p", "b", "d"), None, 1)])
+    records.repair(wiped, State.ABANDONED)
+    records.repair(done, State.COMPLETED)
+    assert {p.id: p.state for p in records.open_passages()} == {}
+    [w] = records.passages(FileRef("p", "b", "w"))
+    [d] = records.passages(FileRef("p", "b", "d"))
+    assert (w.state, w.reason) == ("abandoned", "wiped")
+    assert (d.state, d.outcome) == ("completed", "success")

@@ -4,7 +4,7 @@ server directory per test; real PostgreSQL servers."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 from postgres import Postgres, describe_unavailable
+from prometheus import Prometheus, unavailable
 from spool import Spool, new_bucket
 
 from flood.testing.localserver import LocalS3
@@ -63,3 +64,30 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
 def own_postgres(tmp_path: Path) -> Iterator[Postgres]:
     """A PostgreSQL server of the test's own, for outage tests (stop(), start(), restart())."""
     yield from _postgres(tmp_path / "postgres")
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
+    """start(*targets, rule_files=(), scrape_interval="1s"): a real Prometheus scraping the
+    targets ("host:port") as job `flood`, ready to query; stopped at the end of the test."""
+    reason = unavailable("prometheus")
+    if reason is not None:
+        pytest.skip(reason)
+    servers: list[Prometheus] = []
+
+    def start(
+        *targets: str, rule_files: Sequence[Path] = (), scrape_interval: str = "1s"
+    ) -> Prometheus:
+        server = Prometheus(
+            tmp_path / f"prometheus-{len(servers)}",
+            targets,
+            rule_files=rule_files,
+            scrape_interval=scrape_interval,
+        )
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

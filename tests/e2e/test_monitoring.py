@@ -1,8 +1,9 @@
-"""Monitoring: a real Prometheus scrapes a real flood-supervisor; the alert rules in deploy/
-are checked with promtool and against what Flood serves."""
+"""Monitoring: a real Prometheus scrapes a real flood-supervisor; the alert rules and the
+Grafana dashboard in deploy/ are checked with promtool and against what Flood serves."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.timeout(240)
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "flood-alerts.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "flood-alerts.test.yml"
+DASHBOARD = DEPLOY / "grafana" / "flood-dashboard.json"
 SEVERITIES = {"warning", "critical"}
 # Series about a target that Prometheus makes itself, not Flood.
 PROMETHEUS_OWN = {"up"}
@@ -36,6 +38,10 @@ INSTANCE_LEVEL = {
     "flood_watcher_overflows_total",
     "flood_watcher_rescans_total",
 }
+# Values for the dashboard's variables when its expressions are run without Grafana.
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s"}
+
+
 # -- PromQL: the metrics an expression names ---------------------------------------------------
 _STRING = r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\''
 TOKEN = re.compile(
@@ -168,6 +174,55 @@ def test_every_alert_has_for_severity_annotations_and_tests() -> None:
         assert name in quiet, f"{name} has no unit test in which it must stay quiet"
 
 
+# -- the dashboard -------------------------------------------------------------------------------
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+def dashboard_exprs() -> list[str]:
+    board = dashboard()
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in board["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def grafana_free(expr: str) -> str:
+    """The expression as Prometheus gets it from Grafana with every variable set to All."""
+    expr = re.sub(r"label_values\((.*), *\w+\)$", r"\1", expr)
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: GRAFANA_VARIABLES.get(m.group(1), ".*"), expr)
+
+
+def test_the_dashboard_is_well_formed() -> None:
+    """The dashboard is JSON Grafana imports: unique panel ids inside a 24-column grid, each
+    panel and query on the chosen Prometheus data source, and every variable used defined."""
+    board = dashboard()
+    variables = {v["name"] for v in board["templating"]["list"]} | set(GRAFANA_VARIABLES)
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)) and board["uid"] and board["title"] == "Flood"
+    for panel in board["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs and len(refs) == len(set(refs)), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"]
+            used = set(re.findall(r"\$\{?(\w+)\}?", target["expr"]))
+            assert used <= variables, (panel["title"], used - variables)
+    titles = " ".join(p["title"].lower() for p in board["panels"])
+    for wanted in (
+        "uploads per second by outcome",
+        "bytes per second",
+        "upload duration",
+        "files by state",
+        "oldest pending",
+        "paused",
+        "retries per second by reason",
+        "process restarts",
+    ):
+        assert wanted in titles, wanted
+
+
 # -- a real Prometheus scraping a real Flood ----------------------------------------------------
 def served(port: int) -> dict[str, set[str]]:
     """The metric families a running Flood serves now: family name -> its sample names."""
@@ -210,7 +265,7 @@ def busy_flood(sp: Spool, bucket: str, proxy: FaultProxy) -> tuple[Any, int]:
     return sup, port
 
 
-def test_prometheus_scrapes_flood_and_the_rules_fit_its_metrics(
+def test_prometheus_scrapes_flood_and_the_rules_and_dashboard_fit_its_metrics(
     tmp_path: Path,
     s3: LocalS3,
     bucket: str,
@@ -219,8 +274,8 @@ def test_prometheus_scrapes_flood_and_the_rules_fit_its_metrics(
 ) -> None:
     """A real Prometheus scraping a real flood-supervisor counts its uploads in
     flood_files_uploaded_total; the alert rules evaluate on its series without error (the held
-    bucket's FloodPaused goes pending); every selector of the rules finds series; and they
-    name only metrics Flood serves."""
+    bucket's FloodPaused goes pending); every selector of the rules and the dashboard finds
+    series; and they name only metrics Flood serves, all of which the dashboard shows."""
     sp = Spool(
         tmp_path,
         s3,
@@ -262,14 +317,19 @@ def test_prometheus_scrapes_flood_and_the_rules_fit_its_metrics(
         ]
 
         rule_exprs = [r["expr"] for r in alert_rules()]
-        for expr in rule_exprs:
+        board_exprs = [grafana_free(e) for e in dashboard_exprs()]
+        for expr in rule_exprs + board_exprs:
             prom.query(expr)  # raises with Prometheus's message if it does not parse
             for name, matchers in selectors(expr):
                 assert prom.query(name + matchers), f"no series for {name}{matchers} in {expr}"
 
-        names = set().union(*served(port).values())
-        used = {n for e in rule_exprs for n in metric_names(e)} - PROMETHEUS_OWN
+        families = served(port)
+        names = set().union(*families.values())
+        used = {n for e in rule_exprs + board_exprs for n in metric_names(e)} - PROMETHEUS_OWN
         assert used <= names, f"not served by Flood: {used - names}"
+        shown = {n for e in board_exprs for n in metric_names(e)}
+        unshown = {f for f, samples in families.items() if samples and not samples & shown}
+        assert not unshown, f"served but not on the dashboard: {unshown}"
         assert sup.terminate() == 0
     finally:
         sp.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import configparser
+import difflib
 import os
 import stat
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +15,33 @@ from flood.errors import ConfigError, InvalidName
 from flood.layout import check_profile
 
 PROVIDERS = ("amazon", "backblaze", "cloudflare")
-_REQUIRED = ("aws_access_key_id", "aws_secret_access_key", "aws_region")
 _ENDPOINT_REQUIRED = ("backblaze", "cloudflare")
+CREDENTIAL_SOURCES = ("Ec2InstanceMetadata", "EcsContainer", "Environment")
+INSECURE = "insecure"
+# Every key a Flood profile may hold; the AWS CLI's spellings on the right are accepted too.
+KEYS = (
+    "provider",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "aws_region",
+    "aws_endpoint",
+    "ca_bundle",
+    "proxy",
+    "role_arn",
+    "source_profile",
+    "credential_source",
+    "role_session_name",
+    "external_id",
+    "duration_seconds",
+)
+ALIASES = {"region": "aws_region", "endpoint_url": "aws_endpoint"}
 
 
 @dataclass(frozen=True)
 class Profile:
-    """One profile's provider, region, endpoint and keys; its repr never shows the secret."""
+    """One profile: its provider, region, endpoint, how it is reached (CA, proxy) and where
+    its keys come from. Its repr never shows a secret, a token or a proxy password."""
 
     name: str
     provider: str
@@ -27,6 +49,27 @@ class Profile:
     secret_access_key: str = field(repr=False)
     region: str
     endpoint: str | None
+    session_token: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None  # a PEM file, "insecure", or None (the default store)
+    proxy: str | None = field(default=None, repr=False)  # may carry user:password
+    role_arn: str | None = None
+    source_profile: str | None = None
+    credential_source: str | None = None
+    role_session_name: str | None = None
+    external_id: str | None = field(default=None, repr=False)
+    duration_seconds: int | None = None
+
+    @property
+    def static_keys(self) -> bool:
+        """Whether the keys are in the file (not a role or another credential source)."""
+        return not (self.role_arn or self.credential_source)
+
+    def secrets(self) -> list[str]:
+        """What must never appear in a log line: the secret, the token, the proxy password."""
+        found = [self.secret_access_key, self.session_token or "", self.external_id or ""]
+        if self.proxy:
+            found.append(urllib.parse.urlsplit(self.proxy).password or "")
+        return [s for s in found if s]
 
 
 @dataclass(frozen=True)
@@ -43,7 +86,7 @@ class CredentialsFile:
         return bool(self.mode & (stat.S_IRWXG | stat.S_IRWXO))
 
     def secrets(self) -> list[str]:
-        return [p.secret_access_key for p in self.profiles.values()]
+        return [secret for p in self.profiles.values() for secret in p.secrets()]
 
 
 def locate(option: str | None, environ: Mapping[str, str] | None = None) -> tuple[Path, str]:
@@ -91,6 +134,7 @@ def load(option: str | None, environ: Mapping[str, str] | None = None) -> Creden
             profiles[name] = _profile(name, parser[name])
         except ConfigError as exc:
             problems.append(str(exc))
+    problems += _sources(profiles)
     if problems:
         raise ConfigError(f"credentials file {path} ({source}): " + "; ".join(problems))
     return CredentialsFile(path=path, source=source, profiles=profiles, mode=mode)
@@ -101,26 +145,176 @@ def _profile(name: str, section: Mapping[str, str]) -> Profile:
         check_profile(name)
     except InvalidName as exc:
         raise ConfigError(f"profile {name!r}: {exc}") from None
-    values = {k.lower(): v.strip() for k, v in section.items()}
-    provider = values.get("provider", "")
+    values = _values(name, section)
+    provider = values.get("provider", "").lower()
     if not provider:
         raise ConfigError(f"profile {name!r} has no 'provider' key (one of {', '.join(PROVIDERS)})")
     if provider not in PROVIDERS:
         raise ConfigError(
             f"profile {name!r} has unknown provider {provider!r} (known: {', '.join(PROVIDERS)})"
         )
-    required = _REQUIRED + (("aws_endpoint",) if provider in _ENDPOINT_REQUIRED else ())
+    keys_from_elsewhere = _credential_source(name, provider, values)
+    required = ["aws_region"]
+    if not keys_from_elsewhere:
+        required[:0] = ["aws_access_key_id", "aws_secret_access_key"]
+    if provider in _ENDPOINT_REQUIRED:
+        required.append("aws_endpoint")
     missing = [key for key in required if not values.get(key)]
     if missing:
         raise ConfigError(f"profile {name!r} ({provider}) is missing {', '.join(missing)}")
     return Profile(
         name=name,
         provider=provider,
-        access_key_id=values["aws_access_key_id"],
-        secret_access_key=values["aws_secret_access_key"],
+        access_key_id=values.get("aws_access_key_id", ""),
+        secret_access_key=values.get("aws_secret_access_key", ""),
         region=values["aws_region"],
-        endpoint=values.get("aws_endpoint") or None,
+        endpoint=_endpoint(name, values.get("aws_endpoint")),
+        session_token=values.get("aws_session_token") or None,
+        ca_bundle=_ca_bundle(name, values.get("ca_bundle")),
+        proxy=proxy_url(values.get("proxy"), f"profile {name!r}: proxy"),
+        role_arn=values.get("role_arn") or None,
+        source_profile=values.get("source_profile") or None,
+        credential_source=values.get("credential_source") or None,
+        role_session_name=values.get("role_session_name") or None,
+        external_id=values.get("external_id") or None,
+        duration_seconds=_duration(name, values.get("duration_seconds")),
     )
+
+
+def _values(name: str, section: Mapping[str, str]) -> dict[str, str]:
+    """The profile's keys in lower case, the AWS CLI's spellings mapped to Flood's; a key
+    Flood does not know is an error (a typo must not be a silent default)."""
+    values: dict[str, str] = {}
+    for key, value in section.items():
+        key = ALIASES.get(key.lower(), key.lower())
+        if key in values:
+            raise ConfigError(f"profile {name!r} gives {key} twice (under two spellings)")
+        values[key] = value.strip()
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        close = [difflib.get_close_matches(k, KEYS, n=1) for k in unknown]
+        hints = "".join(f" (did you mean {c[0]}?)" for c in close if c)
+        raise ConfigError(f"profile {name!r} has unknown key {', '.join(unknown)}{hints}")
+    return values
+
+
+def _credential_source(name: str, provider: str, values: Mapping[str, str]) -> bool:
+    """Whether the profile names where its keys come from (a role, or a credential source);
+    the combinations the AWS CLI refuses are refused here too."""
+    role, source = values.get("role_arn"), values.get("source_profile")
+    origin = values.get("credential_source")
+    if not (role or source or origin):
+        return False
+    if provider != "amazon":
+        raise ConfigError(
+            f"profile {name!r}: role_arn, source_profile and credential_source need "
+            f"provider = amazon (STS and instance roles are AWS's), not {provider}"
+        )
+    if origin and origin not in CREDENTIAL_SOURCES:
+        raise ConfigError(
+            f"profile {name!r}: credential_source {origin!r} is not one of "
+            f"{', '.join(CREDENTIAL_SOURCES)}"
+        )
+    if source and not role:
+        raise ConfigError(f"profile {name!r}: source_profile needs role_arn")
+    if role and bool(source) == bool(origin):
+        raise ConfigError(
+            f"profile {name!r}: role_arn needs exactly one of source_profile and credential_source"
+        )
+    if values.get("aws_access_key_id") or values.get("aws_secret_access_key"):
+        raise ConfigError(
+            f"profile {name!r}: keys in the file and a role or credential_source exclude each other"
+        )
+    return True
+
+
+def _sources(profiles: Mapping[str, Profile]) -> list[str]:
+    """A role's source_profile must be an ordinary profile of this file with its keys."""
+    problems = []
+    for profile in profiles.values():
+        if not profile.source_profile:
+            continue
+        source = profiles.get(profile.source_profile)
+        if source is None:
+            problems.append(
+                f"profile {profile.name!r}: source_profile {profile.source_profile!r} is not a "
+                "profile of this file"
+            )
+        elif not source.static_keys or not source.access_key_id:
+            problems.append(
+                f"profile {profile.name!r}: source_profile {source.name!r} must hold "
+                "aws_access_key_id and aws_secret_access_key itself"
+            )
+    return problems
+
+
+def _endpoint(name: str, value: str | None) -> str | None:
+    if not value:
+        return None
+    url = urllib.parse.urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"profile {name!r}: aws_endpoint {value!r} is not an http:// or https:// URL "
+            "with a host"
+        )
+    try:
+        url.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"profile {name!r}: aws_endpoint {value!r} has a bad port") from None
+    return value.rstrip("/")
+
+
+def _ca_bundle(name: str, value: str | None) -> str | None:
+    """A readable PEM file of CA certificates, or 'insecure' (no verification at all)."""
+    if not value:
+        return None
+    if value.lower() == INSECURE:
+        return INSECURE
+    path = os.path.abspath(os.path.expanduser(value))
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(
+            f"profile {name!r}: ca_bundle {path} cannot be read: {exc.strerror}"
+        ) from None
+    if b"-----BEGIN CERTIFICATE-----" not in head:
+        raise ConfigError(f"profile {name!r}: ca_bundle {path} holds no PEM certificate")
+    return path
+
+
+def proxy_url(value: str | None, what: str) -> str | None:
+    """A proxy URL: http://[user:password@]host[:port]; no scheme means http:// (as for curl).
+    ConfigError naming `what` (never the password) for anything else."""
+    if not value:
+        return None
+    text = value if "://" in value else f"http://{value}"
+    url = urllib.parse.urlsplit(text)
+    shown = urllib.parse.urlunsplit(url._replace(netloc=url.hostname or "")) if url.hostname else ""
+    if url.scheme != "http":
+        raise ConfigError(
+            f"{what}: scheme {url.scheme!r} is not supported (an http:// proxy, which tunnels "
+            "https with CONNECT)"
+        )
+    try:
+        port = url.port
+    except ValueError:
+        raise ConfigError(f"{what}: {shown or 'the URL'} has a bad port") from None
+    if not url.hostname or (url.path not in ("", "/")) or url.query:
+        raise ConfigError(f"{what}: {shown or 'the value'} is not http://[user:password@]host:port")
+    del port
+    return text.rstrip("/")
+
+
+def _duration(name: str, value: str | None) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit() or not 900 <= int(value) <= 43200:
+        raise ConfigError(
+            f"profile {name!r}: duration_seconds {value!r} is not a number of seconds from "
+            "900 to 43200 (STS's range)"
+        )
+    return int(value)
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,9 +15,15 @@ from flood.passage import Passage, Result
 from flood.records import Completion
 from flood.settings import Settings
 from flood.states import Outcome, Reason, State, Step
-from flood.verdict import Scope, classify, describe
+from flood.verdict import Kind, Scope, classify, describe
 
 MOVE_RETRY = 5.0  # seconds before a file whose final move failed is tried again
+HELD_WAIT = 60.0  # a file that met its profile on hold looks again this late at the latest
+# An outage: this many transient failures of the profile's server (refused, reset, timed out,
+# 5xx, 429), from at least two keys, with no answer between them, hold the profile.
+OUTAGE_FAILURES = 3
+OUTAGE_KEYS = 2
+_ENDPOINT_KINDS = (Kind.NETWORK, Kind.SERVER)
 
 
 class Endings:
@@ -37,7 +43,8 @@ class Endings:
         """Proven uploads: their records first (one transaction), then each file's move to
         completed/ and its result (an Exception: its move crashed; the others still move)."""
         records.record_completions(
-            [Completion(p.record_id, p.size or 0, p.etag, p.attempt) for p in proven]
+            [Completion(p.record_id, p.size or 0, p.etag, p.attempt) for p in proven],
+            profile=self.profile,
         )
         crashpoints.point("after_record")
         results: list[Result | Exception] = []
@@ -91,6 +98,11 @@ class Endings:
         schedule the next retry, or fail once the retries are spent."""
         verdict = classify(exc)
         error = describe(exc)
+        if verdict.transient and verdict.scope == Scope.PROFILE:
+            # The environment's fault (a certificate that does not verify): the profile waits
+            # and so does the file, its retries unspent.
+            self.holds.pause("", verdict.reason, error)
+            return self.held(p, error, now, spent=False)
         if not verdict.transient:
             if verdict.scope == Scope.PROFILE:
                 self.holds.pause(
@@ -101,18 +113,22 @@ class Endings:
                     p.ref.bucket, verdict.reason, f"bucket {p.ref.bucket} does not exist"
                 )
             return self.fail(p, verdict.reason, error)
+        outage = verdict.kind in _ENDPOINT_KINDS
+        if outage:
+            failing = records.endpoint_failed(self.profile, p.ref.key)
+            if failing.failures >= OUTAGE_FAILURES and failing.keys >= OUTAGE_KEYS:
+                self.holds.pause("", Reason.UNREACHABLE, error)
         following = p.attempt + 1
         if following > self.settings.max_retries:
+            if outage and not records.answered_since_first_failure(self.profile, p.record_id):
+                # Its retries are spent, but the server has answered nothing since its first
+                # failure: an outage, not this file's fault. The profile waits, and the file.
+                self.holds.pause("", Reason.UNREACHABLE, error)
+                return self.held(p, error, now, spent=True)
             return self.fail(p, verdict.reason, error)
         wait = retry.delay(following, self.settings.retry_base, self.settings.retry_max_delay)
         due = now + wait
-        records.record_retry_scheduled(
-            p.record_id,
-            following,
-            dt.datetime.fromtimestamp(due, dt.UTC).replace(tzinfo=None),
-            error,
-            p.attempt,
-        )
+        records.record_retry_scheduled(p.record_id, following, _utc(due), error, p.attempt)
         crashpoints.point("after_retry_record")
         self.log.warning(
             "upload_retry_scheduled",
@@ -127,6 +143,25 @@ class Endings:
             record_id=p.record_id,
         )
         return Result(Step.RETRY, due, reason=verdict.reason)
+
+    def held(self, p: Passage, error: str, now: float, spent: bool) -> Result:
+        """The file waits for its profile's hold to be lifted (the uploader takes it up again
+        when it is). `spent`: the failed attempt was one of its retries (its row is written
+        and it comes back as the next); else it comes back as the same attempt."""
+        due = now + HELD_WAIT
+        failed, following = (p.attempt, p.attempt + 1) if spent else (None, p.attempt)
+        records.record_held(p.record_id, _utc(due), error, failed, following)
+        self.log.warning(
+            "upload_held",
+            profile=p.ref.profile,
+            bucket=p.ref.bucket,
+            key=p.ref.key,
+            reason=self.holds.reason() or "held",
+            error=error,
+            attempt=p.attempt,
+            record_id=p.record_id,
+        )
+        return Result(Step.RETRY, due)
 
     def vanished(self, p: Passage) -> Result:
         """The claimed file is gone (deleted behind Flood's back): its passage ends failed."""
@@ -177,3 +212,8 @@ class Endings:
             reason=Reason.INTERNAL_ERROR,
             error=error,
         )
+
+
+def _utc(epoch: float) -> dt.datetime:
+    """Epoch seconds as the records' naive UTC."""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).replace(tzinfo=None)

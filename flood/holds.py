@@ -25,6 +25,7 @@ class Holds:
         self.checked = set(checked)
         self.cached: dict[tuple[str, str], str] = {}
         self.read_at = float("-inf")
+        self.released = False  # a hold of this profile was lifted since take_released()
 
     def held(self, bucket: str, now: float) -> bool:
         """True if the profile or bucket is paused (its files stay in incoming/)."""
@@ -43,9 +44,28 @@ class Holds:
     def covers(self, bucket: str) -> bool:
         return (self.profile, "") in self.cached or (self.profile, bucket) in self.cached
 
+    def waiting(self, bucket: str, now: float) -> bool:
+        """For a file already claimed: whether its profile or bucket is on hold (no new
+        bucket check; a file in processing/ has been through one)."""
+        if now - self.read_at > HOLDS_TTL:
+            self.refresh(now)
+        return self.covers(bucket)
+
+    def reason(self) -> str | None:
+        """Why the profile is held, if it is."""
+        return self.cached.get((self.profile, ""))
+
     def refresh(self, now: float) -> None:
+        before = {key for key in self.cached if key[0] == self.profile}
         self.cached = records.holds()
         self.read_at = now
+        if before - set(self.cached):
+            self.released = True
+
+    def take_released(self) -> bool:
+        """True once after a hold of this profile (or of one of its buckets) was lifted."""
+        released, self.released = self.released, False
+        return released
 
     def check_new_bucket(self, bucket: str) -> bool:
         """A bucket directory seen for the first time: HeadBucket it before claiming files.

@@ -1,14 +1,17 @@
 """The lean PUT: Flood's one HTTP/1.1 client on raw sockets, for single-request uploads of
-small files. It keeps its own kept-alive connections and hands a free one to each request."""
+small files. It keeps its own kept-alive connections and hands a free one to each request;
+it reaches the server as boto3 would (flood.connection: CA, proxy, credentials)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
-import os
+import re
 import socket
 import ssl
 import urllib.parse
+from dataclasses import dataclass
 from typing import NamedTuple
 from xml.etree import ElementTree
 
@@ -18,18 +21,47 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    ProxyConnectionError,
     ReadTimeoutError,
+    SSLError,
 )
-from botocore.httpsession import get_cert_path
 
 from flood import __version__
-from flood.credentials import Profile
+from flood.connection import Connection, amazon_host, shown_url, ssl_context
 from flood.sigv4 import SigV4
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 MAX_HEAD = 64 * 1024  # an answer's status line and headers; more is not an S3 server
+# Bucket names Amazon serves as BUCKET.s3.REGION.amazonaws.com: a dot would break TLS (the
+# certificate is *.s3.REGION.amazonaws.com), so those go path-style.
+_VIRTUAL_HOSTED = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one bucket's PUTs go: the server's address, the Host header, the path before the
+    key, whether TLS is spoken, and the region the request is signed for."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: str
+    prefix: str
+    region: str
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host_header}"
+
+
+@dataclass(frozen=True)
+class _Proxy:
+    host: str
+    port: int
+    authorization: str | None  # Proxy-Authorization: Basic ..., from user:password in its URL
+    shown: str  # its URL without the password
 
 
 class LeanClient:
@@ -38,117 +70,196 @@ class LeanClient:
     handlers): about a fifth of put_object's CPU per small file. A request goes out as one
     write; read_response below reads its answer.
 
-    Each started PUT takes a free connection (or opens one) and gives it back once its answer
-    is read, so any number may be in flight and an answer is only ever read by its own PUT.
+    Each started PUT takes a free connection to its server (or opens one) and gives it back
+    once its answer is read, so any number may be in flight and an answer is only ever read
+    by its own PUT. Endpoint profiles are addressed path-style; Amazon profiles without one
+    virtual-hosted (BUCKET.s3.REGION.amazonaws.com), following a bucket to its own region.
     Errors come out as botocore's exceptions (ClientError with the server's code and status,
-    EndpointConnectionError, ConnectionClosedError, timeouts), so flood.verdict classifies them
-    like any other. Only for profiles with an endpoint (path-style addressing)."""
+    EndpointConnectionError, SSLError, ProxyConnectionError, timeouts), so flood.verdict
+    classifies them like any other."""
 
-    def __init__(self, profile: Profile) -> None:
-        assert profile.endpoint
-        url = urllib.parse.urlsplit(profile.endpoint)
-        self.endpoint = profile.endpoint.rstrip("/")
-        self.https = url.scheme == "https"
-        self.host = url.hostname or ""
-        self.port = url.port or (443 if self.https else 80)
-        self.host_header = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
-        self.base = url.path.rstrip("/")
-        self.signer = SigV4(profile.access_key_id, profile.secret_access_key, profile.region)
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.profile = connection.profile
+        self.signer = SigV4()
         self.user_agent = f"flood/{__version__}"
-        self.free: list[socket.socket] = []
+        self.context = ssl_context(connection.verify)
+        self.proxy = _proxy(connection.proxy)
+        self.regions: dict[str, str] = {}  # buckets found in another region than the profile's
+        self.routes: dict[str, Route] = {}
+        self.free: dict[tuple[str, int], list[socket.socket]] = {}
 
+    # -- addressing ------------------------------------------------------------------------
+    def route(self, bucket: str) -> Route:
+        found = self.routes.get(bucket)
+        if found is None:
+            found = self.routes[bucket] = self._route(bucket)
+        return found
+
+    def _route(self, bucket: str) -> Route:
+        region = self.regions.get(bucket, self.profile.region)
+        if self.profile.endpoint:
+            url = urllib.parse.urlsplit(self.profile.endpoint)
+            tls = url.scheme == "https"
+            host = url.hostname or ""
+            port = url.port or (443 if tls else 80)
+            prefix = f"{url.path.rstrip('/')}/{bucket}"
+            return Route(host, port, tls, _host_header(host, port, tls), prefix, region)
+        if _VIRTUAL_HOSTED.match(bucket):
+            host = f"{bucket}.{amazon_host(region)}"
+            return Route(host, 443, True, host, "", region)
+        host = amazon_host(region)
+        return Route(host, 443, True, host, f"/{bucket}", region)
+
+    def moved(self, bucket: str, region: str) -> bool:
+        """The server said the bucket lives in `region`: sign and address it there from now
+        on. False if that is where it went already (nothing to follow)."""
+        if self.route(bucket).region == region or self.profile.endpoint is not None:
+            return False
+        self.regions[bucket] = region
+        self.routes.pop(bucket, None)
+        return True
+
+    # -- requests --------------------------------------------------------------------------
     def put(self, bucket: str, key: str, body: bytes, content_md5: str) -> str:
         """PUT body as bucket/key and wait for the ETag."""
         return self.start(bucket, key, body, content_md5).result()
 
     def start(self, bucket: str, key: str, body: bytes, content_md5: str) -> PendingPut:
         """Send a PUT without waiting for its answer; errors wait for result()."""
-        path = f"{self.base}/{bucket}/{urllib.parse.quote(key, safe='/~')}"
-        pending = PendingPut(self, self.request(path, body, content_md5))
+        pending = PendingPut(self, bucket, key, body, content_md5)
         try:
             pending.send()
         except BotoCoreError as exc:
             pending.error = exc
         return pending
 
-    def request(self, path: str, body: bytes, content_md5: str) -> bytes:
+    def request(self, route: Route, key: str, body: bytes, content_md5: str) -> bytes:
         """The whole request, head and body, as it goes on the wire.
 
         The body's integrity rests on Content-MD5, which is signed and which the server
         checks (BadDigest otherwise), so the payload itself is sent unsigned, as botocore
         sends streamed uploads: no SHA-256 of every body on either side."""
+        path = f"{route.prefix}/{urllib.parse.quote(key, safe='/~')}"
+        keys = self.connection.frozen()
         headers = {"Content-MD5": content_md5}
-        headers.update(self.signer.sign("PUT", self.host_header, path, UNSIGNED_PAYLOAD, headers))
+        if keys.token:
+            headers["X-Amz-Security-Token"] = keys.token
+        headers.update(
+            self.signer.sign(
+                "PUT", route.host_header, path, UNSIGNED_PAYLOAD, headers, keys, route.region
+            )
+        )
+        target = path
+        lines = []
+        if self.proxy is not None and not route.tls:
+            target = f"{route.url}{path}"  # absolute-form, for the proxy to forward
+            if self.proxy.authorization:
+                lines.append(f"Proxy-Authorization: {self.proxy.authorization}")
         lines = [
-            f"PUT {path} HTTP/1.1",
-            f"Host: {self.host_header}",
+            f"PUT {target} HTTP/1.1",
+            f"Host: {route.host_header}",
             f"User-Agent: {self.user_agent}",
             f"Content-Length: {len(body)}",
+            *lines,
             *(f"{name}: {value}" for name, value in headers.items()),
             "",
             "",
         ]
         return "\r\n".join(lines).encode("ascii") + body
 
-    def acquire(self) -> tuple[socket.socket, bool]:
-        """A free kept-alive connection (reused: True), else a new one."""
-        if self.free:
-            return self.free.pop(), True
-        return self.connect(), False
+    # -- connections -----------------------------------------------------------------------
+    def acquire(self, route: Route) -> tuple[socket.socket, bool]:
+        """A free kept-alive connection to the route's server (reused: True), else a new one."""
+        free = self.free.get((route.host, route.port))
+        if free:
+            return free.pop(), True
+        return self.connect(route), False
 
-    def release(self, sock: socket.socket) -> None:
-        self.free.append(sock)
+    def release(self, route: Route, sock: socket.socket) -> None:
+        self.free.setdefault((route.host, route.port), []).append(sock)
 
-    def connect(self) -> socket.socket:
+    def connect(self, route: Route) -> socket.socket:
+        """A connection to the server: directly, or through the proxy (a CONNECT tunnel for
+        TLS, else the proxy itself, which takes absolute-form requests); TLS verified with
+        the profile's CA against the server's own name."""
+        proxy = self.proxy
+        address = (route.host, route.port) if proxy is None else (proxy.host, proxy.port)
+        failed = ProxyConnectionError if proxy is not None else EndpointConnectionError
+        where = {"proxy_url": proxy.shown} if proxy is not None else {"endpoint_url": route.url}
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
-        except TimeoutError:
-            raise ConnectTimeoutError(endpoint_url=self.endpoint) from None
+            sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(endpoint_url=route.url, error=exc) from exc
         except OSError as exc:
-            raise EndpointConnectionError(endpoint_url=self.endpoint) from exc
+            raise failed(error=exc, **where) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.https:
-            context = ssl.create_default_context(
-                cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
-            )
-            try:
-                sock = context.wrap_socket(sock, server_hostname=self.host)
-            except (OSError, ssl.SSLError) as exc:
-                sock.close()
-                raise EndpointConnectionError(endpoint_url=self.endpoint) from exc
+        try:
+            if proxy is not None and route.tls:
+                self.tunnel(sock, route, proxy)
+            if route.tls:
+                sock = self.context.wrap_socket(sock, server_hostname=route.host)
+        except BotoCoreError:
+            sock.close()
+            raise
+        except ssl.SSLError as exc:
+            sock.close()
+            raise SSLError(endpoint_url=route.url, error=exc) from exc
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            sock.close()
+            raise failed(error=exc, **where) from exc
         sock.settimeout(READ_TIMEOUT)
         return sock
 
+    def tunnel(self, sock: socket.socket, route: Route, proxy: _Proxy) -> None:
+        """CONNECT through the proxy to the server; a refusal keeps the proxy's answer."""
+        authority = _host_header(route.host, route.port, tls=False)
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        sock.sendall(("\r\n".join([*lines, "", ""])).encode("ascii"))
+        answer = read_response(sock, head_only=True)
+        if answer.status != 200:
+            reason = f"proxy refused CONNECT to {authority}: {answer.status} {answer.reason}"
+            raise ProxyConnectionError(proxy_url=proxy.shown, error=reason.strip())
+
     def close(self) -> None:
         """Close every kept-alive connection."""
-        while self.free:
-            self.free.pop().close()
+        for free in self.free.values():
+            while free:
+                free.pop().close()
 
 
 class PendingPut:
     """A PUT sent on a connection of its own, its answer not read yet."""
 
-    def __init__(self, client: LeanClient, data: bytes) -> None:
+    def __init__(self, client: LeanClient, bucket: str, key: str, body: bytes, md5: str):
         self.client = client
-        self.data = data
+        self.bucket = bucket
+        self.key = key
+        self.body = body
+        self.md5 = md5
+        self.route = client.route(bucket)
         self.sock: socket.socket | None = None
         self.reused = False
         self.error: BaseException | None = None
 
     def send(self) -> None:
-        self.sock, self.reused = self.client.acquire()
+        data = self.client.request(self.route, self.key, self.body, self.md5)
+        self.sock, self.reused = self.client.acquire(self.route)
         try:
-            self.sock.sendall(self.data)
+            self.sock.sendall(data)
         except TimeoutError:
             self.drop()
-            raise ReadTimeoutError(endpoint_url=self.client.endpoint) from None
+            raise ReadTimeoutError(endpoint_url=self.route.url) from None
         except OSError as exc:
             self.drop()
-            raise ConnectionClosedError(endpoint_url=self.client.endpoint) from exc
+            raise ConnectionClosedError(endpoint_url=self.route.url) from exc
 
     def result(self) -> str:
         """The ETag the server answered. A kept-alive connection that the server had closed
-        meanwhile is retried once at once on a new one (the only blip handled here)."""
+        meanwhile is retried once at once on a new one, and a bucket that lives in another
+        region is followed there once (S3's x-amz-bucket-region)."""
         try:
             if self.error is not None:
                 raise self.error
@@ -156,9 +267,19 @@ class PendingPut:
         except (ConnectionClosedError, EndpointConnectionError):
             if not self.reused:
                 raise
-            self.error = None
-            self.send()  # a fresh connection: reused is False now
-            return self.receive()
+            return self.again(self.route)
+        except ClientError as exc:
+            region = _region_of(exc)
+            if region is None or not self.client.moved(self.bucket, region):
+                raise
+            return self.again(self.client.route(self.bucket))
+
+    def again(self, route: Route) -> str:
+        self.error = None
+        self.route = route
+        self.send()
+        self.reused = False
+        return self.receive()
 
     def receive(self) -> str:
         assert self.sock is not None
@@ -166,16 +287,17 @@ class PendingPut:
             answer = read_response(self.sock)
         except TimeoutError:
             self.drop()
-            raise ReadTimeoutError(endpoint_url=self.client.endpoint) from None
+            raise ReadTimeoutError(endpoint_url=self.route.url) from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.drop()
-            raise ConnectionClosedError(endpoint_url=self.client.endpoint) from exc
+            raise ConnectionClosedError(endpoint_url=self.route.url) from exc
         if answer.keep_alive:
-            self.client.release(self.sock)
+            self.client.release(self.route, self.sock)
             self.sock = None
         else:
             self.drop()
         if answer.status == 200:
+            self.body = b""
             return answer.headers.get("etag", "")
         raise client_error(answer, "PutObject")
 
@@ -185,17 +307,51 @@ class PendingPut:
             self.sock = None
 
 
+def _host_header(host: str, port: int, tls: bool) -> str:
+    """host[:port] as HTTP writes it: an IPv6 address in brackets, the default port left out."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port == (443 if tls else 80) else f"{shown}:{port}"
+
+
+def _proxy(url: str | None) -> _Proxy | None:
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    authorization = None
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        authorization = f"Basic {token}"
+    return _Proxy(parts.hostname or "", parts.port or 80, authorization, shown_url(url))
+
+
+def _region_of(exc: ClientError) -> str | None:
+    """The region S3 says a bucket is in (a 301, or a request signed for the wrong region)."""
+    meta = exc.response.get("ResponseMetadata", {})
+    region = meta.get("HTTPHeaders", {}).get("x-amz-bucket-region")
+    status = int(meta.get("HTTPStatusCode", 0) or 0)
+    if region and status in (301, 307, 400):
+        return str(region)
+    error = exc.response.get("Error", {})
+    if error.get("Code") == "AuthorizationHeaderMalformed" and error.get("Region"):
+        return str(error["Region"])
+    return None
+
+
 def client_error(answer: Answer, operation: str) -> ClientError:
     """The server's error answer as botocore would raise it."""
-    code, message = "", ""
+    error: dict[str, str] = {"Code": str(answer.status), "Message": ""}
     with contextlib.suppress(ElementTree.ParseError):
         root = ElementTree.fromstring(answer.body) if answer.body else None
         if root is not None:
-            code = root.findtext("Code") or ""
-            message = root.findtext("Message") or ""
+            for child in root:
+                if child.text:
+                    error[child.tag] = child.text
+    error["Code"] = error.get("Code") or str(answer.status)
     return ClientError(
         {
-            "Error": {"Code": code or str(answer.status), "Message": message},
+            "Error": error,
             "ResponseMetadata": {"HTTPStatusCode": answer.status, "HTTPHeaders": answer.headers},
         },
         operation,
@@ -209,6 +365,7 @@ class Answer(NamedTuple):
     headers: dict[str, str]
     body: bytes
     keep_alive: bool
+    reason: str = ""
 
 
 class _Reader:
@@ -246,11 +403,12 @@ class _Reader:
         return found
 
 
-def read_response(sock: socket.socket) -> Answer:
+def read_response(sock: socket.socket, head_only: bool = False) -> Answer:
     """Read one HTTP/1.1 response (interim 1xx answers skipped; a body by Content-Length,
-    chunked, or up to the close). A few lines instead of http.client's HTTPResponse, whose
-    header parsing through the email package cost a sixth of the uploader's CPU per small
-    file. Raises http.client.HTTPException (or ValueError) for anything malformed."""
+    chunked, or up to the close; `head_only`: status and headers, as a proxy answers CONNECT).
+    A few lines instead of http.client's HTTPResponse, whose header parsing through the email
+    package cost a sixth of the uploader's CPU per small file. Raises
+    http.client.HTTPException (or ValueError) for anything malformed."""
     reader = _Reader(sock)
     while True:
         status_line, *lines = reader.until(b"\r\n\r\n").decode("latin-1").split("\r\n")
@@ -268,6 +426,9 @@ def read_response(sock: socket.socket) -> Answer:
         name, value = name.strip().lower(), value.strip()
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
+    reason = rest[4:].strip()
+    if head_only:
+        return Answer(status, headers, b"", keep_alive, reason)
     if "chunked" in headers.get("transfer-encoding", "").lower():
         parts = []
         while size := int(reader.until(b"\r\n").split(b";")[0], 16):
@@ -284,4 +445,4 @@ def read_response(sock: socket.socket) -> Answer:
         body, keep_alive = reader.rest(), False
     if reader.buffer:
         keep_alive = False  # bytes after the answer: not ours, so not this connection either
-    return Answer(status, headers, body, keep_alive)
+    return Answer(status, headers, body, keep_alive, reason)

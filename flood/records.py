@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import peewee as pw
-from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import SchemaMigrator, migrate
 from playhouse.sqlite_ext import AutoIncrementField
 
 from flood.errors import ConfigError
@@ -23,8 +23,9 @@ from flood.states import OPEN, Outcome, Reason, State
 BUSY_TIMEOUT_MS = 15_000
 DatabaseError = pw.PeeweeException  # what a failed query raises, for callers to catch
 # The schema this code writes. 1: release 0.1.0 (no version table). 2: the version table and
-# an index for requeue's look-up of linked passages.
-SCHEMA_VERSION = 2
+# an index for requeue's look-up of linked passages. 3: endpoints (when each profile's server
+# last answered, its current run of failures) and file_records.first_failed_at.
+SCHEMA_VERSION = 3
 
 db = pw.SqliteDatabase(None)
 
@@ -81,6 +82,7 @@ class FileRecord(_Model):
     retry_count = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(null=True)
     requeued_from = pw.IntegerField(null=True, index=True)
+    first_failed_at = pw.DateTimeField(null=True)  # the passage's first failed attempt
 
     class Meta:
         table_name = "file_records"
@@ -115,6 +117,21 @@ class Hold(_Model):
         primary_key = pw.CompositeKey("profile", "bucket")
 
 
+class Endpoint(_Model):
+    """A profile's server as the uploads see it: when it last answered (an upload proven or a
+    check passed), and the run of transient failures since (none: failures = 0)."""
+
+    profile = pw.TextField(primary_key=True)
+    last_success_at = pw.DateTimeField(null=True)
+    failing_since = pw.DateTimeField(null=True)
+    failures = pw.IntegerField(default=0)
+    failing_keys = pw.IntegerField(default=0)  # how many times the failing key changed, + 1
+    last_failed_key = pw.TextField(null=True)
+
+    class Meta:
+        table_name = "endpoints"
+
+
 class SchemaVersion(_Model):
     """One row: the schema version the tables were last migrated to."""
 
@@ -125,7 +142,7 @@ class SchemaVersion(_Model):
         primary_key = False
 
 
-MODELS = (FileRecord, RetryAttempt, Hold, SchemaVersion)
+MODELS = (FileRecord, RetryAttempt, Hold, Endpoint, SchemaVersion)
 _RELEASE_1_TABLES = {"file_records", "retry_attempts", "holds"}
 
 
@@ -135,8 +152,13 @@ def _to_v2(migrator: SchemaMigrator) -> None:
     _sql('CREATE INDEX "filerecord_requeued_from" ON "file_records" ("requeued_from")', ())
 
 
+def _to_v3(migrator: SchemaMigrator) -> None:
+    db.create_tables([Endpoint])
+    migrate(migrator.add_column("file_records", "first_failed_at", FileRecord.first_failed_at))
+
+
 # version -> the step that brings the schema from version - 1 to it
-MIGRATIONS = {2: _to_v2}
+MIGRATIONS = {2: _to_v2, 3: _to_v3}
 
 
 # -- opening ---------------------------------------------------------------------------------
@@ -465,10 +487,19 @@ class Completion(NamedTuple):
     attempt: int  # the retry number that succeeded (0: the first upload)
 
 
-def record_completions(done: Sequence[Completion]) -> None:
-    """Uploads proven, in one transaction."""
+_ANSWERED = (
+    "INSERT INTO endpoints (profile, last_success_at, failures, failing_keys) VALUES (?, ?, 0, 0)"
+    " ON CONFLICT (profile) DO UPDATE SET last_success_at = excluded.last_success_at,"
+    " failing_since = NULL, failures = 0, failing_keys = 0, last_failed_key = NULL"
+)
+
+
+def record_completions(done: Sequence[Completion], profile: str | None = None) -> None:
+    """Uploads proven, in one transaction; the profile's server answered."""
     now = _stamp(utcnow())
     with write():
+        if profile is not None and done:
+            _sql(_ANSWERED, (profile, now))
         for record_id, size, etag, attempt in done:
             _sql(_COMPLETE, (size, etag, now, record_id))
             if attempt > 0:
@@ -507,9 +538,14 @@ def record_retry_scheduled(
     record_id: int, attempt: int, due: dt.datetime, error: str, failed_attempt: int
 ) -> None:
     """Attempt `failed_attempt` failed (0: the first upload); retry number `attempt` is due then."""
+    now = utcnow()
     with write():
         FileRecord.update(
-            retry_count=attempt, next_attempt_at=due, error=text(error), last_updated=utcnow()
+            retry_count=attempt,
+            next_attempt_at=due,
+            error=text(error),
+            last_updated=now,
+            first_failed_at=pw.fn.COALESCE(FileRecord.first_failed_at, now),
         ).where(FileRecord.id == record_id).execute()
         if failed_attempt > 0:
             RetryAttempt.create(
@@ -518,6 +554,69 @@ def record_retry_scheduled(
                 outcome=Outcome.FAILURE,
                 error=text(error),
             )
+
+
+def record_held(
+    record_id: int, due: dt.datetime, error: str, failed_attempt: int | None, next_attempt: int
+) -> None:
+    """A file that waits for its profile's hold to lift (an outage, a certificate that does not
+    verify): the error is on record, and the failed attempt's row where it was a retry that
+    counts (`failed_attempt`); `next_attempt` is the retry number it comes back as."""
+    now = utcnow()
+    with write():
+        FileRecord.update(
+            retry_count=next_attempt,
+            next_attempt_at=due,
+            error=text(error),
+            last_updated=now,
+            first_failed_at=pw.fn.COALESCE(FileRecord.first_failed_at, now),
+        ).where(FileRecord.id == record_id).execute()
+        if failed_attempt:
+            RetryAttempt.create(
+                file_record_id=record_id,
+                attempt=failed_attempt,
+                outcome=Outcome.FAILURE,
+                error=text(error),
+            )
+
+
+# -- a profile's server ------------------------------------------------------------------------
+class Failing(NamedTuple):
+    """A profile's current run of transient failures."""
+
+    failures: int  # since its server last answered
+    keys: int  # different keys among them (at least: the key changed keys - 1 times)
+    since: dt.datetime | None
+
+
+def endpoint_failed(profile: str, key: str) -> Failing:
+    """One more transient failure of the profile's server (refused, reset, timed out, 5xx)."""
+    now = utcnow()
+    with write():
+        row = Endpoint.get_or_none(Endpoint.profile == profile)
+        if row is None:
+            row = Endpoint.create(profile=profile, failures=0, failing_keys=0)
+        row.failures = int(row.failures or 0) + 1
+        row.failing_since = row.failing_since or now
+        if text(key) != row.last_failed_key:
+            row.failing_keys = int(row.failing_keys or 0) + 1
+            row.last_failed_key = text(key)
+        row.save()
+    return Failing(row.failures, row.failing_keys, _time(row.failing_since))
+
+
+def endpoint_answered(profile: str) -> None:
+    """The profile's server answered (a check passed): its run of failures is over."""
+    with write():
+        _sql(_ANSWERED, (profile, _stamp(utcnow())))
+
+
+def answered_since_first_failure(profile: str, record_id: int) -> bool:
+    """Whether the profile's server answered since this passage's first failed attempt."""
+    first = FileRecord.select(FileRecord.first_failed_at).where(FileRecord.id == record_id).scalar()
+    last = Endpoint.select(Endpoint.last_success_at).where(Endpoint.profile == profile).scalar()
+    first, last = _time(first), _time(last)
+    return first is None or (last is not None and last >= first)
 
 
 def set_state(record_id: int, state: State, reason: str | None = None) -> None:
@@ -574,14 +673,18 @@ def repair(record_id: int, state: State) -> None:
 
 # -- holds -------------------------------------------------------------------------------------
 def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
-    """Put a profile (bucket '') or bucket on hold; True if it was not held already."""
+    """Put a profile (bucket '') or bucket on hold; True if it was not held already. An
+    outage hold gives way to a more telling reason found meanwhile (a certificate, a key)."""
+    where = (Hold.profile == profile) & (Hold.bucket == bucket)
     with write():
-        inserted = (
-            Hold.insert(profile=profile, bucket=bucket, reason=reason, detail=text(detail))
-            .on_conflict_ignore()
-            .execute()
-        )
-    return bool(inserted)
+        old = Hold.get_or_none(where)
+        if old is None:
+            Hold.create(profile=profile, bucket=bucket, reason=reason, detail=text(detail))
+            return True
+        if old.reason == reason or old.reason != Reason.UNREACHABLE:
+            return False
+        Hold.update(reason=reason, detail=text(detail)).where(where).execute()
+        return True
 
 
 def release(profile: str, bucket: str) -> bool:

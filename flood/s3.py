@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.handlers import add_expect_header
 
 from flood import __version__
+from flood.connection import Connection
 from flood.credentials import Profile
 from flood.lean import CONNECT_TIMEOUT, READ_TIMEOUT
 from flood.verdict import Kind, Scope, classify, describe
@@ -21,10 +22,20 @@ MISSING = "missing"
 # Profile verdicts of a check.
 REJECTED = "rejected"
 UNREACHABLE = "unreachable"
+TLS = "tls"
 
 
-def make_client(profile: Profile, *, pool: int = 10) -> Any:
-    """A client for one profile. Call it in the process that uses it: clients are not fork-safe."""
+def make_client(
+    profile: Profile, profiles: Mapping[str, Profile] | None = None, *, pool: int = 10
+) -> Any:
+    """A client for one profile (its role's source among `profiles`). Call it in the process
+    that uses it: clients are not fork-safe."""
+    return client_for(Connection(profile, profiles), pool=pool)
+
+
+def client_for(connection: Connection, *, pool: int = 10) -> Any:
+    """A boto3 S3 client on a profile's connection: its CA, its proxy, its credentials."""
+    profile = connection.profile
     extra: dict[str, Any] = {}
     if profile.provider != "amazon":
         # boto3 >= 1.36 sends CRC checksum headers by default: B2 answers 400, R2 has answered
@@ -40,14 +51,20 @@ def make_client(profile: Profile, *, pool: int = 10) -> Any:
         max_pool_connections=pool,
         tcp_keepalive=True,
         user_agent_extra=f"flood/{__version__}",
+        # The proxy is connection's choice, the same as the lean client's; an empty dict keeps
+        # botocore from reading the environment again. The endpoint is the credentials file's
+        # alone: $AWS_ENDPOINT_URL_S3 would send boto3 somewhere the lean client does not go.
+        proxies=connection.proxies(),
+        ignore_configured_endpoint_urls=True,
         **extra,
     )
-    session = boto3.session.Session(
-        aws_access_key_id=profile.access_key_id,
-        aws_secret_access_key=profile.secret_access_key,
-        region_name=profile.region,
+    client = connection.boto3_session().client(
+        "s3", endpoint_url=profile.endpoint, verify=connection.verify, config=config
     )
-    return session.client("s3", endpoint_url=profile.endpoint, config=config)
+    # botocore waits up to a second for "100 Continue" before each PUT body; a proxy that does
+    # not relay it (tinyproxy) turns that into a second per file. S3 needs no such wait.
+    client.meta.events.unregister("before-call.s3", add_expect_header)
+    return client
 
 
 @dataclass
@@ -66,6 +83,8 @@ def check_profile(client: Any, buckets: Iterable[str]) -> ProfileCheck:
         listed = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     except (ClientError, BotoCoreError) as exc:
         verdict = classify(exc, "ListBuckets")
+        if verdict.kind == Kind.TLS:
+            return ProfileCheck(TLS, describe(exc))
         if verdict.transient:
             return ProfileCheck(UNREACHABLE, describe(exc))
         if verdict.scope == Scope.PROFILE:
@@ -89,6 +108,8 @@ def check_bucket(client: Any, bucket: str) -> ProfileCheck:
         client.head_bucket(Bucket=bucket)
     except (ClientError, BotoCoreError) as exc:
         verdict = classify(exc, "HeadBucket")
+        if verdict.kind == Kind.TLS:
+            return ProfileCheck(TLS, describe(exc))
         if verdict.transient:
             return ProfileCheck(UNREACHABLE, describe(exc))
         if verdict.scope == Scope.PROFILE:

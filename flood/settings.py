@@ -45,4 +45,5 @@ class Settings:
     lean_put: bool = True
 
     def secrets(self) -> list[str]:
-        return [p.secret_access_key for p in self.profiles.values()]
+        """What every log line is scrubbed of: keys, tokens, proxy passwords."""
+        return [secret for p in self.profiles.values() for secret in p.secrets()]

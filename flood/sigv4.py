@@ -6,6 +6,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from typing import Protocol
+
+
+class Keys(Protocol):
+    """What signs a request (botocore's ReadOnlyCredentials has these)."""
+
+    @property
+    def access_key(self) -> str: ...
+
+    @property
+    def secret_key(self) -> str: ...
+
+    @property
+    def token(self) -> str | None: ...
 
 
 class SigV4:
@@ -15,12 +29,24 @@ class SigV4:
     the rest of the request (tests/benchmarks/hotpath.py). Checked byte for byte against
     S3SigV4Auth in tests/unit/test_s3.py and by every upload against the real server."""
 
-    def __init__(self, access_key_id: str, secret_access_key: str, region: str) -> None:
-        self._access_key_id = access_key_id
-        self._secret = secret_access_key
-        self._region = region
+    def __init__(self) -> None:
+        # (secret, day, region) -> signing key; a rotation of the keys or a second region
+        # adds one, and a day's keys are dropped when the day changes.
+        self._keys: dict[tuple[str, str, str], bytes] = {}
         self._day = ""
-        self._key = b""
+
+    def key(self, secret: str, day: str, region: str) -> bytes:
+        """The signing key of one secret for one day and region, derived once."""
+        if day != self._day:
+            self._keys.clear()
+            self._day = day
+        found = self._keys.get((secret, day, region))
+        if found is None:
+            found = ("AWS4" + secret).encode("utf-8")
+            for part in (day, region, "s3", "aws4_request"):
+                found = hmac.new(found, part.encode("utf-8"), hashlib.sha256).digest()
+            self._keys[(secret, day, region)] = found
+        return found
 
     def sign(
         self,
@@ -29,18 +55,17 @@ class SigV4:
         path: str,
         payload_hash: str,
         headers: dict[str, str],
+        keys: Keys,
+        region: str,
         when: float | None = None,
     ) -> dict[str, str]:
         """The headers to add to the request: X-Amz-Date, X-Amz-Content-SHA256 and
         Authorization, which signs `host`, `path` (already URI-encoded, as sent), `headers`
-        and the payload's SHA-256. `when`: seconds since the epoch (now if None)."""
+        (X-Amz-Security-Token among them when the keys carry a token) and the payload's
+        SHA-256, with `keys` for `region`. `when`: seconds since the epoch (now if None)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
         day = stamp[:8]
-        if day != self._day:
-            key = ("AWS4" + self._secret).encode("utf-8")
-            for part in (day, self._region, "s3", "aws4_request"):
-                key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
-            self._day, self._key = day, key
+        signing_key = self.key(keys.secret_key, day, region)
         signed = {name.lower(): " ".join(value.split()) for name, value in headers.items()}
         signed.update({"host": host, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp})
         names = sorted(signed)
@@ -55,14 +80,16 @@ class SigV4:
                 payload_hash,
             ]
         )
-        scope = f"{day}/{self._region}/s3/aws4_request"
+        scope = f"{day}/{region}/s3/aws4_request"
         digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
         signature = hmac.new(
-            self._key, f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{digest}".encode(), hashlib.sha256
+            signing_key,
+            f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{digest}".encode(),
+            hashlib.sha256,
         ).hexdigest()
         return {
             "X-Amz-Date": stamp,
             "X-Amz-Content-SHA256": payload_hash,
-            "Authorization": f"AWS4-HMAC-SHA256 Credential={self._access_key_id}/{scope}, "
+            "Authorization": f"AWS4-HMAC-SHA256 Credential={keys.access_key}/{scope}, "
             f"SignedHeaders={';'.join(names)}, Signature={signature}",
         }

@@ -55,6 +55,7 @@ class Reason(StrEnum):
     # holds of a profile or bucket
     KEY_REJECTED = "key_rejected"
     UNREACHABLE = "unreachable"
+    TLS = "tls"
     NO_SUCH_BUCKET = "NoSuchBucket"
 
 

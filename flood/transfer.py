@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
+from flood.connection import Connection
 from flood.jobs import FileRef
 from flood.lean import LeanClient
 from flood.settings import Settings
@@ -69,11 +70,10 @@ class _Boto3Put:
         return str(self.client.put_object(**self.call).get("ETag", ""))
 
 
-def sender_for(settings: Settings, profile: str, client: Any) -> Sender:
-    """The lean client for a profile with an endpoint (unless --boto3-put), else boto3."""
-    account = settings.profiles[profile]
-    if settings.lean_put and account.endpoint:
-        return LeanSender(LeanClient(account))
+def sender_for(settings: Settings, connection: Connection, client: Any) -> Sender:
+    """The lean client (unless --boto3-put), else boto3's put_object on `client`."""
+    if settings.lean_put:
+        return LeanSender(LeanClient(connection))
     return Boto3Sender(client)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from flood import crashpoints, fsops, records, transfer
-from flood.endings import Endings
+from flood.endings import HELD_WAIT, Endings
 from flood.errors import InvalidName
 from flood.holds import Holds
 from flood.jobs import FileRef, Job
@@ -137,6 +137,8 @@ class Uploads:
 
     def resume(self, ref: FileRef, now: float) -> Passage | Result:
         """A file in processing/: its open passage, unless its next retry is not due yet."""
+        if self.holds.waiting(ref.bucket, now):
+            return Result(Step.RETRY, now + HELD_WAIT)  # taken up again when the hold lifts
         claimed = self.moves.claimed(ref)
         if claimed is None:
             return Result(Step.SKIPPED)

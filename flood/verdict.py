@@ -4,11 +4,12 @@ condemns (the file, its bucket, its profile), its reason code and its kind for r
 from __future__ import annotations
 
 import builtins
+import ssl
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import cast
 
-from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, SSLError
 
 from flood.states import Reason
 
@@ -32,6 +33,7 @@ class Kind(StrEnum):
     INCOMPATIBLE = "incompatible"
     SERVER = "server"
     NETWORK = "network"
+    TLS = "tls"
     MISMATCH = "mismatch"
     LOCAL = "local"
     REFUSED = "refused"
@@ -105,6 +107,10 @@ def classify(exc: BaseException, operation: str = "") -> Verdict:
         if operation == "HeadBucket" and verdict.kind == Kind.MISSING_OBJECT:
             return Verdict(False, Scope.BUCKET, Reason.NO_SUCH_BUCKET, Kind.MISSING_BUCKET)
         return verdict
+    if isinstance(root, SSLError) or _tls_failure(root):
+        # The environment's fault, not the file's: the profile waits until the certificate
+        # (or the CA Flood is given) is right, and its files wait with it.
+        return Verdict(True, Scope.PROFILE, "tls", Kind.TLS)
     if isinstance(root, ConnectionError | HTTPClientError):
         return Verdict(True, Scope.FILE, type(root).__name__, Kind.NETWORK)
     if isinstance(root, TimeoutError | builtins.ConnectionError):
@@ -156,7 +162,43 @@ def _root(exc: BaseException) -> BaseException:
     return exc
 
 
+def _tls_failure(exc: BaseException) -> bool:
+    """A certificate that did not verify, anywhere in the chain of causes."""
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc))
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """An exception and what lies behind it: its __cause__/__context__ chain and the error
+    botocore keeps in its `error` keyword."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain and len(chain) < 8:
+        chain.append(seen)
+        kept = getattr(seen, "kwargs", {}).get("error") if hasattr(seen, "kwargs") else None
+        seen = kept if isinstance(kept, BaseException) else (seen.__cause__ or seen.__context__)
+    return chain
+
+
 def describe(exc: BaseException) -> str:
-    """An error's text for logs and records: botocore's messages name the endpoint, never a
-    credential."""
-    return f"{type(exc).__name__}: {exc}"
+    """An error's text for logs and records, with its cause where one lies behind it
+    (`connection refused`, `certificate verify failed: ...`, `proxy refused CONNECT: 403`).
+    botocore's messages name the endpoint, never a credential."""
+    text = f"{type(exc).__name__}: {exc}"
+    for cause in causes(exc)[1:]:
+        why = _reason(cause)
+        if why and why not in text:
+            return f"{text} ({why})"
+    return text
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc)
+    return text if len(text) < 300 else text[:297] + "..."

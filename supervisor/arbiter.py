@@ -22,10 +22,12 @@ from flood.layout import Layout
 from flood.notify import Notifier, Watchdog
 from flood.s3 import MISSING, OK, check_bucket, make_client
 from flood.settings import Settings
+from flood.states import Reason
 from flood.supervisor import startup
 from flood.workers import uploader, watcher
 
 QUEUE_SIZE = 10_000  # jobs per uploader queue: bounded memory, back-pressure on scans
+RECHECK_MAX = 600.0  # seconds between checks of a hold that wants a person, at most
 RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a generation that lived this long resets the restart backoff
 EXTEND_EVERY = 10.0  # before READY=1, push systemd's start timeout on this often...
@@ -371,7 +373,7 @@ class HoldChecker(threading.Thread):
                 self.log.exception("hold_check_crashed")
 
     def check_due(self, now: float) -> None:
-        for (profile, bucket), _reason in records.holds().items():
+        for (profile, bucket), reason in records.holds().items():
             due, interval = self.next_check.get((profile, bucket), (0.0, 0.0))
             if now < due:
                 continue
@@ -379,11 +381,21 @@ class HoldChecker(threading.Thread):
                 continue
             released = self.check(profile, bucket)
             if released:
-                self.next_check.pop((profile, bucket), None)
+                self.next_check.pop((profile, bucket), None)  # the backoff starts afresh
                 self.releases.put(profile)
             else:
-                interval = min(600.0, interval * 2 if interval else self.settings.recheck_interval)
+                interval = self.backoff(reason, interval)
                 self.next_check[(profile, bucket)] = (now + interval, interval)
+
+    def backoff(self, reason: str, interval: float) -> float:
+        """The wait before the next check: an unreachable server is probed from a second on,
+        doubling up to --recheck-interval (an outage ends when it ends); a rejected key, a
+        missing bucket or a certificate wants a person, so from --recheck-interval doubling
+        up to ten minutes."""
+        recheck = self.settings.recheck_interval
+        if reason == Reason.UNREACHABLE:
+            return min(recheck, interval * 2 if interval else min(1.0, recheck))
+        return min(RECHECK_MAX, interval * 2 if interval else recheck)
 
     def check(self, profile: str, bucket: str) -> bool:
         if not bucket:
@@ -393,7 +405,8 @@ class HoldChecker(threading.Thread):
                 self.log.info("profile_resumed", profile=profile, buckets=sorted(ok))
                 return True
             return False
-        result = check_bucket(make_client(self.settings.profiles[profile]), bucket)
+        client = make_client(self.settings.profiles[profile], self.settings.profiles)
+        result = check_bucket(client, bucket)
         if result.status == OK and result.detail != MISSING:
             records.release(profile, bucket)
             self.log.info("bucket_resumed", profile=profile, bucket=bucket)

@@ -173,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         creds = credentials.load(args.credentials)
     except ConfigError as exc:
         return common.fail("flood-supervisor", str(exc), exc.exit_code)
+    try:
+        startup.check_connections(creds.profiles)
+    except ConfigError as exc:
+        return common.fail("flood-supervisor", str(exc), exc.exit_code)
     settings = Settings(
         server_dir=Path(os.path.abspath(args.server_dir)),
         db_path=common.db_path(args.db),
@@ -200,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason=f"first that exists: {creds.source}",
         profiles=sorted(creds.profiles),
     )
+    for problem in startup.connection_warnings(settings):
+        log.warning(problem.event, profile=problem.profile, reason=problem.reason)
     if creds.loose_permissions():
         why = (
             f"credentials file {creds.path} has mode {creds.mode & 0o777:o}: group or "

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from flood import crashpoints, records
+from flood.connection import endpoint_of, proxy_for
+from flood.credentials import INSECURE, Profile
 from flood.errors import AlreadyRunning, LayoutError
 from flood.jobs import FileRef
 from flood.layout import LOCK_NAME, Layout
-from flood.s3 import MISSING, OK, REJECTED, check_profile, make_client
+from flood.s3 import MISSING, OK, REJECTED, TLS, check_profile, make_client
 from flood.settings import Settings
 from flood.states import Reason, State
 
@@ -107,15 +110,19 @@ def check_buckets(settings: Settings, layout: Layout, log: Any) -> dict[str, set
     return checked
 
 
+_HOLD_REASONS = {REJECTED: Reason.KEY_REJECTED, TLS: Reason.TLS}
+
+
 def check_one(settings: Settings, layout: Layout, name: str, log: Any) -> set[str]:
     """Check one profile now; record holds for it or its buckets; the buckets that are OK."""
     buckets = sorted(layout.buckets_present(name))
-    result = check_profile(make_client(settings.profiles[name]), buckets)
+    result = check_profile(make_client(settings.profiles[name], settings.profiles), buckets)
     if result.status != OK:
-        reason = Reason.KEY_REJECTED if result.status == REJECTED else Reason.UNREACHABLE
+        reason = _HOLD_REASONS.get(result.status, Reason.UNREACHABLE)
         if records.hold(name, "", reason, result.detail):
             log.error("profile_paused", profile=name, reason=reason, error=result.detail)
         return set()
+    records.endpoint_answered(name)
     records.release(name, "")
     ok = set()
     for bucket, verdict in result.buckets.items():
@@ -133,3 +140,29 @@ def check_one(settings: Settings, layout: Layout, name: str, log: Any) -> set[st
             ok.add(bucket)
     log.info("profile_checked", profile=name, buckets=sorted(ok))
     return ok
+
+
+def check_connections(profiles: Mapping[str, Profile]) -> None:
+    """Refuse, before anything is touched, a proxy setting that is not a URL ($HTTPS_PROXY,
+    $HTTP_PROXY or a profile's proxy key: ConfigError naming it)."""
+    for profile in profiles.values():
+        proxy_for(profile, endpoint_of(profile))
+
+
+class Caution(NamedTuple):
+    event: str
+    profile: str
+    reason: str
+
+
+def connection_warnings(settings: Settings) -> list[Caution]:
+    """What the start-up line warns of: a profile whose TLS is not verified."""
+    return [
+        Caution(
+            "tls_verification_off",
+            name,
+            f"ca_bundle = insecure: the certificate of {endpoint_of(profile)} is not verified",
+        )
+        for name, profile in sorted(settings.profiles.items())
+        if profile.ca_bundle == INSECURE
+    ]

@@ -5,14 +5,15 @@ from __future__ import annotations
 import heapq
 import os
 import queue
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection as Pipe
 from typing import Any, cast
 
 from flood import logs, metrics, records
+from flood.connection import Connection
 from flood.jobs import SHUTDOWN, FileRef, Job
 from flood.notify import Heartbeat
 from flood.passage import Result
-from flood.s3 import make_client
+from flood.s3 import client_for
 from flood.settings import Settings
 from flood.states import State, Step
 from flood.transfer import sender_for
@@ -37,7 +38,7 @@ class UploaderRole:
         slot: int,
         jobs: Any,
         checked_buckets: set[str],
-        conn: Connection | None = None,
+        conn: Pipe | None = None,
     ) -> None:
         self.settings = settings
         self.profile = profile
@@ -59,7 +60,8 @@ class UploaderRole:
             "uploader", self.settings.log_level, self.settings.log_file, self.settings.secrets()
         )
         records.open_db(self.settings.db_path)
-        client = make_client(self.settings.profiles[self.profile])
+        connection = Connection(self.settings.profiles[self.profile], self.settings.profiles)
+        client = client_for(connection)
         # Every S3 call that returns is progress, even within one long multipart upload.
         for event in ("after-call.s3", "after-call-error.s3"):
             client.meta.events.register(event, self.heartbeat.beat)
@@ -69,7 +71,7 @@ class UploaderRole:
             self.profile,
             client,
             self.log,
-            sender=sender_for(self.settings, self.profile, client),
+            sender=sender_for(self.settings, connection, client),
             checked_buckets=self.checked_buckets,
         )
         self.log.info("uploader_started", profile=self.profile, slot=self.slot)
@@ -97,6 +99,15 @@ class UploaderRole:
             outcomes = [exc] * len(batch)
         for one, outcome in zip(batch, outcomes, strict=True):
             self.handle(one, outcome, now)
+        if self.uploads.holds.take_released():
+            self.due_now(now)
+
+    def due_now(self, now: float) -> None:
+        """A hold was lifted: the files that waited for it (and every retry) are due now."""
+        waiting, self.waiting = self.waiting, []
+        self.waiting_keys.clear()
+        for _, _, job in waiting:
+            self.push(now, job)
 
     def gather(self, first: Job) -> list[Job]:
         """The first job and whatever other jobs are queued already (up to a batch). A file in
@@ -199,7 +210,7 @@ def main(
     slot: int,
     jobs: Any,
     checked_buckets: set[str],
-    conn: Connection,
+    conn: Pipe,
     supervisor_pid: int,
 ) -> None:
     """Process entry point (started by the supervisor's arbiter)."""

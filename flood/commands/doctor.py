@@ -12,7 +12,7 @@ import socket
 import stat
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from flood import credentials
 from flood import verdict as taxonomy
 from flood.commands import common
+from flood.connection import Connection
 from flood.credentials import Profile
 from flood.errors import ConfigError, FloodError, LayoutError
 from flood.layout import Layout
-from flood.s3 import make_client
+from flood.lean import LeanClient
+from flood.s3 import client_for
 from flood.states import DIRECTORIES, State
+from flood.transfer import Boto3Sender, LeanSender, Sender
 from flood.verdict import Kind
 
 PROG = "flood-doctor"
@@ -46,11 +49,13 @@ Checks what Flood needs, and says what it found:
   inotify       fs.inotify.max_user_watches against the directories below incoming/;
   disk          free space and inodes on the server dir's filesystem;
   PROFILE/BUCKET  for every bucket directory of every profile: HeadBucket, then PUT a small
-                probe object (with Content-MD5, as uploads do), HEAD it, DELETE it, and the
-                clock skew against the server's Date header.
+                probe object the way uploads PUT (the lean client with Content-MD5, or
+                boto3 with --boto3-put; through the same proxy, CA and credentials), HEAD it,
+                DELETE it, and the clock skew against the server's Date header.
 A problem is classified: auth (the key or secret is refused), missing_bucket, permissions
 (naming the operation denied), incompatible (the provider refuses a request Flood makes, such
-as checksum headers), network, server (5xx), clock."""
+as checksum headers), tls (the server's certificate does not verify), network (with its
+cause: refused, reset, timed out, a proxy that refused CONNECT), server (5xx), clock."""
 EPILOG = """\
 A denied HEAD or DELETE is a warning only: uploads accept a HEAD they may not make, and Flood
 never deletes objects (the probe's key is named so it can be removed by hand).
@@ -71,10 +76,12 @@ class Check:
 def classify(exc: BaseException, operation: str) -> tuple[str, str]:
     """(category, detail) of an S3 error raised by `operation`, from flood.verdict's kind."""
     kind = taxonomy.classify(exc, operation).kind
+    if kind == Kind.TLS:
+        return "tls", f"{operation}: {taxonomy.describe(exc)}: the certificate does not verify"
     if not isinstance(exc, ClientError):
         if isinstance(exc, BotoCoreError):
-            return "network", f"{operation}: {type(exc).__name__}: {exc}"
-        return "error", f"{operation}: {type(exc).__name__}: {exc}"
+            return "network", f"{operation}: {taxonomy.describe(exc)}"
+        return "error", f"{operation}: {taxonomy.describe(exc)}"
     error = exc.response.get("Error", {})
     code = str(error.get("Code", "")) or str(taxonomy.status_of(exc))
     said = f"{operation}: {code}" + (f" ({error['Message']})" if error.get("Message") else "")
@@ -96,10 +103,15 @@ def classify(exc: BaseException, operation: str) -> tuple[str, str]:
 
 
 class Probe:
-    """The S3 calls of one profile, remembering the server's Date for the clock check."""
+    """The S3 calls of one profile, remembering the server's Date for the clock check. Its PUT
+    goes the way the uploads' PUTs go: the lean client, or boto3's put_object."""
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    def __init__(self, connection: Connection, lean: bool) -> None:
+        self.client = client_for(connection)
+        self.sender: Sender = (
+            LeanSender(LeanClient(connection)) if lean else Boto3Sender(self.client)
+        )
+        self.path = "lean client" if lean else "boto3 put_object"
         self.skews: list[float] = []
 
     def call(self, operation: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
@@ -118,9 +130,14 @@ class Probe:
         return max(self.skews, key=abs) if self.skews else None
 
 
-def check_profile(profile: Profile, buckets: list[str]) -> list[Check]:
+def check_profile(
+    profile: Profile, buckets: list[str], profiles: Mapping[str, Profile], lean: bool = True
+) -> list[Check]:
     """ListBuckets (auth and network), then the round trip on each bucket."""
-    probe = Probe(make_client(profile))
+    try:
+        probe = Probe(Connection(profile, profiles), lean)
+    except ConfigError as exc:
+        return [Check(profile.name, FAIL, "config", str(exc))]
     where = profile.endpoint or f"{profile.provider} ({profile.region})"
     try:
         probe.call("ListBuckets", probe.client.list_buckets)
@@ -161,9 +178,8 @@ def check_bucket(probe: Probe, profile: str, bucket: str, where: str) -> Check:
     if warnings and status == OK:
         status, category = WARN, "permissions"
     detail = (
-        f"HeadBucket, PUT, HEAD, DELETE of a {len(PROBE_BODY)}-byte probe in {took:.0f} ms"
-        + _skew_text(skew)
-        + "".join(f"; {w}" for w in warnings)
+        f"HeadBucket, PUT ({probe.path}), HEAD, DELETE of a {len(PROBE_BODY)}-byte probe "
+        f"in {took:.0f} ms" + _skew_text(skew) + "".join(f"; {w}" for w in warnings)
     )
     return Check(subject, status, category, detail)
 
@@ -192,16 +208,13 @@ def _round_trip(probe: Probe, bucket: str, key: str, warnings: list[str]) -> Non
         if failed.category != "permissions":  # a 403 on HEAD says nothing yet: PUT decides
             raise
     digest = hashlib.md5(PROBE_BODY, usedforsecurity=False)
-    answer = _step(
-        probe,
-        "PutObject",
-        client.put_object,
-        Bucket=bucket,
-        Key=key,
-        Body=PROBE_BODY,
-        ContentMD5=base64.b64encode(digest.digest()).decode(),
-    )
-    etag = str(answer.get("ETag", "")).strip('"')
+    md5 = base64.b64encode(digest.digest()).decode()
+    try:
+        etag = probe.sender.start(bucket, key, PROBE_BODY, md5).result().strip('"')
+    except (ClientError, BotoCoreError) as exc:
+        if isinstance(exc, ClientError):
+            probe.note_date(exc.response)
+        raise _Failed(*classify(exc, "PutObject")) from None
     if etag and etag != digest.hexdigest():
         warnings.append(
             f"the ETag {etag} is not the MD5 of the probe (verification by ETag will fail)"
@@ -356,6 +369,12 @@ def parser() -> common.Parser:
     )
     p.add_argument("--profile", metavar="P", help="probe this profile only")
     p.add_argument("--json", action="store_true", help="one JSON document instead of lines")
+    p.add_argument(
+        "--boto3-put",
+        action="store_true",
+        help="PUT the probe with boto3's put_object, as flood-supervisor --boto3-put uploads "
+        "(default: the lean client, as it uploads by default)",
+    )
     common.add_location_options(p)
     return p
 
@@ -386,7 +405,9 @@ def run(args: argparse.Namespace) -> list[Check]:
     for name in sorted(creds.profiles):
         if args.profile in (None, name):
             buckets = sorted(layout.buckets_present(name))
-            checks += check_profile(creds.profiles[name], buckets)
+            checks += check_profile(
+                creds.profiles[name], buckets, creds.profiles, lean=not args.boto3_put
+            )
     return checks
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,24 +45,41 @@ def started(spool: Spool) -> None:
     wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
 
 
+CAUSES = {"refuse": "connection refused", "reset": "reset", "503": "SlowDown"}
+
+
 @pytest.mark.parametrize("fault", ["refuse", "reset", "503"])
-def test_outage_longer_than_all_retries_ends_in_failed(
-    proxied: Spool, proxy: FaultProxy, bucket: str, fault: str
+def test_an_outage_longer_than_every_retry_holds_the_profile_and_loses_nothing(
+    proxied: Spool, proxy: FaultProxy, bucket: str, client: Any, fault: str
 ) -> None:
-    """With 3 retries the file ends in failed/ with exactly 3 attempt rows, in time order."""
-    proxied.start(*FAST, workers=1)
+    """An outage that outlasts the whole retry budget (3 retries, 0.05 s base: under a second)
+    holds the profile as unreachable, shown by flood-status within 10 s, with one error line
+    naming the cause; no file goes to failed/, none spends more than its retries, and when
+    the server is back every file completes with its bytes."""
+    proxied.start(*FAST, "--recheck-interval", "2", workers=2)
     started(proxied)
     proxy.set_mode(fault)
-    proxied.drop("p1", bucket, "doomed.txt", b"never arrives")
-    proxied.wait_done("p1", bucket, ["doomed.txt"], state="failed", timeout=60)
-    rows = attempts(proxied, "doomed.txt")
-    assert [(r["attempt"], r["outcome"]) for r in rows] == [(n, "failure") for n in (1, 2, 3)]
-    times = [r["attempted_at"] for r in rows]
-    assert times == sorted(times) and len(set(times)) == 3
-    [record] = proxied.records("doomed.txt")
-    assert (record["current_state"], record["upload_outcome"]) == ("failed", "failure")
-    assert record["error"]
-    assert proxied.events("upload_failed")
+    began = time.monotonic()
+    files = {f"outage/{i}.txt": f"file {i}".encode() for i in range(6)}
+    for key, data in files.items():
+        proxied.drop("p1", bucket, key, data)
+
+    def held() -> bool:
+        shown = proxied.run("flood-status", "--server-dir", str(proxied.dir), "--json")
+        return any(h["reason"] == "unreachable" for h in json.loads(shown.stdout)["paused"])
+
+    wait_for(held, 10, "the unreachable hold in flood-status")
+    assert time.monotonic() - began < 10
+    time.sleep(3)  # the outage goes on, three times the whole retry budget
+    assert proxied.files("failed") == []
+    assert all(r["retry_count"] <= 3 for r in proxied.records())
+    [paused] = proxied.events("profile_paused")
+    assert paused["event"]["reason"] == "unreachable"
+    assert CAUSES[fault] in paused["error"]["message"]
+    proxy.set_mode("pass")
+    proxied.wait_done("p1", bucket, list(files), timeout=60)
+    assert {k: object_bytes(client, bucket, k) for k in files} == files
+    assert proxied.files("failed") == [] and proxied.events("profile_resumed")
 
 
 def test_outage_that_ends_completes_with_the_right_bytes(
@@ -107,22 +126,30 @@ def test_a_waiting_file_does_not_hold_the_uploader(
 def test_a_restart_continues_the_retry_count(
     proxied: Spool, proxy: FaultProxy, bucket: str
 ) -> None:
-    """After a restart a waiting file is retried when due, its count going on from the db."""
-    sup = proxied.start("--retry-base", "1", "--max-retries", "3", workers=1)
+    """After a restart the count goes on from the db. A restart in the middle of the outage
+    finds the server unreachable, holds the profile and leaves the waiting file as it is
+    (no retry spent while held); once the server is back the file is taken up at once and
+    completes as the next retry, every attempt on record in order."""
+    sup = proxied.start("--retry-base", "1", "--max-retries", "5", workers=1)
     started(proxied)
     proxy.set_mode("refuse")
     proxied.drop("p1", bucket, "survivor.txt", b"x")
     wait_for(lambda: attempts(proxied, "survivor.txt"), 60, "the first retry row")
     assert sup.terminate() == 0
     [record] = proxied.records("survivor.txt")
-    count_before, due = record["retry_count"], record["next_attempt_at"]
+    count_before = record["retry_count"]
     assert count_before >= 2
-    proxied.start("--retry-base", "1", "--max-retries", "3", workers=1)
-    proxied.wait_done("p1", bucket, ["survivor.txt"], state="failed", timeout=90)
+    proxied.start("--retry-base", "1", "--max-retries", "5", "--recheck-interval", "1", workers=1)
+    wait_for(lambda: proxied.events("profile_paused"), 60, "the profile held at start")
+    time.sleep(2)  # held: the file's retry, due meanwhile, is not spent
+    [record] = proxied.records("survivor.txt")
+    assert record["retry_count"] == count_before
+    assert proxied.where("p1", bucket, "survivor.txt") == ["processing"]
+    proxy.set_mode("pass")
+    proxied.wait_done("p1", bucket, ["survivor.txt"], timeout=60)
     rows = attempts(proxied, "survivor.txt")
-    assert [r["attempt"] for r in rows] == [1, 2, 3]
-    resumed = [r for r in rows if r["attempt"] >= count_before]
-    assert resumed and all(r["attempted_at"] >= due for r in resumed)
+    assert [r["attempt"] for r in rows] == list(range(1, count_before + 1))
+    assert [r["outcome"] for r in rows] == ["failure"] * (count_before - 1) + ["success"]
 
 
 def test_access_denied_fails_at_once_without_retries(

@@ -39,50 +39,74 @@ def botocore_headers(
     body: bytes,
     md5: str,
     moment: dt.datetime,
+    token: str | None = None,
+    region: str = "eu-west-1",
 ) -> dict[str, str]:
     monkeypatch.setattr(auth, "get_current_datetime", lambda: moment)
     request = AWSRequest(
         method="PUT", url=f"http://{host}{path}", data=body, headers={"Content-MD5": md5}
     )
-    auth.S3SigV4Auth(Credentials(ACCESS, SECRET), "s3", "eu-west-1").add_auth(request)
-    return {k: request.headers[k] for k in ("X-Amz-Date", "X-Amz-Content-SHA256", "Authorization")}
+    auth.S3SigV4Auth(Credentials(ACCESS, SECRET, token), "s3", region).add_auth(request)
+    names = ["X-Amz-Date", "X-Amz-Content-SHA256", "Authorization"]
+    return {k: request.headers[k] for k in names}
 
 
-@pytest.mark.parametrize("key", KEYS)
-@pytest.mark.parametrize("host", ["127.0.0.1:8333", "s3.example.com"])
-def test_same_headers_as_botocore(monkeypatch: pytest.MonkeyPatch, key: str, host: str) -> None:
-    body = key.encode() * 3
-    path = f"/bucket/{urllib.parse.quote(key, safe='/~')}"
-    moment = dt.datetime(2026, 11, 21, 13, 45, 7)
-    expected = botocore_headers(monkeypatch, host, path, body, "bWQ1bWQ1bWQ1bWQ1bWQ1MQ==", moment)
-    ours = SigV4(ACCESS, SECRET, "eu-west-1").sign(
+def ours(
+    signer: SigV4,
+    host: str,
+    path: str,
+    body: bytes,
+    md5: str,
+    moment: dt.datetime,
+    token: str | None = None,
+    region: str = "eu-west-1",
+) -> dict[str, str]:
+    headers = {"Content-MD5": md5}
+    if token:
+        headers["X-Amz-Security-Token"] = token
+    return signer.sign(
         "PUT",
         host,
         path,
         hashlib.sha256(body).hexdigest(),
-        {"Content-MD5": "bWQ1bWQ1bWQ1bWQ1bWQ1MQ=="},
+        headers,
+        Credentials(ACCESS, SECRET, token).get_frozen_credentials(),
+        region,
         when=moment.replace(tzinfo=dt.UTC).timestamp(),
     )
-    assert ours == expected
 
 
-def test_signing_key_follows_the_date(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cached day key is derived again when the day changes (a daemon runs for months)."""
-    signer = SigV4(ACCESS, SECRET, "eu-west-1")
-    payload = hashlib.sha256(b"x").hexdigest()
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("host", ["127.0.0.1:8333", "s3.example.com", "[::1]:8333"])
+def test_same_headers_as_botocore(monkeypatch: pytest.MonkeyPatch, key: str, host: str) -> None:
+    """Our headers are botocore's, byte for byte, for awkward keys and hosts (IPv6 too)."""
+    body = key.encode() * 3
+    path = f"/bucket/{urllib.parse.quote(key, safe='/~')}"
+    moment = dt.datetime(2026, 11, 21, 13, 45, 7)
+    md5 = "bWQ1bWQ1bWQ1bWQ1bWQ1MQ=="
+    expected = botocore_headers(monkeypatch, host, path, body, md5, moment)
+    assert ours(SigV4(), host, path, body, md5, moment) == expected
+
+
+def test_a_session_token_is_signed_as_botocore_signs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Temporary keys: X-Amz-Security-Token is among the signed headers, as botocore has it."""
+    moment = dt.datetime(2026, 11, 21, 13, 45, 7)
+    token = "FQoGZXIvYXdzEXAMPLE//token+with/slashes=="
+    expected = botocore_headers(monkeypatch, "h", "/b/k", b"x", "eA==", moment, token=token)
+    got = ours(SigV4(), "h", "/b/k", b"x", "eA==", moment, token=token)
+    assert got == expected and "x-amz-security-token" in got["Authorization"]
+
+
+def test_signing_key_follows_the_date_region_and_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached day key is derived again when the day changes (a daemon runs for months),
+    for another region (a bucket followed there) and for rotated keys."""
+    signer = SigV4()
     for moment in (dt.datetime(2026, 11, 21, 23, 59, 59), dt.datetime(2026, 11, 22, 0, 0, 1)):
-        expected = botocore_headers(monkeypatch, "h", "/b/k", b"x", "eA==", moment)
-        assert (
-            signer.sign(
-                "PUT",
-                "h",
-                "/b/k",
-                payload,
-                {"Content-MD5": "eA=="},
-                when=moment.replace(tzinfo=dt.UTC).timestamp(),
+        for region in ("eu-west-1", "ap-south-2"):
+            expected = botocore_headers(
+                monkeypatch, "h", "/b/k", b"x", "eA==", moment, region=region
             )
-            == expected
-        )
+            assert ours(signer, "h", "/b/k", b"x", "eA==", moment, region=region) == expected
 
 
 # -- read_response: the lean PUT's reading of answers -------------------------------------------
@@ -113,7 +137,7 @@ def test_a_put_answer_split_across_reads() -> None:
     got = answer_to(
         b'HTTP/1.1 200 OK\r\nETag: "abc"\r\nContent-', b"Length: 0\r\n", b"\r\n", close=False
     )
-    assert got == Answer(200, {"etag": '"abc"', "content-length": "0"}, b"", True)
+    assert got == Answer(200, {"etag": '"abc"', "content-length": "0"}, b"", True, "OK")
 
 
 def test_an_error_body_by_content_length_and_repeated_headers() -> None:

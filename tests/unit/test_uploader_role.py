@@ -29,11 +29,21 @@ class Moves:
         self.layout = Layout(root)
 
 
+class Holds:
+    def __init__(self) -> None:
+        self.released = False
+
+    def take_released(self) -> bool:
+        released, self.released = self.released, False
+        return released
+
+
 class Uploads:
     """Plays the pipeline: results scripted per key (a list is consumed one pass at a time)."""
 
     def __init__(self, root: Path) -> None:
         self.moves = Moves(root)
+        self.holds = Holds()
         self.script: dict[str, list[Result | Exception]] = {}
         self.batches: list[list[Job]] = []
         self.given_up: list[FileRef] = []
@@ -135,3 +145,19 @@ def test_shutdown_ends_the_loop_after_the_batch(tmp_path: Path) -> None:
     jobs.put(SHUTDOWN)
     up.loop(NOW)
     assert not up.alive and fake.batches == [[Job(State.INCOMING, "b", "k")]]
+
+
+def test_a_lifted_hold_makes_every_waiting_file_due(tmp_path: Path) -> None:
+    """Files waiting while their profile was held (an outage) are taken up as soon as the
+    hold is lifted, not at the due times their retries had."""
+    up, jobs, fake = role(tmp_path)
+    fake.script["late"] = [Result(Step.RETRY, NOW + 3600, reason="EndpointConnectionError")]
+    jobs.put(Job(State.INCOMING, "b", "late"))
+    up.loop(NOW)
+    up.loop(NOW + 1)
+    assert len(fake.batches) == 1
+    fake.holds.released = True
+    jobs.put(Job(State.INCOMING, "b", "other"))
+    up.loop(NOW + 2)  # this pass notices the release
+    up.loop(NOW + 2)
+    assert fake.batches[-1] == [Job(State.PROCESSING, "b", "late")]

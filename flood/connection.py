@@ -1,0 +1,337 @@
+"""How a profile reaches its server, decided here once for every path (the lean client,
+boto3's calls, the bucket checks, flood-doctor): the CA that verifies its TLS, the proxy it
+goes through, and where its keys come from (the file, a session token, an instance or
+container role, or a role assumed with STS)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+import boto3
+import botocore.session
+from botocore.config import Config
+from botocore.credentials import (
+    AssumeRoleCredentialFetcher,
+    CanonicalNameCredentialSourcer,
+    ContainerProvider,
+    CredentialProvider,
+    CredentialResolver,
+    Credentials,
+    DeferredRefreshableCredentials,
+    EnvProvider,
+    InstanceMetadataFetcher,
+    InstanceMetadataProvider,
+    ReadOnlyCredentials,
+)
+from botocore.httpsession import get_cert_path
+
+from flood.credentials import INSECURE, Profile, proxy_url
+from flood.errors import ConfigError
+
+# Refreshing credentials are renewed when a quarter of their life is left, at most this long
+# before they expire, and at the latest (blocking the requests that need them) when an
+# eighth is left, never later than a minute before. botocore's own 15 and 10 minutes would
+# make a 15-minute STS session (the shortest there is) call STS before every request.
+ADVISORY_REFRESH = 300.0
+MANDATORY_REFRESH = 60.0
+DEFAULT_ROLE_SESSION = "flood"
+
+
+def amazon_host(region: str) -> str:
+    """Amazon S3's regional host."""
+    return f"s3.{region}.amazonaws.com"
+
+
+def endpoint_of(profile: Profile) -> str:
+    """The URL a profile's requests go to: its aws_endpoint, else Amazon's regional host."""
+    return profile.endpoint or f"https://{amazon_host(profile.region)}"
+
+
+# -- TLS -------------------------------------------------------------------------------------
+def verify_for(profile: Profile, environ: Mapping[str, str] | None = None) -> str | bool:
+    """The CA bundle that verifies the profile's TLS, in the order botocore reads them: the
+    profile's ca_bundle, $AWS_CA_BUNDLE, ca_bundle in the AWS config file, $REQUESTS_CA_BUNDLE,
+    else the system's store. False only for `ca_bundle = insecure`."""
+    env = os.environ if environ is None else environ
+    if profile.ca_bundle == INSECURE:
+        return False
+    if profile.ca_bundle:
+        return profile.ca_bundle
+    if env.get("AWS_CA_BUNDLE"):
+        return env["AWS_CA_BUNDLE"]
+    configured = _aws_config_value("ca_bundle")
+    if configured:
+        return str(configured)
+    if env.get("REQUESTS_CA_BUNDLE"):
+        return env["REQUESTS_CA_BUNDLE"]
+    return system_store()
+
+
+def system_store() -> str:
+    """The system's CA bundle (Debian: /etc/ssl/certs/ca-certificates.crt), else botocore's."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return str(get_cert_path(True))
+
+
+def _aws_config_value(name: str) -> Any:
+    """A setting of the AWS config file (~/.aws/config, $AWS_CONFIG_FILE), as boto3 reads it."""
+    try:
+        return botocore.session.Session().get_config_variable(name)
+    except Exception:  # a broken AWS config file is boto3's business, not a reason to stop
+        return None
+
+
+def ssl_context(verify: str | bool) -> ssl.SSLContext:
+    """A client context that verifies against `verify` (a CA file), or not at all (False)."""
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=str(verify))
+
+
+# -- proxies -----------------------------------------------------------------------------------
+def proxy_for(profile: Profile, url: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The proxy a request to `url` goes through: the profile's `proxy` key, else
+    $HTTPS_PROXY or $HTTP_PROXY by the URL's scheme (lower case first, as curl and botocore
+    read them), unless $NO_PROXY names the host. ConfigError for a proxy that is not a URL."""
+    if profile.proxy:
+        return profile.proxy
+    env = os.environ if environ is None else environ
+    scheme = urllib.parse.urlsplit(url).scheme
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"):
+        if env.get(name):
+            found = proxy_url(env[name], f"${name}")
+            break
+    else:
+        return None
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if bypassed(host, env.get("no_proxy") or env.get("NO_PROXY") or ""):
+        return None
+    return found
+
+
+def bypassed(host: str, no_proxy: str) -> bool:
+    """Whether $NO_PROXY names this host: `*`, the host itself, a domain it is in (with or
+    without a leading dot), or for an IP address the address or a network (10.0.0.0/8)."""
+    host = host.strip("[]").lower().rstrip(".")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in (e.strip().lower() for e in no_proxy.replace(" ", ",").split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(entry.strip("[]"), strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        name = entry.lstrip(".").split(":")[0].rstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def shown_url(url: str) -> str:
+    """A URL without the user and password it may carry, for logs and messages."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+# -- credentials -------------------------------------------------------------------------------
+class _Rotating(DeferredRefreshableCredentials):  # type: ignore[misc]  # botocore is untyped
+    """A role's credentials, fetched on first use and renewed ahead of their expiry by their
+    own lifetime (see ADVISORY_REFRESH)."""
+
+    # botocore's hooks after each fetch: it stages the new expiry, then publishes it (older
+    # releases set it at once); the timeouts follow whichever holds it.
+    def _set_from_data(self, data: Any) -> None:
+        super()._set_from_data(data)
+        self._tune()
+
+    def _publish_refresh(self) -> None:
+        parent = getattr(super(), "_publish_refresh", None)
+        if parent is not None:
+            parent()
+        self._tune()
+
+    def _tune(self) -> None:
+        if getattr(self, "_expiry_time", None) is None:
+            return
+        left = max(self._seconds_remaining(), 1.0)
+        self._advisory_refresh_timeout = min(ADVISORY_REFRESH, left / 4)
+        self._mandatory_refresh_timeout = min(MANDATORY_REFRESH, left / 8)
+
+
+class _Fixed(CredentialProvider):  # type: ignore[misc]  # botocore is untyped
+    """The one credential provider of Flood's botocore sessions: what connection decided."""
+
+    METHOD = "flood"
+
+    def __init__(self, credentials: Any) -> None:
+        super().__init__()
+        self.credentials = credentials
+
+    def load(self) -> Any:
+        return self.credentials
+
+
+class Connection:
+    """A profile's way to its server. Build it in the process that uses it: its botocore
+    session and credentials (which may refresh over the network) are not fork-safe."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        profiles: Mapping[str, Profile] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.profile = profile
+        self.url = endpoint_of(profile)
+        self.verify = verify_for(profile, environ)
+        self.proxy = proxy_for(profile, self.url, environ)
+        self.session = botocore.session.Session()
+        self.credentials = credentials_for(profile, profiles or {}, self.session, environ)
+        self.session.register_component(
+            "credential_provider", CredentialResolver([_Fixed(self.credentials)])
+        )
+
+    def frozen(self) -> ReadOnlyCredentials:
+        """The keys to sign the next request with (refreshed first when they are due)."""
+        return self.credentials.get_frozen_credentials()
+
+    def boto3_session(self) -> boto3.session.Session:
+        return boto3.session.Session(botocore_session=self.session, region_name=self.profile.region)
+
+    def proxies(self) -> dict[str, str]:
+        """boto3's proxies setting: exactly the lean client's choice, never its own lookup."""
+        return {"http": self.proxy, "https": self.proxy} if self.proxy else {}
+
+
+def credentials_for(
+    profile: Profile,
+    profiles: Mapping[str, Profile],
+    session: botocore.session.Session,
+    environ: Mapping[str, str] | None = None,
+) -> Any:
+    """botocore credentials for a profile: its keys (and token), the credential_source named,
+    or a role assumed with the source profile's keys or the credential source's."""
+    if profile.credential_source and not profile.role_arn:
+        return _sourced(profile, session)
+    if not profile.role_arn:
+        return Credentials(profile.access_key_id, profile.secret_access_key, profile.session_token)
+    if profile.source_profile:
+        source_profile = profiles.get(profile.source_profile)
+        if source_profile is None:
+            raise ConfigError(
+                f"profile {profile.name!r}: source_profile {profile.source_profile!r} is not "
+                "a profile of the credentials file"
+            )
+        source = credentials_for(source_profile, profiles, session, environ)
+    else:
+        source = _sourced(profile, session)
+    return _assumed(profile, source, session)
+
+
+def _sourced(profile: Profile, session: botocore.session.Session) -> Any:
+    """The credentials of credential_source (environment, container or instance role)."""
+    sourcer = CanonicalNameCredentialSourcer(
+        [
+            EnvProvider(),
+            ContainerProvider(),
+            InstanceMetadataProvider(
+                iam_role_fetcher=InstanceMetadataFetcher(
+                    timeout=session.get_config_variable("metadata_service_timeout"),
+                    num_attempts=session.get_config_variable("metadata_service_num_attempts"),
+                    user_agent=session.user_agent(),
+                    config={
+                        "ec2_metadata_service_endpoint": session.get_config_variable(
+                            "ec2_metadata_service_endpoint"
+                        ),
+                        "ec2_metadata_v1_disabled": session.get_config_variable(
+                            "ec2_metadata_v1_disabled"
+                        ),
+                    },
+                )
+            ),
+        ]
+    )
+    return _Lazy(lambda: sourcer.source_credentials(profile.credential_source), profile)
+
+
+def _assumed(profile: Profile, source: Any, session: botocore.session.Session) -> Any:
+    """The role's credentials from STS AssumeRole, reached where the AWS configuration says
+    ($AWS_ENDPOINT_URL_STS, the config file's services), never at the profile's endpoint."""
+    extra: dict[str, Any] = {"RoleSessionName": profile.role_session_name or DEFAULT_ROLE_SESSION}
+    if profile.duration_seconds:
+        extra["DurationSeconds"] = profile.duration_seconds
+    if profile.external_id:
+        extra["ExternalId"] = profile.external_id
+
+    def sts_client(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("region_name", profile.region)
+        kwargs.setdefault("verify", verify_for(profile))
+        if profile.proxy:
+            kwargs.setdefault("config", Config(proxies=_both(profile.proxy)))
+        return session.create_client(*args, **kwargs)
+
+    fetcher = AssumeRoleCredentialFetcher(
+        client_creator=sts_client,
+        source_credentials=source,
+        role_arn=profile.role_arn,
+        extra_args=extra,
+        cache={},
+        expiry_window_seconds=MANDATORY_REFRESH,
+    )
+    return _Rotating(refresh_using=fetcher.fetch_credentials, method="assume-role")
+
+
+def _both(proxy: str) -> dict[str, str]:
+    return {"http": proxy, "https": proxy}
+
+
+class _Lazy:
+    """Credentials fetched on first use (a container or instance endpoint answers when the
+    uploader asks, not when the profile is read), then whatever botocore's provider gave."""
+
+    def __init__(self, fetch: Any, profile: Profile) -> None:
+        self._fetch = fetch
+        self._profile = profile
+        self._found: Any = None
+
+    def resolve(self) -> Any:
+        if self._found is None:
+            found = self._fetch()
+            if found is None:
+                raise ConfigError(
+                    f"profile {self._profile.name!r}: credential_source "
+                    f"{self._profile.credential_source} gave no credentials"
+                )
+            self._found = found
+        return self._found
+
+    def get_frozen_credentials(self) -> ReadOnlyCredentials:
+        return self.resolve().get_frozen_credentials()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.resolve(), name)

@@ -1,5 +1,5 @@
 """Fixtures: one real local S3 server (SeaweedFS, auth on) for the session, a bucket and a
-server directory per test."""
+server directory per test; a test CA for TLS."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 from spool import Spool, new_bucket
+from tlsca import CertAuthority
 
 from flood.testing.localserver import LocalS3
 
@@ -41,3 +42,10 @@ def spool(tmp_path: Path, s3: LocalS3) -> Iterator[Spool]:
     sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1")})
     yield sp
     sp.close()
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
+    """A test CA for the session; `ca.bundle` is the PEM file to trust, `ca.issue(...)` makes
+    server certificates."""
+    return CertAuthority(tmp_path_factory.mktemp("ca"))

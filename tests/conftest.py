@@ -13,9 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 from spool import Spool, new_bucket
-from tlsca import CertAuthority
+from tlsca import CertAuthority, HttpsS3
 
-from flood.testing.localserver import LocalS3
+from flood.testing.localserver import LocalS3, ServerTLS
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +49,14 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
     """A test CA for the session; `ca.bundle` is the PEM file to trust, `ca.issue(...)` makes
     server certificates."""
     return CertAuthority(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def s3_https(tmp_path_factory: pytest.TempPathFactory, ca: CertAuthority) -> Iterator[HttpsS3]:
+    """A second local S3 server whose gateway also serves HTTPS (a certificate for localhost,
+    127.0.0.1 and ::1 from `ca`), with the CA bundle to trust."""
+    files = ca.localhost
+    server = LocalS3(tmp_path_factory.mktemp("s3-https"), tls=ServerTLS(files.cert, files.key))
+    server.start()
+    yield HttpsS3(server, ca.bundle)
+    server.stop()

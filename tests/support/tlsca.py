@@ -14,11 +14,15 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+if TYPE_CHECKING:
+    from flood.testing.localserver import Identity, LocalS3
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 WRONG_HOST = "wrong-host.flood.test"
@@ -170,6 +174,22 @@ class CertAuthority:
     def client_context(self) -> ssl.SSLContext:
         """A client-side TLS context that trusts this CA only, with host name checking on."""
         return ssl.create_default_context(cafile=str(self.bundle))
+
+
+class HttpsS3(NamedTuple):
+    """A started LocalS3 with its HTTPS port on, and the CA bundle that verifies it."""
+
+    server: LocalS3
+    ca_bundle: Path
+
+    @property
+    def endpoint(self) -> str:
+        """The server's HTTPS endpoint."""
+        return self.server.https_endpoint
+
+    def client(self, identity: Identity | None = None) -> Any:
+        """A boto3 client over HTTPS that trusts the test CA."""
+        return self.server.client(identity, endpoint=self.endpoint, verify=str(self.ca_bundle))
 
 
 class HandshakeServer:

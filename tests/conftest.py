@@ -1,5 +1,5 @@
 """Fixtures: one real local S3 server (SeaweedFS, auth on) for the session, a bucket and a
-server directory per test; a test CA for TLS."""
+server directory per test; a test CA, SeaweedFS over HTTPS and moto's standalone server."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
+from motoserver import MotoServer
 from spool import Spool, new_bucket
 from tlsca import CertAuthority, HttpsS3
 
@@ -59,4 +60,14 @@ def s3_https(tmp_path_factory: pytest.TempPathFactory, ca: CertAuthority) -> Ite
     server = LocalS3(tmp_path_factory.mktemp("s3-https"), tls=ServerTLS(files.cert, files.key))
     server.start()
     yield HttpsS3(server, ca.bundle)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's standalone server for the session: a second S3 implementation (it checks no
+    signatures and no Content-MD5: tests/integration/test_motoserver.py)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
     server.stop()

@@ -1,10 +1,11 @@
 """Fixtures: one real local S3 server (SeaweedFS, auth on) for the session, a bucket and a
-server directory per test; a test CA, SeaweedFS over HTTPS and moto's standalone server."""
+server directory per test; a test CA, SeaweedFS over HTTPS, moto's standalone server and
+forward proxies."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
+from forwardproxy import ForwardProxy
 from motoserver import MotoServer
 from spool import Spool, new_bucket
 from tlsca import CertAuthority, HttpsS3
@@ -71,3 +73,21 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def forward_proxy(ca: CertAuthority) -> Iterator[Callable[..., ForwardProxy]]:
+    """Start a forward proxy with ForwardProxy's options (`ca` defaults to the test CA): call it
+    as often as needed; every proxy it started is stopped after the test."""
+    started: list[ForwardProxy] = []
+
+    def start(**options: Any) -> ForwardProxy:
+        options.setdefault("ca", ca)
+        proxy = ForwardProxy(**options)
+        proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()

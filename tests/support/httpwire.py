@@ -1,4 +1,4 @@
-"""HTTP/1.1 request heads as the test proxies see them: parsing, framing, and a tap that finds
+"""HTTP/1.1 message heads as the test proxies see them: parsing, framing, and a tap that finds
 each request head in a relayed byte stream."""
 
 from __future__ import annotations
@@ -8,13 +8,9 @@ from dataclasses import dataclass
 MAX_HEAD = 64 * 1024
 
 
-@dataclass(frozen=True)
-class RequestHead:
-    """A request line and its headers, as they came (names keep their case, order is kept)."""
+class _Headers:
+    """Header look-ups shared by request and response heads."""
 
-    method: str
-    target: str  # origin-form path, absolute-form URL, or CONNECT's host:port
-    version: str
     headers: tuple[tuple[str, str], ...]
 
     def header(self, name: str) -> str | None:
@@ -33,37 +29,80 @@ class RequestHead:
         return self.has_token("transfer-encoding", "chunked")
 
     @property
-    def content_length(self) -> int:
-        """The body's length when it is not chunked (0 when no Content-Length is given)."""
+    def content_length(self) -> int | None:
+        """The Content-Length, or None when there is none."""
         value = self.header("content-length")
         if value is None:
-            return 0
+            return None
         length = int(value)
         if length < 0:
             raise ValueError(f"negative Content-Length {value!r}")
         return length
 
-    def encode(self) -> bytes:
-        """The head as bytes on the wire, with the blank line that ends it."""
-        lines = [f"{self.method} {self.target} {self.version}"]
-        lines += [f"{key}: {value}" for key, value in self.headers]
+    def _encode(self, first_line: str) -> bytes:
+        lines = [first_line, *(f"{key}: {value}" for key, value in self.headers)]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def parse_request_head(head: bytes) -> RequestHead:
-    """Parse a request head (without the blank line after it); ValueError if it is malformed."""
-    text = head.decode("latin-1")
-    request_line, *lines = text.split("\r\n")
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-        raise ValueError(f"not a request line: {request_line[:80]!r}")
+@dataclass(frozen=True)
+class RequestHead(_Headers):
+    """A request line and its headers, as they came (names keep their case, order is kept)."""
+
+    method: str
+    target: str  # origin-form path, absolute-form URL, or CONNECT's host:port
+    version: str
+    headers: tuple[tuple[str, str], ...]
+
+    def encode(self) -> bytes:
+        """The head as bytes on the wire, with the blank line that ends it."""
+        return self._encode(f"{self.method} {self.target} {self.version}")
+
+
+@dataclass(frozen=True)
+class ResponseHead(_Headers):
+    """A status line and its headers."""
+
+    version: str
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+
+    def encode(self) -> bytes:
+        """The head as bytes on the wire, with the blank line that ends it."""
+        return self._encode(f"{self.version} {self.status} {self.reason}")
+
+
+def _parse_headers(lines: list[str]) -> tuple[tuple[str, str], ...]:
     headers = []
     for line in lines:
         key, sep, value = line.partition(":")
         if not sep or not key or key != key.strip():
             raise ValueError(f"not a header line: {line[:80]!r}")
         headers.append((key, value.strip()))
-    return RequestHead(parts[0], parts[1], parts[2], tuple(headers))
+    return tuple(headers)
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """Parse a request head (without the blank line after it); ValueError if it is malformed."""
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise ValueError(f"not a request line: {request_line[:80]!r}")
+    return RequestHead(
+        method=parts[0], target=parts[1], version=parts[2], headers=_parse_headers(lines)
+    )
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse a response head (without the blank line after it); ValueError if it is malformed."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit():
+        raise ValueError(f"not a status line: {status_line[:80]!r}")
+    return ResponseHead(
+        version=version, status=int(code), reason=reason, headers=_parse_headers(lines)
+    )
 
 
 class RequestTap:

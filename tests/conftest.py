@@ -1,6 +1,6 @@
 """Fixtures: one real local S3 server (SeaweedFS, auth on) for the session, a bucket and a
-server directory per test; a test CA, SeaweedFS over HTTPS, moto's standalone server and
-forward proxies."""
+server directory per test; a test CA, SeaweedFS over HTTPS, moto's standalone server, and
+forward proxies (the suite's own and tinyproxy)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "support"))
 from forwardproxy import ForwardProxy
 from motoserver import MotoServer
 from spool import Spool, new_bucket
+from tinyproxy import TinyProxy, find_tinyproxy
 from tlsca import CertAuthority, HttpsS3
 
 from flood.testing.localserver import LocalS3, ServerTLS
@@ -91,3 +92,15 @@ def forward_proxy(ca: CertAuthority) -> Iterator[Callable[..., ForwardProxy]]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def tinyproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyProxy]:
+    """tinyproxy for the session, CONNECT allowed to any port, no authentication; the test
+    skips when the binary is not installed."""
+    if find_tinyproxy() is None:
+        pytest.skip("tinyproxy is not installed (apt-get install tinyproxy; .ci/run does)")
+    proxy = TinyProxy(tmp_path_factory.mktemp("tinyproxy"))
+    proxy.start()
+    yield proxy
+    proxy.stop()

@@ -337,8 +337,8 @@ class FaultProxy:
         client.settimeout(READ_TIMEOUT)
         try:
             self._read_request(client)
+            self._count_fault()  # before the answer: a client that has it sees the count
             client.sendall(_slow_down_response())
-            self._count_fault()
             client.shutdown(socket.SHUT_WR)
             while client.recv(BUFSIZE):  # let the client close first, so no RST eats the answer
                 pass

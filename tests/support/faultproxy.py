@@ -185,7 +185,9 @@ class FaultProxy:
                     sock.shutdown(socket.SHUT_RDWR)
         self._wake()
         deadline = time.monotonic() + JOIN_TIMEOUT
-        for thread in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._wake_r.close()
         self._wake_w.close()
@@ -265,9 +267,9 @@ class FaultProxy:
 
     def _spawn(self, target: Callable[..., None], *args: socket.socket) -> threading.Thread:
         thread = threading.Thread(target=self._run, args=(target, *args), daemon=True)
-        with self._lock:
+        with self._lock:  # started under the lock: stop() never sees a thread it cannot join
             self._threads.add(thread)
-        thread.start()
+            thread.start()
         return thread
 
     def _run(self, target: Callable[..., None], *args: socket.socket) -> None:

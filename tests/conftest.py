@@ -1,5 +1,6 @@
 """Fixtures: one real local S3 server (SeaweedFS, auth on) for the session, a bucket and a
-server directory per test; real PostgreSQL servers."""
+server directory per test; a test CA, SeaweedFS over HTTPS, moto's standalone server,
+forward proxies (the suite's own and tinyproxy), real PostgreSQL and Prometheus servers."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
+from forwardproxy import ForwardProxy
+from motoserver import MotoServer
 from postgres import Postgres, describe_unavailable
 from prometheus import Prometheus, unavailable
 from spool import Spool, new_bucket
+from tinyproxy import TinyProxy, find_tinyproxy
+from tlsca import CertAuthority, HttpsS3
 
-from flood.testing.localserver import LocalS3
+from flood.testing.localserver import LocalS3, ServerTLS
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +96,61 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
+    """A test CA for the session; `ca.bundle` is the PEM file to trust, `ca.issue(...)` makes
+    server certificates."""
+    return CertAuthority(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def s3_https(tmp_path_factory: pytest.TempPathFactory, ca: CertAuthority) -> Iterator[HttpsS3]:
+    """A second local S3 server whose gateway also serves HTTPS (a certificate for localhost,
+    127.0.0.1 and ::1 from `ca`), with the CA bundle to trust."""
+    files = ca.localhost
+    server = LocalS3(tmp_path_factory.mktemp("s3-https"), tls=ServerTLS(files.cert, files.key))
+    server.start()
+    yield HttpsS3(server, ca.bundle)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's standalone server for the session: a second S3 implementation (it checks no
+    signatures and no Content-MD5: tests/integration/test_motoserver.py)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def forward_proxy(ca: CertAuthority) -> Iterator[Callable[..., ForwardProxy]]:
+    """Start a forward proxy with ForwardProxy's options (`ca` defaults to the test CA): call it
+    as often as needed; every proxy it started is stopped after the test."""
+    started: list[ForwardProxy] = []
+
+    def start(**options: Any) -> ForwardProxy:
+        options.setdefault("ca", ca)
+        proxy = ForwardProxy(**options)
+        proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def tinyproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyProxy]:
+    """tinyproxy for the session, CONNECT allowed to any port, no authentication; the test
+    skips when the binary is not installed."""
+    if find_tinyproxy() is None:
+        pytest.skip("tinyproxy is not installed (apt-get install tinyproxy; .ci/run does)")
+    proxy = TinyProxy(tmp_path_factory.mktemp("tinyproxy"))
+    proxy.start()
+    yield proxy
+    proxy.stop()

@@ -12,6 +12,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import string
 import subprocess
 import sys
@@ -30,6 +31,7 @@ HOST = "127.0.0.1"
 GRPC_OFFSET = 10000  # SeaweedFS puts each HTTP port's gRPC twin at port + 10000
 PORT_RANGE = (10000, 22768)  # port and port + 10000 both below the ephemeral range (32768+)
 ROLES = ("s3", "master", "volume", "filer", "admin")
+HTTPS_ROLE = "https"  # the S3 gateway's TLS port, beside the plain one, when TLS is on
 # Each bucket is a collection with one volume of its own; 64 MiB volumes grow sparse, so a high
 # cap costs nothing on disk and lets a test session create hundreds of buckets.
 VOLUME_MAX = 1000
@@ -39,6 +41,19 @@ LOG_TAIL = 20
 PR_SET_PDEATHSIG = 1
 _ALNUM_UPPER = string.ascii_uppercase + string.digits
 _ALNUM = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The S3 gateway's certificate and key (PEM files), and the host name clients use for it.
+
+    `host` must be one of the certificate's names (`localhost` or `127.0.0.1`: the server
+    listens on 127.0.0.1 only).
+    """
+
+    cert: Path
+    key: Path
+    host: str = "localhost"
 
 
 @dataclass(frozen=True, repr=False)
@@ -115,8 +130,8 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn so that the server dies with us even if the test run is killed (Linux)."""
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn so that a server child dies with us even if the test run is killed (Linux)."""
     if not sys.platform.startswith("linux"):
         return None
     # Resolved here, in the parent: the child between fork and exec only makes the call.
@@ -130,8 +145,16 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def _http_answers(port: int) -> bool:
-    conn = http.client.HTTPConnection(HOST, port, timeout=1.0)
+def _http_answers(port: int, *, tls: bool = False) -> bool:
+    conn: http.client.HTTPConnection
+    if tls:
+        # Readiness only: any certificate will do (the clients verify it against their CA).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(HOST, port, timeout=1.0, context=context)
+    else:
+        conn = http.client.HTTPConnection(HOST, port, timeout=1.0)
     try:
         conn.request("GET", "/")
         conn.getresponse().read()
@@ -175,7 +198,10 @@ def _tail(path: Path, lines: int = LOG_TAIL) -> str:
 
 
 class LocalS3:
-    """A SeaweedFS server on loopback with signature checking on, owned by this process."""
+    """A SeaweedFS server on loopback with signature checking on, owned by this process.
+
+    With `tls=` its S3 gateway also serves HTTPS, on a port of its own (`https_endpoint`).
+    """
 
     def __init__(
         self,
@@ -183,9 +209,11 @@ class LocalS3:
         identities: Sequence[Identity] | None = None,
         *,
         volume_size_limit_mb: int = 64,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.volume_size_limit_mb = volume_size_limit_mb
+        self.tls = tls
         self.log_path = self.workdir / "weed.log"
         self.config_path = self.workdir / "s3-identities.json"
         self.data_dir: Path | None = None
@@ -234,6 +262,20 @@ class LocalS3:
         return f"http://{HOST}:{self.port}"
 
     @property
+    def https_port(self) -> int:
+        """The S3 gateway's HTTPS port (0 before the first start or without TLS)."""
+        return self._ports.get(HTTPS_ROLE, 0)
+
+    @property
+    def https_endpoint(self) -> str:
+        """The S3 endpoint URL over TLS, by the host name the certificate is for."""
+        if self.tls is None:
+            raise RuntimeError("LocalS3 was made without tls=: no HTTPS endpoint")
+        if not self.https_port:
+            raise RuntimeError("LocalS3 has not been started: no endpoint yet")
+        return f"https://{self.tls.host}:{self.https_port}"
+
+    @property
     def pid(self) -> int | None:
         """The server's process id while it runs."""
         return self._proc.pid if self.running and self._proc is not None else None
@@ -258,7 +300,8 @@ class LocalS3:
             self._launch_and_wait(timeout)
             return
         for attempt in range(1, START_ATTEMPTS + 1):
-            self._ports = dict(zip(ROLES, _free_ports(len(ROLES)), strict=True))
+            roles = (*ROLES, HTTPS_ROLE) if self.tls is not None else ROLES
+            self._ports = dict(zip(roles, _free_ports(len(roles)), strict=True))
             self.data_dir = Path(tempfile.mkdtemp(prefix="weed-data-", dir=self.workdir))
             try:
                 self._launch_and_wait(timeout)
@@ -275,7 +318,7 @@ class LocalS3:
             log.flush()
             self._proc = self._spawn(log)
         deadline = time.monotonic() + timeout
-        while not _http_answers(self.port):
+        while not self._answers():
             if self._proc.poll() is not None:
                 self._proc = None
                 raise RuntimeError(self._failure("exited during startup"))
@@ -285,6 +328,11 @@ class LocalS3:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=0.05)  # wakes early if the server dies
 
+    def _answers(self) -> bool:
+        if not _http_answers(self.port):
+            return False
+        return self.tls is None or _http_answers(self.https_port, tls=True)
+
     def _spawn(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             self.command(),
@@ -293,7 +341,7 @@ class LocalS3:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=die_with_parent(),
         )
 
     def _failure(self, what: str) -> str:
@@ -303,6 +351,13 @@ class LocalS3:
         """The `weed mini` command line for the current ports and data dir."""
         assert self.data_dir is not None
         p = self._ports
+        tls: list[str] = []
+        if self.tls is not None:
+            tls = [
+                f"-s3.port.https={p[HTTPS_ROLE]}",
+                f"-s3.cert.file={self.tls.cert}",
+                f"-s3.key.file={self.tls.key}",
+            ]
         return [
             find_weed(),
             "mini",
@@ -324,6 +379,7 @@ class LocalS3:
             f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
             f"-volume.max={VOLUME_MAX}",
             "-volume.preStopSeconds=0",
+            *tls,
         ]
 
     def stop(self) -> None:
@@ -361,8 +417,17 @@ class LocalS3:
 
     # -- clients ------------------------------------------------------------------------------
 
-    def client(self, identity: Identity | None = None) -> Any:
-        """A boto3 S3 client for this server, signed as `identity` (default: the admin)."""
+    def client(
+        self,
+        identity: Identity | None = None,
+        *,
+        endpoint: str | None = None,
+        verify: str | bool | None = None,
+    ) -> Any:
+        """A boto3 S3 client for this server, signed as `identity` (default: the admin).
+
+        `endpoint` defaults to the plain one; give `https_endpoint` with `verify=` a CA bundle.
+        """
         import boto3  # lazily: this module must import without boto3
         from botocore.config import Config
 
@@ -370,10 +435,11 @@ class LocalS3:
         session = boto3.session.Session()
         return session.client(
             "s3",
-            endpoint_url=self.endpoint,
+            endpoint_url=endpoint or self.endpoint,
             region_name=REGION,
             aws_access_key_id=ident.access_key,
             aws_secret_access_key=ident.secret_key,
+            verify=verify,
             config=Config(s3={"addressing_style": "path"}),
         )
 

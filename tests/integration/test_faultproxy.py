@@ -26,6 +26,7 @@ from botocore.exceptions import (  # noqa: E402
     EndpointConnectionError,
 )
 from faultproxy import FaultProxy  # noqa: E402
+from httpwire import RequestTap  # noqa: E402
 
 from flood.testing.localserver import LocalS3  # noqa: E402
 
@@ -69,6 +70,25 @@ def client(server: LocalS3, proxy: FaultProxy) -> Any:
             read_timeout=10,
             s3={"addressing_style": "path"},
         ),
+    )
+
+
+@pytest.fixture
+def recording(server: LocalS3) -> Iterator[FaultProxy]:
+    """A proxy in front of the server that records the request heads it forwards."""
+    with FaultProxy("127.0.0.1", server.port, record=True) as fp:
+        yield fp
+
+
+def client_for(server: LocalS3, proxy: FaultProxy) -> Any:
+    """A boto3 client through `proxy`, with retries off."""
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=proxy.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=server.admin.access_key,
+        aws_secret_access_key=server.admin.secret_key,
+        config=Config(retries={"total_max_attempts": 1}, s3={"addressing_style": "path"}),
     )
 
 
@@ -173,3 +193,67 @@ def test_stop_is_prompt_with_idle_clients(server: LocalS3) -> None:
     assert fp.connections == 3
     for sock in idle:
         sock.close()
+
+
+def test_record_is_off_by_default(client: Any, proxy: FaultProxy, bucket: str) -> None:
+    """A proxy made without record= keeps no request heads."""
+    client.put_object(Bucket=bucket, Key="k", Body=b"x")
+    assert proxy.received == []
+
+
+def test_record_shows_headers_the_server_drops(
+    server: LocalS3, recording: FaultProxy, bucket: str
+) -> None:
+    """The record holds the x-amz-acl the server accepted but did not keep on the object."""
+    client = client_for(server, recording)
+    client.put_object(Bucket=bucket, Key="a/k", Body=b"x", ACL="public-read", Metadata={"m": "1"})
+    grants = client.get_object_acl(Bucket=bucket, Key="a/k")["Grants"]
+    assert not [g for g in grants if "AllUsers" in g["Grantee"].get("URI", "")]
+    put = [h for h in recording.received if h.method == "PUT"]
+    assert [h.target for h in put] == [f"/{bucket}/a/k"]
+    assert put[0].header("X-Amz-Acl") == "public-read" and put[0].header("x-amz-meta-m") == "1"
+    assert (put[0].header("authorization") or "").startswith("AWS4-HMAC-SHA256 ")
+
+
+def test_record_follows_a_kept_alive_connection(
+    server: LocalS3, recording: FaultProxy, bucket: str
+) -> None:
+    """Every request on one kept-alive connection is recorded in order, a 100-continue PUT too."""
+    client = client_for(server, recording)
+    client.put_object(Bucket=bucket, Key="k", Body=io.BytesIO(b"z" * 300_000))
+    client.get_object(Bucket=bucket, Key="k")["Body"].read()
+    client.head_object(Bucket=bucket, Key="k")
+    heads = recording.received
+    assert [(h.method, h.target) for h in heads] == [
+        ("PUT", f"/{bucket}/k"),
+        ("GET", f"/{bucket}/k"),
+        ("HEAD", f"/{bucket}/k"),
+    ]
+    assert heads[0].header("expect") == "100-continue" and heads[0].content_length == 300_000
+    assert recording.connections == 1
+    recording.clear_received()
+    assert recording.received == []
+
+
+def test_tap_finds_heads_byte_by_byte() -> None:
+    """The tap finds each head of a pipelined stream fed one byte at a time: sized, chunked
+    with trailers, and bodiless requests."""
+    stream = (
+        b"PUT /b/one HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"PUT /b/two HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-amz-checksum-crc32: AAAAAA==\r\n\r\n"
+        b"PUT /b/three HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /b/four HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    tap = RequestTap()
+    heads = [head for i in range(len(stream)) for head in tap.feed(stream[i : i + 1])]
+    assert [h.target for h in heads] == ["/b/one", "/b/two", "/b/three", "/b/four"]
+    assert heads[1].chunked and heads[0].content_length == 5 and not tap.broken
+    assert RequestTap().feed(stream) == heads
+
+
+def test_tap_goes_quiet_on_bytes_that_are_not_http() -> None:
+    """Fed bytes that are not HTTP (a TLS hello), the tap returns nothing and stays broken."""
+    tap = RequestTap()
+    assert tap.feed(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n") == []
+    assert tap.broken and tap.feed(b"GET / HTTP/1.1\r\n\r\n") == []

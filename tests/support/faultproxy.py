@@ -1,4 +1,5 @@
-"""A threaded TCP proxy that injects connection faults between a client and the local S3 server."""
+"""A threaded TCP proxy that injects connection faults between a client and the local S3 server,
+and can record the request heads it forwards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+
+from httpwire import RequestHead, RequestTap
 
 MODES = ("pass", "refuse", "reset", "503")
 HOST = "127.0.0.1"
@@ -98,10 +101,16 @@ def _slow_down_response() -> bytes:
 
 
 class FaultProxy:
-    """Forwards TCP to an upstream, or refuses, resets or answers 503, as `mode` says."""
+    """Forwards TCP to an upstream, or refuses, resets or answers 503, as `mode` says.
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    With `record=True` it also keeps the head of every request it forwards (`received`): what
+    the server was sent, for headers a server accepts without storing.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, record: bool = False) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.record = record
+        self._received: list[RequestHead] = []
         self.port = 0
         self._mode = "pass"
         self._lock = threading.Lock()
@@ -139,6 +148,21 @@ class FaultProxy:
         with self._lock:
             return self._requests_faulted
 
+    @property
+    def received(self) -> list[RequestHead]:
+        """With `record`, the heads of the requests forwarded so far, oldest first.
+
+        A head is recorded before its bytes are sent on, so once a response has come back
+        its request is here.
+        """
+        with self._lock:
+            return list(self._received)
+
+    def clear_received(self) -> None:
+        """Forget the recorded heads."""
+        with self._lock:
+            self._received.clear()
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -161,7 +185,9 @@ class FaultProxy:
                     sock.shutdown(socket.SHUT_RDWR)
         self._wake()
         deadline = time.monotonic() + JOIN_TIMEOUT
-        for thread in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._wake_r.close()
         self._wake_w.close()
@@ -241,9 +267,9 @@ class FaultProxy:
 
     def _spawn(self, target: Callable[..., None], *args: socket.socket) -> threading.Thread:
         thread = threading.Thread(target=self._run, args=(target, *args), daemon=True)
-        with self._lock:
+        with self._lock:  # started under the lock: stop() never sees a thread it cannot join
             self._threads.add(thread)
-        thread.start()
+            thread.start()
         return thread
 
     def _run(self, target: Callable[..., None], *args: socket.socket) -> None:
@@ -274,17 +300,19 @@ class FaultProxy:
             stopping = self._stopping
         if not stopping:
             back = self._spawn(self._pump, upstream, client)
-            self._pump(client, upstream)
+            self._pump(client, upstream, RequestTap() if self.record else None)
             back.join()
         with self._lock:
             self._live.difference_update((client, upstream))
         _close(client)
         _close(upstream)
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, tap: RequestTap | None = None) -> None:
         try:
             while data := src.recv(BUFSIZE):
+                if tap is not None and (heads := tap.feed(data)):
+                    with self._lock:
+                        self._received.extend(heads)
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # one side broke: stop the other direction too
@@ -311,8 +339,8 @@ class FaultProxy:
         client.settimeout(READ_TIMEOUT)
         try:
             self._read_request(client)
+            self._count_fault()  # before the answer: a client that has it sees the count
             client.sendall(_slow_down_response())
-            self._count_fault()
             client.shutdown(socket.SHUT_WR)
             while client.recv(BUFSIZE):  # let the client close first, so no RST eats the answer
                 pass

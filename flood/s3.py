@@ -47,7 +47,12 @@ def client_for(connection: Connection, *, pool: int = 10) -> Any:
         read_timeout=READ_TIMEOUT,
         # Flood's own policy does the long waits (flood.retry); botocore may only retry a blip.
         retries={"mode": "standard", "total_max_attempts": 2},
-        s3={"addressing_style": "path" if profile.endpoint else "auto"},
+        # Amazon's regional host, as the lean client addresses it (us-east-1 too: botocore
+        # would go to s3.amazonaws.com there).
+        s3={
+            "addressing_style": "path" if profile.endpoint else "auto",
+            "us_east_1_regional_endpoint": "regional",
+        },
         max_pool_connections=pool,
         tcp_keepalive=True,
         user_agent_extra=f"flood/{__version__}",

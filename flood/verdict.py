@@ -4,6 +4,7 @@ condemns (the file, its bucket, its profile), its reason code and its kind for r
 from __future__ import annotations
 
 import builtins
+import re
 import ssl
 from dataclasses import dataclass
 from enum import StrEnum
@@ -164,7 +165,10 @@ def _root(exc: BaseException) -> BaseException:
 
 def _tls_failure(exc: BaseException) -> bool:
     """A certificate that did not verify, anywhere in the chain of causes."""
-    return any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc))
+    return any(
+        isinstance(e, ssl.SSLCertVerificationError) or type(e).__name__ == "CertificateError"
+        for e in causes(exc)
+    )
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -175,7 +179,9 @@ def causes(exc: BaseException) -> list[BaseException]:
     while seen is not None and seen not in chain and len(chain) < 8:
         chain.append(seen)
         kept = getattr(seen, "kwargs", {}).get("error") if hasattr(seen, "kwargs") else None
-        seen = kept if isinstance(kept, BaseException) else (seen.__cause__ or seen.__context__)
+        if not isinstance(kept, BaseException):  # urllib3 wraps the error in its args
+            kept = next((a for a in seen.args if isinstance(a, BaseException)), None)
+        seen = kept if kept is not None else (seen.__cause__ or seen.__context__)
     return chain
 
 
@@ -192,8 +198,9 @@ def describe(exc: BaseException) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLCertVerificationError) or type(exc).__name__ == "CertificateError":
+        # urllib3 checks host names itself, with a CertificateError of its own
+        return f"certificate verify failed: {getattr(exc, 'verify_message', None) or exc}"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     if isinstance(exc, OSError) and exc.strerror:
@@ -201,4 +208,10 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     text = str(exc)
+    tunnel = _TUNNEL_RE.search(text)
+    if tunnel:  # urllib3's words for a proxy's answer to CONNECT
+        return f"proxy refused CONNECT: {tunnel.group(1)}"
     return text if len(text) < 300 else text[:297] + "..."
+
+
+_TUNNEL_RE = re.compile(r"Tunnel connection failed: ([^')\"]+)")

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import dataclasses
 import ipaddress
+import re
 import ssl
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -243,7 +244,12 @@ class ForwardProxy:
     terminate: names (or `*.suffix`) whose CONNECT tunnels the proxy ends itself: it answers
         200, takes the TLS handshake with a certificate from `ca` for the SNI name, and relays
         the plain HTTP to the mapped plain-HTTP backend.
-    `relay_continue` and `refuse_connect` may be changed while the proxy runs.
+    regions: bucket -> the AWS region it lives in; a terminated request for it addressed to
+        another region's host is answered as S3 answers it: 301 PermanentRedirect with the
+        bucket's region in x-amz-bucket-region.
+    faults: a path's end (`/bucket/key`) -> an HTTP status the proxy answers for every request
+        to it (503 as SlowDown), as a server failing one key while others succeed would.
+    `relay_continue`, `refuse_connect` and `faults` may be changed while the proxy runs.
     """
 
     def __init__(
@@ -255,11 +261,15 @@ class ForwardProxy:
         refuse_connect: bool = False,
         terminate: Mapping[str, Address] | None = None,
         ca: CertAuthority | None = None,
+        regions: Mapping[str, str] | None = None,
+        faults: Mapping[str, int] | None = None,
     ) -> None:
         if terminate and ca is None:
             raise ValueError("terminate= needs ca= to issue the certificates")
         self.hosts = {name.lower(): addr for name, addr in (hosts or {}).items()}
         self.terminate = {name.lower(): addr for name, addr in (terminate or {}).items()}
+        self.regions = dict(regions or {})
+        self.faults = dict(faults or {})
         self.auth = auth
         self.relay_continue = relay_continue
         self.refuse_connect = refuse_connect
@@ -473,11 +483,52 @@ class ForwardProxy:
             while (head := await _read_request(reader)) is not None:
                 url = f"https://{authority}{head.target}"
                 logged = dataclasses.replace(head, target=url)
+                region = self._elsewhere(authority, head.target)
+                if region is not None:
+                    await self._redirect(head, reader, writer, logged, region)
+                    return
                 exchange = _Exchange(self, head, reader, writer, upstream)
                 if not await exchange.run(backend, head.target, Carry.TLS, logged):
                     return
         finally:
             upstream.drop()
+
+    def _elsewhere(self, authority: str, target: str) -> str | None:
+        """The bucket's own region when this request went to another region's host."""
+        host = authority.split(":")[0].lower()
+        match = re.match(
+            r"^(?:(?P<vhost>[^.]+)\.)?s3\.(?P<region>[a-z0-9-]+)\.amazonaws\.com$", host
+        )
+        if match is None:
+            return None
+        bucket = match.group("vhost") or target.lstrip("/").split("/")[0].split("?")[0]
+        wanted = self.regions.get(bucket)
+        return wanted if wanted is not None and wanted != match.group("region") else None
+
+    async def _redirect(
+        self,
+        head: RequestHead,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        logged: RequestHead,
+        region: str,
+    ) -> None:
+        length = int(head.header("content-length") or 0)
+        if length and head.header("expect") is None:
+            await reader.readexactly(length)  # read it: closing on unread bytes would reset
+        self._record(Carried(Carry.TLS, logged, 301, None))
+        body = (
+            "<?xml version='1.0' encoding='UTF-8'?><Error><Code>PermanentRedirect</Code>"
+            "<Message>The bucket you are attempting to access must be addressed using the "
+            "specified endpoint.</Message></Error>"
+        )
+        await _answer(
+            writer,
+            301,
+            "Moved Permanently",
+            ("x-amz-bucket-region", region),
+            body=body,
+        )
 
     def _context_for(self, name: str) -> ssl.SSLContext:
         """A server context with a certificate for `name`, switching by SNI to other names."""
@@ -515,6 +566,21 @@ class ForwardProxy:
             await _answer(writer, 502, "Bad Gateway", body=f"{url.hostname} is not mapped here")
             return False
         origin = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        status = next((v for k, v in self.faults.items() if url.path.endswith(k)), None)
+        if status is not None:
+            length = int(head.header("content-length") or 0)
+            if length:
+                await reader.readexactly(length)
+            self._record(Carried(Carry.HTTP, head, status, None))
+            code = "SlowDown" if status == 503 else "InternalError"
+            await _answer(
+                writer,
+                status,
+                "Fault",
+                body=f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>fault</Message>"
+                "</Error>",
+            )
+            return False
         return await _Exchange(self, head, reader, writer, upstream).run(
             route, origin, Carry.HTTP, head
         )

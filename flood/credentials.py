@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flood import checksums, units
 from flood.errors import ConfigError, InvalidName
 from flood.layout import check_profile
 
@@ -34,7 +35,13 @@ KEYS = (
     "role_session_name",
     "external_id",
     "duration_seconds",
+    "checksum",
+    "part_size",
+    "parts_in_flight",
+    "max_bandwidth",
 )
+MIN_PART = 5 * 1024 * 1024  # S3's smallest part but the last
+MAX_PART = 5 * 1024 * 1024 * 1024
 ALIASES = {"region": "aws_region", "endpoint_url": "aws_endpoint"}
 
 
@@ -58,6 +65,10 @@ class Profile:
     role_session_name: str | None = None
     external_id: str | None = field(default=None, repr=False)
     duration_seconds: int | None = None
+    checksum: str = "md5"  # what each part carries for the server to verify
+    part_size: int | None = None  # bytes; None: the supervisor's --part-size
+    parts_in_flight: int | None = None  # None: the supervisor's --parts-in-flight
+    max_bandwidth: float | None = None  # bytes per second for all the profile's uploads
 
     @property
     def static_keys(self) -> bool:
@@ -178,6 +189,10 @@ def _profile(name: str, section: Mapping[str, str]) -> Profile:
         role_session_name=values.get("role_session_name") or None,
         external_id=values.get("external_id") or None,
         duration_seconds=_duration(name, values.get("duration_seconds")),
+        checksum=_checksum(name, provider, values.get("checksum")),
+        part_size=_part_size(name, values.get("part_size")),
+        parts_in_flight=_count(name, "parts_in_flight", values.get("parts_in_flight"), 64),
+        max_bandwidth=_rate(name, values.get("max_bandwidth")),
     )
 
 
@@ -304,6 +319,54 @@ def proxy_url(value: str | None, what: str) -> str | None:
         raise ConfigError(f"{what}: {shown or 'the value'} is not http://[user:password@]host:port")
     del port
     return text.rstrip("/")
+
+
+def _checksum(name: str, provider: str, value: str | None) -> str:
+    """The per-part checksum: one the provider verifies, and this machine can compute."""
+    algorithm = (value or "md5").lower()
+    if algorithm not in checksums.ALGORITHMS:
+        raise ConfigError(
+            f"profile {name!r}: checksum {value!r} is not one of {', '.join(checksums.ALGORITHMS)}"
+        )
+    if algorithm not in checksums.SUPPORTED[provider]:
+        known = ", ".join(checksums.SUPPORTED[provider])
+        raise ConfigError(
+            f"profile {name!r}: checksum {algorithm} is not supported by {provider} (it "
+            f"verifies {known}; see the README's checksum table)"
+        )
+    why = checksums.unavailable(algorithm)
+    if why is not None:
+        raise ConfigError(f"profile {name!r}: {why}")
+    return algorithm
+
+
+def _part_size(name: str, value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        found = units.size(value if not value.isdigit() else f"{value}MiB")
+    except ValueError as exc:
+        raise ConfigError(f"profile {name!r}: part_size: {exc}") from None
+    if not MIN_PART <= found <= MAX_PART:
+        raise ConfigError(f"profile {name!r}: part_size {value!r} is outside S3's 5 MiB to 5 GiB")
+    return found
+
+
+def _count(name: str, key: str, value: str | None, most: int) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= most:
+        raise ConfigError(f"profile {name!r}: {key} {value!r} is not a number from 1 to {most}")
+    return int(value)
+
+
+def _rate(name: str, value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return units.rate(value)
+    except ValueError as exc:
+        raise ConfigError(f"profile {name!r}: max_bandwidth: {exc}") from None
 
 
 def _duration(name: str, value: str | None) -> int | None:

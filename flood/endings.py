@@ -43,7 +43,7 @@ class Endings:
         """Proven uploads: their records first (one transaction), then each file's move to
         completed/ and its result (an Exception: its move crashed; the others still move)."""
         records.record_completions(
-            [Completion(p.record_id, p.size or 0, p.etag, p.attempt) for p in proven],
+            [Completion(p.record_id, p.size or 0, p.etag, p.attempt, p.checksum) for p in proven],
             profile=self.profile,
         )
         crashpoints.point("after_record")

@@ -125,14 +125,14 @@ def changed(before: os.stat_result, after: os.stat_result) -> bool:
     )
 
 
-def read_all(fd: int, size: int) -> bytes:
-    """Up to `size` bytes of the file from its start (fewer if it was truncated meanwhile)."""
+def read_all(fd: int, size: int, start: int = 0) -> bytes:
+    """Up to `size` bytes of the file from `start` (fewer if it was truncated meanwhile)."""
     chunks = []
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, size - offset, offset)
+    done = 0
+    while done < size:
+        chunk = os.pread(fd, size - done, start + done)
         if not chunk:
             break
         chunks.append(chunk)
-        offset += len(chunk)
+        done += len(chunk)
     return b"".join(chunks)

@@ -23,6 +23,7 @@ class Passage:
     body: bytes = b""  # the bytes read, for a single PUT
     md5: str = ""  # hex MD5 of body
     etag: str | None = None  # what the server answered
+    checksum: str | None = None  # "algorithm:value" of a multipart object, when it has one
     proven: bool = False  # the answer itself proves the bytes (ETag == MD5)
     started: float = 0.0  # monotonic, when its upload began
     seconds: float = 0.0  # from its first byte sent to its proof

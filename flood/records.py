@@ -24,8 +24,9 @@ BUSY_TIMEOUT_MS = 15_000
 DatabaseError = pw.PeeweeException  # what a failed query raises, for callers to catch
 # The schema this code writes. 1: release 0.1.0 (no version table). 2: the version table and
 # an index for requeue's look-up of linked passages. 3: endpoints (when each profile's server
-# last answered, its current run of failures) and file_records.first_failed_at.
-SCHEMA_VERSION = 3
+# last answered, its current run of failures) and file_records.first_failed_at. 4: multipart
+# uploads and their parts as they finish (resume), file_records.checksum.
+SCHEMA_VERSION = 4
 
 db = pw.SqliteDatabase(None)
 
@@ -83,6 +84,7 @@ class FileRecord(_Model):
     next_attempt_at = pw.DateTimeField(null=True)
     requeued_from = pw.IntegerField(null=True, index=True)
     first_failed_at = pw.DateTimeField(null=True)  # the passage's first failed attempt
+    checksum = pw.TextField(null=True)  # "crc32c:<base64>[-N]" of a completed object
 
     class Meta:
         table_name = "file_records"
@@ -132,6 +134,40 @@ class Endpoint(_Model):
         table_name = "endpoints"
 
 
+class MultipartUpload(_Model):
+    """A passage's multipart upload on the server, and the file it was started for: a
+    restart continues it only while the file is still that file."""
+
+    record_id = pw.IntegerField(primary_key=True)
+    bucket = pw.TextField()
+    key = pw.TextField()
+    upload_id = pw.TextField()
+    part_size = pw.IntegerField()
+    file_size = pw.IntegerField()
+    mtime_ns = pw.IntegerField()
+    inode = pw.IntegerField()
+    checksum = pw.TextField()  # the algorithm the parts carry (md5: Content-MD5 only)
+    started_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "multipart_uploads"
+
+
+class MultipartPart(_Model):
+    """One part the server has acknowledged."""
+
+    record_id = pw.IntegerField()
+    number = pw.IntegerField()
+    size = pw.IntegerField()
+    etag = pw.TextField()
+    checksum = pw.TextField(null=True)
+    done_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "multipart_parts"
+        primary_key = pw.CompositeKey("record_id", "number")
+
+
 class SchemaVersion(_Model):
     """One row: the schema version the tables were last migrated to."""
 
@@ -142,7 +178,15 @@ class SchemaVersion(_Model):
         primary_key = False
 
 
-MODELS = (FileRecord, RetryAttempt, Hold, Endpoint, SchemaVersion)
+MODELS = (
+    FileRecord,
+    RetryAttempt,
+    Hold,
+    Endpoint,
+    MultipartUpload,
+    MultipartPart,
+    SchemaVersion,
+)
 _RELEASE_1_TABLES = {"file_records", "retry_attempts", "holds"}
 
 
@@ -157,8 +201,13 @@ def _to_v3(migrator: SchemaMigrator) -> None:
     migrate(migrator.add_column("file_records", "first_failed_at", FileRecord.first_failed_at))
 
 
+def _to_v4(migrator: SchemaMigrator) -> None:
+    db.create_tables([MultipartUpload, MultipartPart])
+    migrate(migrator.add_column("file_records", "checksum", FileRecord.checksum))
+
+
 # version -> the step that brings the schema from version - 1 to it
-MIGRATIONS = {2: _to_v2, 3: _to_v3}
+MIGRATIONS = {2: _to_v2, 3: _to_v3, 4: _to_v4}
 
 
 # -- opening ---------------------------------------------------------------------------------
@@ -292,7 +341,7 @@ _START = (
 )
 _COMPLETE = (
     "UPDATE file_records SET current_state = 'completed', upload_outcome = 'success',"
-    " size = ?, etag = ?, reason = NULL, error = NULL, retry_count = 0,"
+    " size = ?, etag = ?, checksum = ?, reason = NULL, error = NULL, retry_count = 0,"
     " next_attempt_at = NULL, last_updated = ? WHERE id = ?"
 )
 
@@ -485,6 +534,7 @@ class Completion(NamedTuple):
     size: int
     etag: str | None
     attempt: int  # the retry number that succeeded (0: the first upload)
+    checksum: str | None = None  # "algorithm:value" where the object has one
 
 
 _ANSWERED = (
@@ -500,8 +550,8 @@ def record_completions(done: Sequence[Completion], profile: str | None = None) -
     with write():
         if profile is not None and done:
             _sql(_ANSWERED, (profile, now))
-        for record_id, size, etag, attempt in done:
-            _sql(_COMPLETE, (size, etag, now, record_id))
+        for record_id, size, etag, attempt, checksum in done:
+            _sql(_COMPLETE, (size, etag, checksum, now, record_id))
             if attempt > 0:
                 RetryAttempt.create(
                     file_record_id=record_id, attempt=attempt, outcome=Outcome.SUCCESS
@@ -617,6 +667,100 @@ def answered_since_first_failure(profile: str, record_id: int) -> bool:
     last = Endpoint.select(Endpoint.last_success_at).where(Endpoint.profile == profile).scalar()
     first, last = _time(first), _time(last)
     return first is None or (last is not None and last >= first)
+
+
+# -- multipart uploads ---------------------------------------------------------------------------
+class Part(NamedTuple):
+    number: int
+    size: int
+    etag: str
+    checksum: str | None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A multipart upload on record: its id, the file it belongs to, the parts done."""
+
+    record_id: int
+    bucket: str
+    key: str
+    upload_id: str
+    part_size: int
+    file_size: int
+    mtime_ns: int
+    inode: int
+    checksum: str
+    parts: dict[int, Part]
+    started_at: dt.datetime | None = None
+
+
+def multipart_started(upload: Upload) -> None:
+    """A new multipart upload of a passage (any earlier one of it is forgotten)."""
+    with write():
+        MultipartPart.delete().where(MultipartPart.record_id == upload.record_id).execute()
+        MultipartUpload.delete().where(MultipartUpload.record_id == upload.record_id).execute()
+        MultipartUpload.create(
+            record_id=upload.record_id,
+            bucket=upload.bucket,
+            key=text(upload.key),
+            upload_id=upload.upload_id,
+            part_size=upload.part_size,
+            file_size=upload.file_size,
+            mtime_ns=upload.mtime_ns,
+            inode=upload.inode,
+            checksum=upload.checksum,
+        )
+
+
+def part_done(record_id: int, part: Part) -> None:
+    """The server acknowledged a part (recorded as soon as its answer is read)."""
+    with write():
+        MultipartPart.insert(
+            record_id=record_id,
+            number=part.number,
+            size=part.size,
+            etag=part.etag,
+            checksum=part.checksum,
+        ).on_conflict_replace().execute()
+
+
+def multipart_of(record_id: int) -> Upload | None:
+    """The passage's multipart upload on record, with its parts, if it has one."""
+    row = MultipartUpload.get_or_none(MultipartUpload.record_id == record_id)
+    if row is None:
+        return None
+    parts = {
+        int(p.number): Part(int(p.number), int(p.size), p.etag, p.checksum)
+        for p in MultipartPart.select().where(MultipartPart.record_id == record_id)
+    }
+    return Upload(
+        record_id=record_id,
+        bucket=row.bucket,
+        key=row.key,
+        upload_id=row.upload_id,
+        part_size=int(row.part_size),
+        file_size=int(row.file_size),
+        mtime_ns=int(row.mtime_ns),
+        inode=int(row.inode),
+        checksum=row.checksum,
+        parts=parts,
+        started_at=_time(row.started_at),
+    )
+
+
+def multipart_forget(record_id: int) -> None:
+    """The passage's multipart upload is over (completed, aborted, or gone from the server)."""
+    with write():
+        MultipartPart.delete().where(MultipartPart.record_id == record_id).execute()
+        MultipartUpload.delete().where(MultipartUpload.record_id == record_id).execute()
+
+
+def upload_ids(bucket: str | None = None) -> set[str]:
+    """The multipart uploads Flood's records know (the janitor leaves these alone)."""
+    query = MultipartUpload.select(MultipartUpload.upload_id)
+    if bucket is not None:
+        query = query.where(MultipartUpload.bucket == bucket)
+    return {row.upload_id for row in query}
 
 
 def set_state(record_id: int, state: State, reason: str | None = None) -> None:
@@ -773,6 +917,52 @@ def problems_since(when: dt.datetime) -> Iterator[Problem]:
             yield Problem(
                 state, row.profile, row.bucket, row.reason, row.error, _time(row.last_updated)
             )
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A completed passage as the audit compares it with its object."""
+
+    id: int
+    profile: str
+    bucket: str
+    key: str  # as stored (a non-UTF-8 name escaped)
+    size: int | None
+    etag: str | None
+    checksum: str | None
+    at: dt.datetime | None
+
+
+def completed_passages(
+    since: dt.datetime | None = None,
+    profile: str | None = None,
+    bucket: str | None = None,
+) -> Iterator[Completed]:
+    """Completed passages, oldest first, that are the newest passage of their key (an older
+    one's object was replaced by the newer upload), filtered as asked."""
+    newest = (
+        FileRecord.select(pw.fn.MAX(FileRecord.id))
+        .where(FileRecord.current_state == State.COMPLETED)
+        .group_by(FileRecord.profile, FileRecord.bucket, FileRecord.filepath)
+    )
+    query = FileRecord.select().where(FileRecord.id.in_(newest))
+    if since is not None:
+        query = query.where(FileRecord.last_updated >= since)
+    if profile is not None:
+        query = query.where(FileRecord.profile == profile)
+    if bucket is not None:
+        query = query.where(FileRecord.bucket == bucket)
+    for row in query.order_by(FileRecord.id).iterator():
+        yield Completed(
+            int(row.id),
+            row.profile,
+            row.bucket,
+            row.filepath,
+            row.size,
+            row.etag,
+            row.checksum,
+            _time(row.last_updated),
+        )
 
 
 def buckets_with_key(key: str) -> list[tuple[str, str]]:

@@ -36,12 +36,6 @@ def make_client(
 def client_for(connection: Connection, *, pool: int = 10) -> Any:
     """A boto3 S3 client on a profile's connection: its CA, its proxy, its credentials."""
     profile = connection.profile
-    extra: dict[str, Any] = {}
-    if profile.provider != "amazon":
-        # boto3 >= 1.36 sends CRC checksum headers by default: B2 answers 400, R2 has answered
-        # 501, and some servers store the trailer inside the object.
-        extra["request_checksum_calculation"] = "when_required"
-        extra["response_checksum_validation"] = "when_required"
     config = Config(
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
@@ -61,7 +55,11 @@ def client_for(connection: Connection, *, pool: int = 10) -> Any:
         # alone: $AWS_ENDPOINT_URL_S3 would send boto3 somewhere the lean client does not go.
         proxies=connection.proxies(),
         ignore_configured_endpoint_urls=True,
-        **extra,
+        # Flood sends the integrity checks itself (Content-MD5, and the profile's checksum on
+        # parts): boto3 >= 1.36 would add CRC32 by default, which B2 answers with 400 and R2
+        # with 501 (as an aws-chunked trailer), on top of them.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
     )
     client = connection.boto3_session().client(
         "s3", endpoint_url=profile.endpoint, verify=connection.verify, config=config

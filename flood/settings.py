@@ -28,11 +28,10 @@ class Settings:
     log_file: str | None = None
     log_level: str = "info"
     multipart_threshold: int = 16 * MiB
-    # Parts of 8 MiB, 10 in flight (boto3's and the aws cli's defaults): on the 1 GiB benchmark
-    # 130-132 MiB/s against 125 with 16 MiB parts, 8 in flight. s3transfer raises the part size
-    # when a file would need more than 10,000 parts.
-    multipart_chunksize: int = 8 * MiB
-    multipart_threads: int = 10
+    # Parts of 8 MiB, 10 in flight (boto3's and the aws cli's defaults); a profile's part_size
+    # and parts_in_flight keys override them. Memory: parts_in_flight x part_size a file.
+    part_size: int = 8 * MiB
+    parts_in_flight: int = 10
     settle_seconds: float = 1.0
     rescan_interval: float = 300.0
     recheck_interval: float = 30.0

@@ -1,12 +1,10 @@
-"""How a claimed file's bytes reach S3 and are proven there: single PUTs (the lean client or
-boto3's put_object, behind one interface), multipart uploads, and the verifying HEAD."""
+"""How a claimed file's bytes reach S3 in one request and are proven there: single PUTs (the
+lean client or boto3's put_object, behind one interface), and the verifying HEAD."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Protocol
 
-from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from flood.connection import Connection
@@ -75,44 +73,6 @@ def sender_for(settings: Settings, connection: Connection, client: Any) -> Sende
     if settings.lean_put:
         return LeanSender(LeanClient(connection))
     return Boto3Sender(client)
-
-
-class Multipart:
-    """Files at or above the multipart threshold: boto3's transfer manager, in parts."""
-
-    def __init__(self, settings: Settings, client: Any, log: Any) -> None:
-        self.client = client
-        self.log = log
-        self.config = TransferConfig(
-            multipart_threshold=settings.multipart_threshold,
-            multipart_chunksize=settings.multipart_chunksize,
-            max_concurrency=settings.multipart_threads,
-            use_threads=True,
-        )
-
-    def upload(self, fd: int, ref: FileRef) -> None:
-        self.abort_leftovers(ref)
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            self.client.upload_fileobj(handle, ref.bucket, ref.key, Config=self.config)
-
-    def abort_leftovers(self, ref: FileRef) -> None:
-        """Abort incomplete multipart uploads of this very key: the file is in our processing/,
-        so they are earlier attempts of ours that a kill or crash interrupted."""
-        answer = self.client.list_multipart_uploads(Bucket=ref.bucket, Prefix=ref.key)
-        for upload in answer.get("Uploads", []):
-            if upload.get("Key") != ref.key:
-                continue
-            self.client.abort_multipart_upload(
-                Bucket=ref.bucket, Key=ref.key, UploadId=upload["UploadId"]
-            )
-            self.log.info(
-                "multipart_aborted",
-                profile=ref.profile,
-                bucket=ref.bucket,
-                key=ref.key,
-                upload_id=upload["UploadId"],
-                reason="left by an interrupted attempt",
-            )
 
 
 def verify(client: Any, ref: FileRef, size: int, log: Any) -> None:

@@ -20,11 +20,12 @@ from flood.holds import Holds
 from flood.jobs import FileRef, Job
 from flood.layout import Layout, check_bucket, check_key
 from flood.moves import Busy, Claimed, Moves, changed, read_all
+from flood.multipart import Multipart
 from flood.passage import Passage, Result, regular_size
 from flood.records import Claim
 from flood.settings import Settings
 from flood.states import Reason, State, Step
-from flood.transfer import Multipart, Pending, Sender
+from flood.transfer import Pending, Sender
 from flood.verdict import Mismatch
 
 BATCH = 32  # jobs an uploader takes from its queue at once
@@ -54,7 +55,7 @@ class Uploads:
         self.moves = Moves(Layout(settings.server_dir))
         self.holds = Holds(profile, client, log, checked_buckets or set())
         self.endings = Endings(settings, profile, self.moves, self.holds, log)
-        self.multipart = Multipart(settings, client, log)
+        self.multipart = Multipart(settings, settings.profiles[profile], client, log)
 
     def run(self, jobs: list[Job], now: float) -> list[Result | Exception]:
         """One pass over jobs (files seen in incoming/ or waiting in processing/): each ends in
@@ -234,8 +235,11 @@ class Uploads:
                 self.read(p)
                 p.etag = self.sender.start(p.ref.bucket, p.ref.key, p.body, _b64(p.md5)).result()
                 p.body = b""
+                p.proven = _proves(p)
             else:
-                self.multipart.upload(p.fd, p.ref)
+                assert p.before is not None
+                done = self.multipart.upload(p.fd, p.before, p.ref, p.record_id)
+                p.etag, p.checksum, p.proven = done.etag, done.checksum, True
         except _UPLOAD_ERRORS as exc:
             return self.endings.failed_attempt(p, exc, now)
         return None
@@ -252,6 +256,7 @@ class Uploads:
             return self.endings.failed_attempt(p, exc, now)
         finally:
             p.body = b""
+        p.proven = _proves(p)
         return None
 
     def settle(
@@ -277,8 +282,6 @@ class Uploads:
         as its ETag), anything else (parts, an ETag that is not an MD5) by a HEAD. None if
         it may complete, else the Result that ends this pass."""
         assert p.before is not None
-        p.etag = p.etag.strip('"') if p.etag is not None else None
-        p.proven = bool(p.md5) and p.etag == p.md5
         try:
             crashpoints.point("after_put")
             after = os.fstat(p.fd)
@@ -312,9 +315,19 @@ class Uploads:
         for (index, _), outcome in zip(proven, done, strict=True):
             outcomes[index] = outcome
 
+    def close(self) -> None:
+        self.multipart.close()
+
     def give_up(self, ref: FileRef, error: str) -> None:
         """A file whose handling keeps raising: failed/ with reason internal_error."""
         self.endings.give_up(ref, error)
+
+
+def _proves(p: Passage) -> bool:
+    """A single PUT's answer proves the bytes when its ETag is the MD5 Flood computed (the
+    server checked Content-MD5 against what it received)."""
+    p.etag = p.etag.strip('"') if p.etag is not None else None
+    return bool(p.md5) and p.etag == p.md5
 
 
 def _b64(md5_hex: str) -> str:

@@ -92,6 +92,22 @@ def parser() -> common.Parser:
         help="files this size or larger go up in parts (default: 16)",
     )
     p.add_argument(
+        "--part-size",
+        type=part_mib,
+        default=8,
+        metavar="MIB",
+        help="multipart part size, 5 to 5120 (default: 8; a profile's part_size key wins; "
+        "grown for files that would need over 10,000 parts)",
+    )
+    p.add_argument(
+        "--parts-in-flight",
+        type=parts,
+        default=10,
+        metavar="N",
+        help="parts of one file sent at once, 1 to 64; memory is N x part size per uploader "
+        "(default: 10; a profile's parts_in_flight key wins)",
+    )
+    p.add_argument(
         "--settle",
         type=common.seconds,
         default=1.0,
@@ -159,6 +175,20 @@ def parser() -> common.Parser:
     return p
 
 
+def part_mib(text: str) -> int:
+    value = common.positive_int(text)
+    if not 5 <= value <= 5120:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside S3's 5 to 5120 MiB for a part")
+    return value
+
+
+def parts(text: str) -> int:
+    value = common.positive_int(text)
+    if value > 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than 64 parts in flight")
+    return value
+
+
 def port_number(text: str) -> int:
     value = common.non_negative_int(text)
     if value > 65535:
@@ -189,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         log_level=args.log_level,
         multipart_threshold=args.multipart_threshold * MiB,
+        part_size=args.part_size * MiB,
+        parts_in_flight=args.parts_in_flight,
         settle_seconds=args.settle,
         rescan_interval=args.rescan_interval,
         recheck_interval=args.recheck_interval,

@@ -61,7 +61,9 @@ class UploaderRole:
         )
         records.open_db(self.settings.db_path)
         connection = Connection(self.settings.profiles[self.profile], self.settings.profiles)
-        client = client_for(connection)
+        account = self.settings.profiles[self.profile]
+        in_flight = account.parts_in_flight or self.settings.parts_in_flight
+        client = client_for(connection, pool=max(10, in_flight + 2))
         # Every S3 call that returns is progress, even within one long multipart upload.
         for event in ("after-call.s3", "after-call-error.s3"):
             client.meta.events.register(event, self.heartbeat.beat)
@@ -83,6 +85,8 @@ class UploaderRole:
         self.log.info(
             "uploader_stopped", profile=self.profile, slot=self.slot, waiting=len(self.waiting)
         )
+        if self.uploads is not None:
+            self.uploads.close()
         records.close_db()
 
     def loop(self, now: float) -> None:

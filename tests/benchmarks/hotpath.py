@@ -132,13 +132,13 @@ def db_steps(tmp: Path, n: int, results: dict[str, Any]) -> None:
     with measured(results, "db: a claim and a completion per file (2 txns)", n):
         for i in range(n):
             rid = records.record_claims([(FileRef("p", "b", f"d/k{i}"), now, 4096)])[0]
-            records.record_completions([(rid, 4096, "etag", 0)])
+            records.record_completions([records.Completion(rid, 4096, "etag", 0)])
     with measured(results, "db: claims and completions of 8 files per txn", n):
         for j in range(0, n, 8):
             ids = records.record_claims(
                 [(FileRef("p", "b", f"e/k{i}"), now, 4096) for i in range(j, min(n, j + 8))]
             )
-            records.record_completions([(rid, 4096, "etag", 0) for rid in ids])
+            records.record_completions([records.Completion(rid, 4096, "etag", 0) for rid in ids])
     with measured(results, "db: records.holds() (read every second; per call)", n):
         for _ in range(n):
             records.holds()

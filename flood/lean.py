@@ -27,6 +27,7 @@ from botocore.exceptions import (
 )
 
 from flood import __version__
+from flood.bandwidth import CHUNK, Bandwidth
 from flood.connection import Connection, amazon_host, shown_url, ssl_context
 from flood.sigv4 import SigV4
 
@@ -78,8 +79,9 @@ class LeanClient:
     EndpointConnectionError, SSLError, ProxyConnectionError, timeouts), so flood.verdict
     classifies them like any other."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, bandwidth: Bandwidth | None = None) -> None:
         self.connection = connection
+        self.bandwidth = bandwidth
         self.profile = connection.profile
         self.signer = SigV4()
         self.user_agent = f"flood/{__version__}"
@@ -248,7 +250,13 @@ class PendingPut:
         data = self.client.request(self.route, self.key, self.body, self.md5)
         self.sock, self.reused = self.client.acquire(self.route)
         try:
-            self.sock.sendall(data)
+            if self.client.bandwidth is None:
+                self.sock.sendall(data)
+            else:
+                view = memoryview(data)
+                for start in range(0, len(view), CHUNK):
+                    self.client.bandwidth.take(len(view[start : start + CHUNK]))
+                    self.sock.sendall(view[start : start + CHUNK])
         except TimeoutError:
             self.drop()
             raise ReadTimeoutError(endpoint_url=self.route.url) from None

@@ -25,6 +25,13 @@ from flood.settings import Settings
 from flood.verdict import Mismatch, classify
 
 MAX_PARTS = 10_000
+
+
+class FileChanged(Exception):
+    """The file is shorter than when it was opened (truncated while it was read): it is
+    uploaded again once it settles, never completed with other bytes."""
+
+
 _COMPOSITE = re.compile(r"^[0-9a-f]{32}-\d+$")
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -75,7 +82,13 @@ class Multipart:
     calling thread (so a whole-object checksum can run over them) and sent by up to
     `parts_in_flight` threads; at most that many parts are in memory at once."""
 
-    def __init__(self, settings: Settings, profile: Profile, client: Any, log: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        profile: Profile,
+        client: Any,
+        log: Any,
+    ) -> None:
         self.client = client
         self.log = log
         self.part_size = profile.part_size or settings.part_size
@@ -202,7 +215,7 @@ class Multipart:
             offset, length = cut.extent(number)
             body = read_all(fd, length, offset) if length else b""
             if len(body) != length:
-                raise Mismatch(f"the file ended at part {number} of {cut.count}")
+                raise FileChanged(f"the file ended at part {number} of {cut.count}")
             if whole is not None:
                 whole.update(body)
             md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()

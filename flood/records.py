@@ -1006,6 +1006,7 @@ class PassageRecord:
     next_attempt_at: dt.datetime | None
     requeued_from: int | None
     attempts: list[AttemptRecord] = field(default_factory=list)
+    checksum: str | None = None
 
 
 def passages(ref: FileRef) -> list[PassageRecord]:
@@ -1037,6 +1038,7 @@ def passages(ref: FileRef) -> list[PassageRecord]:
             next_attempt_at=_time(r.next_attempt_at),
             requeued_from=r.requeued_from,
             attempts=tries.get(int(r.id), []),
+            checksum=r.checksum,
         )
         for r in rows
     ]

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 
+from flood.bandwidth import Bandwidth
 from flood.connection import Connection
 from flood.jobs import FileRef
 from flood.lean import LeanClient
@@ -53,14 +54,14 @@ class Boto3Sender:
     window = 0
 
     def __init__(self, client: Any) -> None:
-        self.client = client
+        self.client = client  # paced by the profile's Bandwidth.attach(), when it has one
 
     def start(self, bucket: str, key: str, body: bytes, content_md5: str) -> Pending:
         return _Boto3Put(self.client, bucket, key, body, content_md5)
 
 
 class _Boto3Put:
-    def __init__(self, client: Any, bucket: str, key: str, body: bytes, content_md5: str):
+    def __init__(self, client: Any, bucket: str, key: str, body: Any, content_md5: str):
         self.call = dict(Bucket=bucket, Key=key, Body=body, ContentMD5=content_md5)
         self.client = client
 
@@ -68,10 +69,12 @@ class _Boto3Put:
         return str(self.client.put_object(**self.call).get("ETag", ""))
 
 
-def sender_for(settings: Settings, connection: Connection, client: Any) -> Sender:
+def sender_for(
+    settings: Settings, connection: Connection, client: Any, bandwidth: Bandwidth | None = None
+) -> Sender:
     """The lean client (unless --boto3-put), else boto3's put_object on `client`."""
     if settings.lean_put:
-        return LeanSender(LeanClient(connection))
+        return LeanSender(LeanClient(connection, bandwidth))
     return Boto3Sender(client)
 
 

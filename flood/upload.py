@@ -20,7 +20,7 @@ from flood.holds import Holds
 from flood.jobs import FileRef, Job
 from flood.layout import Layout, check_bucket, check_key
 from flood.moves import Busy, Claimed, Moves, changed, read_all
-from flood.multipart import Multipart
+from flood.multipart import FileChanged, Multipart
 from flood.passage import Passage, Result, regular_size
 from flood.records import Claim
 from flood.settings import Settings
@@ -240,9 +240,19 @@ class Uploads:
                 assert p.before is not None
                 done = self.multipart.upload(p.fd, p.before, p.ref, p.record_id)
                 p.etag, p.checksum, p.proven = done.etag, done.checksum, True
+        except FileChanged:
+            return self.changed(p, now)
         except _UPLOAD_ERRORS as exc:
             return self.endings.failed_attempt(p, exc, now)
         return None
+
+    def changed(self, p: Passage, now: float) -> Result:
+        """The file changed while it was read: upload it again once it settles."""
+        size = os.fstat(p.fd).st_size
+        self.log.warning(
+            "source_modified", profile=p.ref.profile, bucket=p.ref.bucket, key=p.ref.key, size=size
+        )
+        return Result(Step.CHANGED, now + self.settings.settle_seconds)
 
     def read(self, p: Passage) -> None:
         p.body = read_all(p.fd, p.size or 0)
@@ -286,14 +296,7 @@ class Uploads:
             crashpoints.point("after_put")
             after = os.fstat(p.fd)
             if changed(p.before, after):
-                self.log.warning(
-                    "source_modified",
-                    profile=p.ref.profile,
-                    bucket=p.ref.bucket,
-                    key=p.ref.key,
-                    size=after.st_size,
-                )
-                return Result(Step.CHANGED, now + self.settings.settle_seconds)
+                return self.changed(p, now)
             if not p.proven or self.settings.verify == "head":
                 transfer.verify(self.client, p.ref, p.before.st_size, self.log)
             crashpoints.point("after_head")

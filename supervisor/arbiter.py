@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from flood import crashpoints, credentials, logs, records
+from flood.bandwidth import Bandwidth
 from flood.errors import EX_SOFTWARE, FloodError
 from flood.jobs import Drained, Ready, Rescan
 from flood.layout import Layout
@@ -61,6 +62,9 @@ class Generation:
 
     children: list[Child] = field(default_factory=list)
     queues: list[Any] = field(default_factory=list)
+    # Shared objects the children hold must outlive their start here: Process.start() drops
+    # its arguments, and a lock collected here unlinks its semaphore before a child opens it.
+    limits: list[Bandwidth] = field(default_factory=list)
     started: float = 0.0
 
 
@@ -291,6 +295,13 @@ class Arbiter:
         queues: dict[str, list[Any]] = {}
         for profile in sorted(self.settings.profiles):
             queues[profile] = []
+            rate = self.settings.profiles[profile].max_bandwidth
+            # One bucket for all of the profile's uploaders, new with each generation (a child
+            # killed holding its lock must not stall the next one).
+            bandwidth = Bandwidth(rate, self.ctx) if rate else None
+            if bandwidth is not None:
+                gen.limits.append(bandwidth)
+            checked = set(self.checked.get(profile, ()))
             for slot in range(self.settings.workers):
                 jobs = self.ctx.Queue(QUEUE_SIZE)
                 queues[profile].append(jobs)
@@ -299,7 +310,7 @@ class Arbiter:
                     self.spawn(
                         f"uploader-{profile}-{slot}",
                         uploader.main,
-                        (self.settings, profile, slot, jobs, set(self.checked.get(profile, ()))),
+                        (self.settings, profile, slot, jobs, checked, bandwidth),
                     )
                 )
         child = self.spawn("watcher", watcher.main, (self.settings, queues))
@@ -338,6 +349,7 @@ class Arbiter:
             jobs.close()
         gen.children = []
         gen.queues = []
+        gen.limits = []
 
     def forward_releases(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any, cast
 
 from flood import logs, metrics, records
+from flood.bandwidth import Bandwidth
 from flood.connection import Connection
 from flood.jobs import SHUTDOWN, FileRef, Job
 from flood.notify import Heartbeat
@@ -39,6 +40,7 @@ class UploaderRole:
         jobs: Any,
         checked_buckets: set[str],
         conn: Pipe | None = None,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         self.settings = settings
         self.profile = profile
@@ -54,6 +56,7 @@ class UploaderRole:
         self.uploads: Uploads | None = None
         self.metrics = metrics.Recorder()
         self.heartbeat = Heartbeat(conn)
+        self.bandwidth = bandwidth
 
     def setup(self) -> None:
         self.log = logs.configure(
@@ -68,12 +71,15 @@ class UploaderRole:
         for event in ("after-call.s3", "after-call-error.s3"):
             client.meta.events.register(event, self.heartbeat.beat)
         self.metrics = metrics.recorder()
+        if self.bandwidth is not None:
+            self.bandwidth.tick = self.heartbeat.beat  # waiting for the limit is no stall
+            self.bandwidth.attach(client)
         self.uploads = Uploads(
             self.settings,
             self.profile,
             client,
             self.log,
-            sender=sender_for(self.settings, connection, client),
+            sender=sender_for(self.settings, connection, client, self.bandwidth),
             checked_buckets=self.checked_buckets,
         )
         self.log.info("uploader_started", profile=self.profile, slot=self.slot)
@@ -214,8 +220,10 @@ def main(
     slot: int,
     jobs: Any,
     checked_buckets: set[str],
+    bandwidth: Bandwidth | None,
     conn: Pipe,
     supervisor_pid: int,
 ) -> None:
     """Process entry point (started by the supervisor's arbiter)."""
-    serve(UploaderRole(settings, profile, slot, jobs, checked_buckets, conn), conn, supervisor_pid)
+    role = UploaderRole(settings, profile, slot, jobs, checked_buckets, conn, bandwidth)
+    serve(role, conn, supervisor_pid)

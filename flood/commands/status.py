@@ -8,18 +8,21 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from flood import credentials, records
 from flood.commands import common
+from flood.credentials import Profile
 from flood.errors import ConfigError, FloodError
 from flood.jobs import FileRef
 from flood.layout import Layout, shown
+from flood.multipart import plan
 from flood.snapshot import Snapshot, snapshot, supervisor_state, utc_text
 from flood.states import DIRECTORIES, State
+from flood.units import shown_rate
 
 PROG = "flood-status"
 _BACKUP_RE = re.compile(r"^(.*)\.~(\d+)~$")
@@ -91,12 +94,14 @@ def _passage(row: records.PassageRecord, requeued_to: int | None) -> dict[str, A
         "outcome": row.outcome,
         "size": row.size,
         "etag": row.etag,
+        "checksum": row.checksum,
         "reason": row.reason,
         "error": row.error,
         "retry_count": row.retry_count,
         "next_attempt_at": utc_text(row.next_attempt_at),
         "requeued_from": row.requeued_from,
         "requeued_to": requeued_to,
+        "multipart": _multipart(row.id) if row.state == State.PROCESSING else None,
         "attempts": [
             {"attempt": a.attempt, "at": utc_text(a.at), "outcome": a.outcome, "error": a.error}
             for a in row.attempts
@@ -226,6 +231,8 @@ def print_table(data: dict[str, Any]) -> None:
         print("(no profile or bucket directories yet)")
     print(f"oldest pending: {age_text(data['oldest_pending_age_seconds'])}")
     _print_holds(data["paused"])
+    for name, rate in data.get("bandwidth", {}).items():
+        print(f"bandwidth: {name} at most {shown_rate(rate)}, shared by its uploaders")
     _print_errors(data["errors"])
 
 
@@ -299,9 +306,28 @@ def print_history(item: dict[str, Any]) -> None:
         print(f"    {p['since']}  {_ending(p)}")
 
 
+def _multipart(record_id: int) -> dict[str, Any] | None:
+    """A passage's multipart upload on record: its id and how many parts are done."""
+    upload = records.multipart_of(record_id)
+    if upload is None:
+        return None
+    total = plan(upload.file_size, upload.part_size).count
+    done = sum(p.size for p in upload.parts.values())
+    return {
+        "upload_id": upload.upload_id,
+        "parts_done": len(upload.parts),
+        "parts": total,
+        "bytes_done": done,
+        "part_size": upload.part_size,
+        "checksum": upload.checksum,
+        "started": utc_text(upload.started_at),
+    }
+
+
 def _ending(p: dict[str, Any]) -> str:
     if p["state"] == State.COMPLETED:
-        return f"completed: size {p['size']}, ETag {p['etag'] or '-'}"
+        checksum = f", {p['checksum']}" if p.get("checksum") else ""
+        return f"completed: size {p['size']}, ETag {p['etag'] or '-'}{checksum}"
     if p["state"] == State.FAILED:
         error = _one_line(p["error"])
         reason = p["reason"] or "?"
@@ -313,6 +339,12 @@ def _ending(p: dict[str, Any]) -> str:
         )
     else:
         text = p["state"] + (f" ({p['reason']})" if p["reason"] else "")
+    if p["multipart"]:
+        m = p["multipart"]
+        text += (
+            f"; multipart upload {m['upload_id']}: {m['parts_done']} of {m['parts']} parts done "
+            f"({_count(m['bytes_done'], 'byte')}, {m['checksum']})"
+        )
     if p["requeued_to"]:
         text += f"; requeued as #{p['requeued_to']}"
     return text
@@ -365,14 +397,14 @@ def open_records(option: str | None) -> str:
     return path
 
 
-def profile_names(option: str | None) -> list[str]:
+def profiles_of(option: str | None) -> Mapping[str, Profile]:
     """The credentials file's profiles; flood-status still works (from the directories) when
     the file cannot be read, and says so."""
     try:
-        return sorted(credentials.load(option).profiles)
+        return credentials.load(option).profiles
     except ConfigError as exc:
         print(f"{PROG}: note: {exc}; profiles are taken from the directories", file=sys.stderr)
-        return []
+        return {}
 
 
 def run(args: argparse.Namespace, target: str | None) -> int:
@@ -381,8 +413,12 @@ def run(args: argparse.Namespace, target: str | None) -> int:
     db = open_records(args.db)
     if target is not None:
         return show_history(target, layout, args.json)
-    snap = snapshot(layout, profile_names(args.credentials))
+    profiles = profiles_of(args.credentials)
+    snap = snapshot(layout, sorted(profiles))
     data = snapshot_json(snap, root, db, supervisor_state(root))
+    data["bandwidth"] = {
+        name: p.max_bandwidth for name, p in sorted(profiles.items()) if p.max_bandwidth
+    }
     if args.json:
         print(json.dumps(data, indent=2))
     else:

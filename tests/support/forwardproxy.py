@@ -247,8 +247,10 @@ class ForwardProxy:
     regions: bucket -> the AWS region it lives in; a terminated request for it addressed to
         another region's host is answered as S3 answers it: 301 PermanentRedirect with the
         bucket's region in x-amz-bucket-region.
-    faults: a path's end (`/bucket/key`) -> an HTTP status the proxy answers for every request
-        to it (503 as SlowDown), as a server failing one key while others succeed would.
+    faults: a path's end (`/bucket/key`), or `METHOD text` (requests of that method whose target
+        holds the text) -> an HTTP status the proxy answers instead of the server (503 as
+        SlowDown; 200 with an error body, as S3 answers a Complete that failed), as a server
+        failing one key while others succeed would.
     `relay_continue`, `refuse_connect` and `faults` may be changed while the proxy runs.
     """
 
@@ -493,6 +495,17 @@ class ForwardProxy:
         finally:
             upstream.drop()
 
+    def _fault(self, method: str, target: str) -> int | None:
+        """The status a fault asks for this request: a key is a path's end (`/bucket/key`), or
+        `METHOD text` for requests of that method whose target holds the text."""
+        for key, status in list(self.faults.items()):
+            wanted, space, text = key.partition(" ")
+            if space and method == wanted and text in target:
+                return status
+            if not space and target.split("?")[0].endswith(key):
+                return status
+        return None
+
     def _elsewhere(self, authority: str, target: str) -> str | None:
         """The bucket's own region when this request went to another region's host."""
         host = authority.split(":")[0].lower()
@@ -566,13 +579,13 @@ class ForwardProxy:
             await _answer(writer, 502, "Bad Gateway", body=f"{url.hostname} is not mapped here")
             return False
         origin = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        status = next((v for k, v in self.faults.items() if url.path.endswith(k)), None)
+        status = self._fault(head.method, origin)
         if status is not None:
             length = int(head.header("content-length") or 0)
             if length:
                 await reader.readexactly(length)
             self._record(Carried(Carry.HTTP, head, status, None))
-            code = "SlowDown" if status == 503 else "InternalError"
+            code = "SlowDown" if status == 503 else "InternalError"  # 200: S3's error in a 200
             await _answer(
                 writer,
                 status,

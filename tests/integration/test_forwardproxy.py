@@ -261,6 +261,22 @@ def test_tls_terminated_for_amazon_style_hosts(
     assert connects and {e.target for e in connects} == {f"{host}:443"}
 
 
+def test_seaweedfs_takes_virtual_hosted_requests_with_a_domain_name(
+    forward_proxy: Start, ca: Any, tmp_path: Any
+) -> None:
+    """LocalS3(domain_name=...) serves BUCKET.s3.us-east-1.amazonaws.com (signature checked):
+    a virtual-hosted PUT through the terminating proxy lands in that bucket."""
+    with LocalS3(tmp_path / "s3", domain_name="s3.us-east-1.amazonaws.com") as server:
+        proxy = forward_proxy(terminate={AMAZON: ("127.0.0.1", server.port)})
+        bucket = fresh_bucket(server)
+        client = client_via(proxy, None, server.admin, verify=str(ca.bundle), addressing="virtual")
+        client.put_object(Bucket=bucket, Key="v/k", Body=b"virtual")
+        assert server.client().get_object(Bucket=bucket, Key="v/k")["Body"].read() == b"virtual"
+        assert {e.header("host") for e in proxy.log if e.kind == Carry.TLS} == {
+            f"{bucket}.s3.us-east-1.amazonaws.com"
+        }
+
+
 def test_terminated_tls_is_not_trusted_without_the_ca(
     forward_proxy: Start, moto: MotoServer
 ) -> None:

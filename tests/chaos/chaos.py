@@ -49,6 +49,10 @@ SUPERVISOR_ARGS = (
     "0.5",
     "--multipart-threshold",
     "5",
+    "--part-size",
+    "5",
+    "--parts-in-flight",
+    "4",
     "--log-level",
     "info",
 )
@@ -64,6 +68,9 @@ class Config:
     max_size: int = 32 * MiB
     workers: int = 3
     drain_timeout: float = 600.0
+    large: int = 0  # files of large_min to large_max, so that kills land mid-multipart
+    large_min: int = 50 * MiB
+    large_max: int = 200 * MiB
 
 
 @dataclass
@@ -129,6 +136,12 @@ def plan(config: Config, bucket: str) -> list[tuple[Ref, int]]:
             size = int(2 ** rng.uniform(20, max(20.0, _log2(config.max_size))))
         key = f"{rng.choice(DIRS)}/{i:05d}-{rng.choice(WORDS)}.bin"
         files.append((("p1", bucket, key), size))
+    step = max(1, config.files // (config.large + 1))
+    for n in range(config.large):  # spread among the others, so they meet the kills
+        size = rng.randint(config.large_min, config.large_max)
+        files.insert(
+            step * (n + 1), (("p1", bucket, f"large/{n:03d}-{rng.choice(WORDS)}.bin"), size)
+        )
     return files
 
 
@@ -376,12 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=3000, help="files queued (3000)")
     p.add_argument("--max-size", type=size, default=32 * MiB, help="largest file (32M)")
     p.add_argument("--workers", type=int, default=3, help="uploaders (3)")
+    p.add_argument("--large", type=int, default=4, help="files of 50-200 MiB among them (4)")
     p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds (600)")
     p.add_argument("--workdir", type=Path, default=None, help="kept afterwards if given")
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time())
     config = Config(
-        seed, args.duration, args.files, args.max_size, args.workers, args.drain_timeout
+        seed,
+        args.duration,
+        args.files,
+        args.max_size,
+        args.workers,
+        args.drain_timeout,
+        large=args.large,
     )
     with tempfile.TemporaryDirectory(prefix="flood-chaos-") as tmp:
         root = args.workdir or Path(tmp)

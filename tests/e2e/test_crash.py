@@ -359,8 +359,8 @@ def _catch_upload(client: Any, bucket: str, spool: Spool, timeout: float = 60) -
 
 
 def test_short_chaos_run(s3: LocalS3, tmp_path: Path) -> None:
-    """The chaos run's short form: kills, restarts and network faults, then zero lost, zero
-    wrong, zero out of step."""
+    """The chaos run's short form: kills, restarts and network faults, two files of 40-60 MiB
+    among the small ones, then zero lost, zero wrong, zero out of step."""
     chaos = _load_chaos()
     config = chaos.Config(
         seed=int(os.environ.get("FLOOD_CHAOS_SEED", "20240611")),
@@ -368,6 +368,9 @@ def test_short_chaos_run(s3: LocalS3, tmp_path: Path) -> None:
         files=int(os.environ.get("FLOOD_CHAOS_FILES", "600")),
         max_size=8 * 1024 * 1024,
         drain_timeout=150,
+        large=2,  # kills land in the middle of their parts
+        large_min=40 * 1024 * 1024,
+        large_max=60 * 1024 * 1024,
     )
     result = chaos.run(config, s3, tmp_path)
     print(result.line())

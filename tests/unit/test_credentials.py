@@ -86,6 +86,15 @@ def test_a_role_needs_no_keys_of_its_own(tmp_path: Path) -> None:
         ),
         ("[p]\nprovider = amazon\naws_region = r\n", ["'p'", "aws_access_key_id"]),
         (f"[p]\n{BASE}duration_seconds = 60\n", ["'p'", "duration_seconds"]),
+        (f"[p]\n{BASE}checksum = crc99\n", ["'p'", "checksum", "crc99"]),
+        (
+            "[p]\nprovider = backblaze\naws_access_key_id = A\naws_secret_access_key = S\n"
+            "aws_region = r\naws_endpoint = https://b\nchecksum = crc32\n",
+            ["'p'", "checksum crc32 is not supported by backblaze"],
+        ),
+        (f"[p]\n{BASE}part_size = 1\n", ["'p'", "part_size"]),
+        (f"[p]\n{BASE}parts_in_flight = 0\n", ["'p'", "parts_in_flight"]),
+        (f"[p]\n{BASE}max_bandwidth = fast\n", ["'p'", "max_bandwidth"]),
     ],
 )
 def test_what_cannot_be_used_is_one_line_naming_profile_and_key(

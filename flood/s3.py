@@ -46,6 +46,10 @@ def client_for(connection: Connection, *, pool: int = 10) -> Any:
         s3={
             "addressing_style": "path" if profile.endpoint else "auto",
             "us_east_1_regional_endpoint": "regional",
+            # Bodies go unsigned, over plain HTTP too (botocore would SHA-256 every part
+            # there): their Content-MD5, which is signed and which the server checks, guards
+            # the bytes, as on the lean path.
+            "payload_signing_enabled": False,
         },
         max_pool_connections=pool,
         tcp_keepalive=True,

@@ -4,13 +4,14 @@ scheduled; and the pause of a profile or bucket that an error condemns."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from typing import Any
 
 from flood import crashpoints, records, retry
 from flood.holds import Holds
 from flood.jobs import FileRef
-from flood.moves import Moves
+from flood.moves import Moves, split
 from flood.passage import Passage, Result
 from flood.records import Completion
 from flood.settings import Settings
@@ -43,8 +44,20 @@ class Endings:
         """Proven uploads: their records first (one transaction), then each file's move to
         completed/ and its result (an Exception: its move crashed; the others still move)."""
         records.record_completions(
-            [Completion(p.record_id, p.size or 0, p.etag, p.attempt, p.checksum) for p in proven],
+            [
+                Completion(
+                    p.record_id,
+                    p.size or 0,
+                    p.etag,
+                    p.attempt,
+                    p.checksum,
+                    p.options.to_json(),
+                    p.version_id,
+                )
+                for p in proven
+            ],
             profile=self.profile,
+            deliver=bool(self.settings.config.hooks.on_complete),
         )
         crashpoints.point("after_record")
         results: list[Result | Exception] = []
@@ -60,6 +73,7 @@ class Endings:
         if not self.finish_or_wait(State.COMPLETED, p, inode):
             return Result(Step.RETRY, time.time() + MOVE_RETRY)
         crashpoints.point("after_move_completed")
+        self.remove_if_asked(p)
         self.log.info(
             "upload_succeeded",
             profile=p.ref.profile,
@@ -74,8 +88,31 @@ class Endings:
         )
         return Result(Step.DONE, ended=Outcome.SUCCESS, size=p.size, seconds=p.seconds)
 
+    def remove_if_asked(self, p: Passage) -> None:
+        """lifecycle on_success = "delete": the completed record is in, the file goes. A crash
+        before this leaves it in completed/, which the next sweep removes."""
+        config = self.settings.config
+        if config.lifecycle_of(p.ref.profile, p.ref.bucket).on_success != "delete":
+            return
+        parts, name = split(p.ref)
+        try:
+            os.unlink(name, dir_fd=self.moves.dir(State.COMPLETED, parts))
+        except FileNotFoundError:
+            return
+        shown = f"{p.ref.profile}/{p.ref.bucket}/{p.ref.key}"
+        records.record_removed(shown, "on_success", p.record_id)
+        self.log.info(
+            "file_removed",
+            profile=p.ref.profile,
+            bucket=p.ref.bucket,
+            key=p.ref.key,
+            reason="on_success",
+            record_id=p.record_id,
+        )
+
     def fail(self, p: Passage, reason: str, error: str) -> Result:
-        records.record_failed(p.record_id, reason, error, p.attempt)
+        deliver = bool(self.settings.config.hooks.on_failure)
+        records.record_failed(p.record_id, reason, error, p.attempt, deliver=deliver)
         crashpoints.point("after_fail_record")
         if not self.finish_or_wait(State.FAILED, p):
             return Result(Step.RETRY, time.time() + MOVE_RETRY)

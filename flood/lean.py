@@ -127,16 +127,31 @@ class LeanClient:
         """PUT body as bucket/key and wait for the ETag."""
         return self.start(bucket, key, body, content_md5).result()
 
-    def start(self, bucket: str, key: str, body: bytes, content_md5: str) -> PendingPut:
-        """Send a PUT without waiting for its answer; errors wait for result()."""
-        pending = PendingPut(self, bucket, key, body, content_md5)
+    def start(
+        self,
+        bucket: str,
+        key: str,
+        body: bytes,
+        content_md5: str,
+        headers: dict[str, str] | None = None,
+    ) -> PendingPut:
+        """Send a PUT without waiting for its answer; errors wait for result(). `headers`: the
+        object's options as headers (signed with the rest)."""
+        pending = PendingPut(self, bucket, key, body, content_md5, headers or {})
         try:
             pending.send()
         except BotoCoreError as exc:
             pending.error = exc
         return pending
 
-    def request(self, route: Route, key: str, body: bytes, content_md5: str) -> bytes:
+    def request(
+        self,
+        route: Route,
+        key: str,
+        body: bytes,
+        content_md5: str,
+        extra: dict[str, str] | None = None,
+    ) -> bytes:
         """The whole request, head and body, as it goes on the wire.
 
         The body's integrity rests on Content-MD5, which is signed and which the server
@@ -144,7 +159,7 @@ class LeanClient:
         sends streamed uploads: no SHA-256 of every body on either side."""
         path = f"{route.prefix}/{urllib.parse.quote(key, safe='/~')}"
         keys = self.connection.frozen()
-        headers = {"Content-MD5": content_md5}
+        headers = {"Content-MD5": content_md5, **(extra or {})}
         if keys.token:
             headers["X-Amz-Security-Token"] = keys.token
         headers.update(
@@ -235,8 +250,18 @@ class LeanClient:
 class PendingPut:
     """A PUT sent on a connection of its own, its answer not read yet."""
 
-    def __init__(self, client: LeanClient, bucket: str, key: str, body: bytes, md5: str):
+    def __init__(
+        self,
+        client: LeanClient,
+        bucket: str,
+        key: str,
+        body: bytes,
+        md5: str,
+        headers: dict[str, str],
+    ) -> None:
         self.client = client
+        self.headers = headers
+        self.version_id: str | None = None
         self.bucket = bucket
         self.key = key
         self.body = body
@@ -247,7 +272,7 @@ class PendingPut:
         self.error: BaseException | None = None
 
     def send(self) -> None:
-        data = self.client.request(self.route, self.key, self.body, self.md5)
+        data = self.client.request(self.route, self.key, self.body, self.md5, self.headers)
         self.sock, self.reused = self.client.acquire(self.route)
         try:
             if self.client.bandwidth is None:
@@ -306,6 +331,7 @@ class PendingPut:
             self.drop()
         if answer.status == 200:
             self.body = b""
+            self.version_id = answer.headers.get("x-amz-version-id")
             return answer.headers.get("etag", "")
         raise client_error(answer, "PutObject")
 

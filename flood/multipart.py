@@ -20,6 +20,7 @@ from flood import checksums, records
 from flood.credentials import Profile
 from flood.jobs import FileRef
 from flood.moves import read_all
+from flood.options import NONE, ObjectOptions
 from flood.records import Part, Upload
 from flood.settings import Settings
 from flood.verdict import Mismatch, classify
@@ -75,6 +76,7 @@ class Outcome:
 
     etag: str
     checksum: str | None
+    version_id: str | None = None
 
 
 class Multipart:
@@ -97,13 +99,21 @@ class Multipart:
         self.checksum = checksums.named(profile.checksum)
         self.pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="part")
 
-    def upload(self, fd: int, info: os.stat_result, ref: FileRef, record_id: int) -> Outcome:
-        """Upload the open file as ref's object, continuing the passage's upload on record when
-        it is still this file's; the proven outcome, or what the failing call raised."""
+    def upload(
+        self,
+        fd: int,
+        info: os.stat_result,
+        ref: FileRef,
+        record_id: int,
+        options: ObjectOptions = NONE,
+    ) -> Outcome:
+        """Upload the open file as ref's object (with `options` set on it), continuing the
+        passage's upload on record when it is still this file's; the proven outcome, or what
+        the failing call raised."""
         cut = plan(info.st_size, self.part_size)
         upload = self.resumable(ref, record_id, info, cut)
         if upload is None:
-            upload = self.start(ref, record_id, info, cut)
+            upload = self.start(ref, record_id, info, cut, options)
         try:
             sent = self.send(fd, upload, cut)
             return self.complete(ref, upload, sent, info.st_size)
@@ -178,11 +188,18 @@ class Multipart:
                 return
             marker = int(answer["NextPartNumberMarker"])
 
-    def start(self, ref: FileRef, record_id: int, info: os.stat_result, cut: Plan) -> Upload:
+    def start(
+        self,
+        ref: FileRef,
+        record_id: int,
+        info: os.stat_result,
+        cut: Plan,
+        options: ObjectOptions = NONE,
+    ) -> Upload:
         """A new upload: earlier incomplete uploads of this very key that no record knows are
         aborted first (the file is in our processing/: they are ours, interrupted)."""
         self.abort_leftovers(ref)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = options.params()
         if self.checksum is not None:
             extra["ChecksumAlgorithm"] = self.checksum.s3_name
             if self.checksum.full_object:
@@ -311,7 +328,7 @@ class Multipart:
             if etag != expected:
                 raise Mismatch(f"the object's ETag is {etag}, its parts make {expected}")
         checksum = self.prove(ref, sent, answer, size)
-        return Outcome(etag, checksum)
+        return Outcome(etag, checksum, answer.get("VersionId"))
 
     def prove(self, ref: FileRef, sent: Sent, answer: Any, size: int) -> str | None:
         """The size by HEAD, and the object's checksum against what the parts carried."""

@@ -7,6 +7,7 @@ import stat
 from dataclasses import dataclass
 
 from flood.jobs import FileRef
+from flood.options import NONE, ObjectOptions
 from flood.states import Outcome, Step
 
 
@@ -24,6 +25,8 @@ class Passage:
     md5: str = ""  # hex MD5 of body
     etag: str | None = None  # what the server answered
     checksum: str | None = None  # "algorithm:value" of a multipart object, when it has one
+    options: ObjectOptions = NONE  # what is set on the object (resolved when it is opened)
+    version_id: str | None = None  # the object's version, where the bucket keeps them
     proven: bool = False  # the answer itself proves the bytes (ETag == MD5)
     started: float = 0.0  # monotonic, when its upload began
     seconds: float = 0.0  # from its first byte sent to its proof

@@ -25,8 +25,9 @@ DatabaseError = pw.PeeweeException  # what a failed query raises, for callers to
 # The schema this code writes. 1: release 0.1.0 (no version table). 2: the version table and
 # an index for requeue's look-up of linked passages. 3: endpoints (when each profile's server
 # last answered, its current run of failures) and file_records.first_failed_at. 4: multipart
-# uploads and their parts as they finish (resume), file_records.checksum.
-SCHEMA_VERSION = 4
+# uploads and their parts as they finish (resume), file_records.checksum. 5: the object
+# options and version id of a passage, hook deliveries, and the spool's removals.
+SCHEMA_VERSION = 5
 
 db = pw.SqliteDatabase(None)
 
@@ -85,6 +86,8 @@ class FileRecord(_Model):
     requeued_from = pw.IntegerField(null=True, index=True)
     first_failed_at = pw.DateTimeField(null=True)  # the passage's first failed attempt
     checksum = pw.TextField(null=True)  # "crc32c:<base64>[-N]" of a completed object
+    options = pw.TextField(null=True)  # the object options it was uploaded with (JSON)
+    version_id = pw.TextField(null=True)  # the object's version, where the bucket keeps them
 
     class Meta:
         table_name = "file_records"
@@ -168,6 +171,36 @@ class MultipartPart(_Model):
         primary_key = pw.CompositeKey("record_id", "number")
 
 
+class Delivery(_Model):
+    """A hook to run for a passage that ended (at least once: pending until it succeeds or
+    its retries are spent)."""
+
+    id = AutoIncrementField()
+    record_id = pw.IntegerField(index=True)
+    event = pw.TextField()  # complete | failure
+    state = pw.TextField(default="pending", index=True)  # pending | done | failed
+    attempts = pw.IntegerField(default=0)
+    next_attempt_at = pw.DateTimeField(default=utcnow)
+    error = pw.TextField(null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "deliveries"
+
+
+class Removal(_Model):
+    """A file the spool's lifecycle removed from completed/ (nothing in failed/ ever is)."""
+
+    id = AutoIncrementField()
+    record_id = pw.IntegerField(null=True, index=True)
+    path = pw.TextField()  # below completed/
+    reason = pw.TextField()  # on_success | keep_completed
+    removed_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "removals"
+
+
 class SchemaVersion(_Model):
     """One row: the schema version the tables were last migrated to."""
 
@@ -185,6 +218,8 @@ MODELS = (
     Endpoint,
     MultipartUpload,
     MultipartPart,
+    Delivery,
+    Removal,
     SchemaVersion,
 )
 _RELEASE_1_TABLES = {"file_records", "retry_attempts", "holds"}
@@ -206,8 +241,16 @@ def _to_v4(migrator: SchemaMigrator) -> None:
     migrate(migrator.add_column("file_records", "checksum", FileRecord.checksum))
 
 
+def _to_v5(migrator: SchemaMigrator) -> None:
+    db.create_tables([Delivery, Removal])
+    migrate(
+        migrator.add_column("file_records", "options", FileRecord.options),
+        migrator.add_column("file_records", "version_id", FileRecord.version_id),
+    )
+
+
 # version -> the step that brings the schema from version - 1 to it
-MIGRATIONS = {2: _to_v2, 3: _to_v3, 4: _to_v4}
+MIGRATIONS = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5}
 
 
 # -- opening ---------------------------------------------------------------------------------
@@ -341,9 +384,11 @@ _START = (
 )
 _COMPLETE = (
     "UPDATE file_records SET current_state = 'completed', upload_outcome = 'success',"
-    " size = ?, etag = ?, checksum = ?, reason = NULL, error = NULL, retry_count = 0,"
-    " next_attempt_at = NULL, last_updated = ? WHERE id = ?"
+    " size = ?, etag = ?, checksum = ?, options = ?, version_id = ?, reason = NULL,"
+    " error = NULL, retry_count = 0, next_attempt_at = NULL, last_updated = ? WHERE id = ?"
 )
+_DELIVER = "INSERT INTO deliveries (record_id, event, state, attempts, next_attempt_at,"
+_DELIVER += " created_at) VALUES (?, ?, 'pending', 0, ?, ?)"
 
 
 def _sql(query: str, params: tuple[Any, ...]) -> Any:
@@ -535,6 +580,8 @@ class Completion(NamedTuple):
     etag: str | None
     attempt: int  # the retry number that succeeded (0: the first upload)
     checksum: str | None = None  # "algorithm:value" where the object has one
+    options: str | None = None  # the object options, as JSON
+    version_id: str | None = None
 
 
 _ANSWERED = (
@@ -544,22 +591,38 @@ _ANSWERED = (
 )
 
 
-def record_completions(done: Sequence[Completion], profile: str | None = None) -> None:
-    """Uploads proven, in one transaction; the profile's server answered."""
+def record_completions(
+    done: Sequence[Completion], profile: str | None = None, deliver: bool = False
+) -> None:
+    """Uploads proven, in one transaction; the profile's server answered; with `deliver`, the
+    on_complete hook of each is due (in the same transaction: a crash cannot lose one)."""
     now = _stamp(utcnow())
     with write():
         if profile is not None and done:
             _sql(_ANSWERED, (profile, now))
-        for record_id, size, etag, attempt, checksum in done:
-            _sql(_COMPLETE, (size, etag, checksum, now, record_id))
+        for record_id, size, etag, attempt, checksum, options, version_id in done:
+            _sql(_COMPLETE, (size, etag, checksum, options, version_id, now, record_id))
+            if deliver:
+                _sql(_DELIVER, (record_id, "complete", now, now))
             if attempt > 0:
                 RetryAttempt.create(
                     file_record_id=record_id, attempt=attempt, outcome=Outcome.SUCCESS
                 )
 
 
-def record_failed(record_id: int, reason: str, error: str, attempt: int) -> None:
+def record_failed(
+    record_id: int, reason: str, error: str, attempt: int, deliver: bool = False
+) -> None:
+    """A passage failed for good (`deliver`: its on_failure hook is due, in the same
+    transaction). A multipart upload it left is forgotten: no passage continues it, so it is
+    the janitor's to abort once old enough (or the next passage's of the key, before it
+    starts)."""
     with write():
+        MultipartPart.delete().where(MultipartPart.record_id == record_id).execute()
+        MultipartUpload.delete().where(MultipartUpload.record_id == record_id).execute()
+        if deliver:
+            now = _stamp(utcnow())
+            _sql(_DELIVER, (record_id, "failure", now, now))
         FileRecord.update(
             current_state=State.FAILED,
             upload_outcome=Outcome.FAILURE,
@@ -761,6 +824,127 @@ def upload_ids(bucket: str | None = None) -> set[str]:
     if bucket is not None:
         query = query.where(MultipartUpload.bucket == bucket)
     return {row.upload_id for row in query}
+
+
+# -- hooks -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Due:
+    """A hook delivery that is due, with what its receipt says."""
+
+    id: int
+    event: str
+    attempts: int
+    record_id: int
+    profile: str
+    bucket: str
+    key: str
+    size: int | None
+    etag: str | None
+    version_id: str | None
+    options: str | None
+    checksum: str | None
+    reason: str | None
+    error: str | None
+    created: dt.datetime | None
+    ended: dt.datetime | None
+
+
+def due_deliveries(now: dt.datetime, limit: int = 64) -> list[Due]:
+    """Pending hook deliveries whose time has come, oldest first."""
+    pending = list(
+        Delivery.select()
+        .where((Delivery.state == "pending") & (Delivery.next_attempt_at <= now))
+        .order_by(Delivery.id)
+        .limit(limit)
+    )
+    rows = {
+        int(r.id): r
+        for r in FileRecord.select().where(FileRecord.id.in_([d.record_id for d in pending]))
+    }
+    found = []
+    for d in pending:
+        r = rows.get(int(d.record_id))
+        if r is None:
+            continue
+        found.append(
+            Due(
+                id=int(d.id),
+                event=d.event,
+                attempts=int(d.attempts),
+                record_id=int(r.id),
+                profile=r.profile,
+                bucket=r.bucket,
+                key=r.filepath,
+                size=r.size,
+                etag=r.etag,
+                version_id=r.version_id,
+                options=r.options,
+                checksum=r.checksum,
+                reason=r.reason,
+                error=r.error,
+                created=_time(r.file_creation_date),
+                ended=_time(r.last_updated),
+            )
+        )
+    return found
+
+
+def delivered(delivery_id: int) -> None:
+    with write():
+        Delivery.update(state="done", attempts=Delivery.attempts + 1, error=None).where(
+            Delivery.id == delivery_id
+        ).execute()
+
+
+def delivery_failed(delivery_id: int, error: str, due: dt.datetime | None) -> None:
+    """One attempt failed: try again at `due`, or (None) its retries are spent."""
+    with write():
+        Delivery.update(
+            state="pending" if due is not None else "failed",
+            attempts=Delivery.attempts + 1,
+            next_attempt_at=due or utcnow(),
+            error=text(error),
+        ).where(Delivery.id == delivery_id).execute()
+
+
+def deliveries_of(record_id: int) -> list[tuple[str, str, int, str | None]]:
+    """A passage's hook deliveries: (event, state, attempts, last error)."""
+    query = Delivery.select().where(Delivery.record_id == record_id).order_by(Delivery.id)
+    return [(d.event, d.state, int(d.attempts), d.error) for d in query]
+
+
+# -- the spool's lifecycle ---------------------------------------------------------------------
+def record_removed(path: str, reason: str, record_id: int | None) -> None:
+    """The lifecycle removed a file from completed/ (recorded, then logged)."""
+    with write():
+        Removal.create(record_id=record_id, path=text(path), reason=reason)
+
+
+def completed_id(ref: FileRef) -> int | None:
+    """The newest completed passage of a key (the one a file in completed/ stands for)."""
+    row = _newest(ref, (State.COMPLETED,))
+    return int(row.id) if row is not None else None
+
+
+class Failed(NamedTuple):
+    """A key's newest passage, failed: its reason, when, and how many requeues led to it."""
+
+    id: int
+    reason: str | None
+    at: dt.datetime | None
+    requeues: int
+
+
+def newest_failure(ref: FileRef) -> Failed | None:
+    """The key's newest passage if it failed, with the length of its chain of requeues."""
+    row = _newest(ref)
+    if row is None or row.current_state != State.FAILED:
+        return None
+    requeues, link = 0, row.requeued_from
+    while link is not None and requeues < 1000:
+        requeues += 1
+        link = FileRecord.select(FileRecord.requeued_from).where(FileRecord.id == link).scalar()
+    return Failed(int(row.id), row.reason, _time(row.last_updated), requeues)
 
 
 def set_state(record_id: int, state: State, reason: str | None = None) -> None:
@@ -1007,6 +1191,10 @@ class PassageRecord:
     requeued_from: int | None
     attempts: list[AttemptRecord] = field(default_factory=list)
     checksum: str | None = None
+    options: str | None = None  # JSON, as uploaded
+    version_id: str | None = None
+    deliveries: list[tuple[str, str, int, str | None]] = field(default_factory=list)
+    removed: list[tuple[str, dt.datetime | None]] = field(default_factory=list)  # (reason, at)
 
 
 def passages(ref: FileRef) -> list[PassageRecord]:
@@ -1039,6 +1227,13 @@ def passages(ref: FileRef) -> list[PassageRecord]:
             requeued_from=r.requeued_from,
             attempts=tries.get(int(r.id), []),
             checksum=r.checksum,
+            options=r.options,
+            version_id=r.version_id,
+            deliveries=deliveries_of(int(r.id)),
+            removed=[
+                (m.reason, _time(m.removed_at))
+                for m in Removal.select().where(Removal.record_id == r.id).order_by(Removal.id)
+            ],
         )
         for r in rows
     ]

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flood.config import EMPTY, Config
 from flood.credentials import Profile
 
 MiB = 1024 * 1024
@@ -40,8 +41,11 @@ class Settings:
     # "content-md5": single PUTs are proven by the server's Content-MD5 check and the ETag;
     # multipart uploads and non-MD5 ETags are HEADed. "head": HEAD every object as well.
     verify: str = "content-md5"
-    # Single PUTs to a configured endpoint go over http.client with botocore's signer.
+    # Single PUTs go on the lean client (flood/lean.py) unless --boto3-put.
     lean_put: bool = True
+    # The config file: object options, the spool's lifecycle, hooks (EMPTY: none given).
+    config: Config = EMPTY
+    inject_failures: float = 0.0  # the share of attempts failed on purpose (staging)
 
     def secrets(self) -> list[str]:
         """What every log line is scrubbed of: keys, tokens, proxy passwords."""

@@ -46,6 +46,9 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal_error"
     VERIFY_MISMATCH = "verify_mismatch"
     READ_ERROR = "read_error"
+    INJECTED = "injected"
+    INVALID_OPTIONS = "invalid_options"
+    UNSUPPORTED_OPTION = "unsupported_option"
     # a copy that never reached incoming/
     WIPED = "wiped"
     SUPERSEDED = "superseded"

@@ -11,6 +11,7 @@ from flood.bandwidth import Bandwidth
 from flood.connection import Connection
 from flood.jobs import FileRef
 from flood.lean import LeanClient
+from flood.options import NONE, ObjectOptions
 from flood.settings import Settings
 from flood.verdict import Mismatch, classify, status_of
 
@@ -22,18 +23,23 @@ WINDOW_BYTES = 1024 * 1024
 
 
 class Pending(Protocol):
-    """A PUT on its way; result() is its ETag, or raises what the call raised."""
+    """A PUT on its way; result() is its ETag, or raises what the call raised; version_id is
+    the object's version once answered (where the bucket keeps versions)."""
+
+    version_id: str | None
 
     def result(self) -> str: ...
 
 
 class Sender(Protocol):
-    """Single PUTs with Content-MD5. `window`: bytes of PUTs it may keep in flight at once
-    (0: one at a time, each answered before the next is started)."""
+    """Single PUTs with Content-MD5 and the object's options. `window`: bytes of PUTs it may
+    keep in flight at once (0: one at a time, each answered before the next is started)."""
 
     window: int
 
-    def start(self, bucket: str, key: str, body: bytes, content_md5: str) -> Pending: ...
+    def start(
+        self, bucket: str, key: str, body: bytes, content_md5: str, options: ObjectOptions = NONE
+    ) -> Pending: ...
 
 
 class LeanSender:
@@ -44,8 +50,10 @@ class LeanSender:
     def __init__(self, client: LeanClient) -> None:
         self.client = client
 
-    def start(self, bucket: str, key: str, body: bytes, content_md5: str) -> Pending:
-        return self.client.start(bucket, key, body, content_md5)
+    def start(
+        self, bucket: str, key: str, body: bytes, content_md5: str, options: ObjectOptions = NONE
+    ) -> Pending:
+        return self.client.start(bucket, key, body, content_md5, options.headers())
 
 
 class Boto3Sender:
@@ -56,17 +64,32 @@ class Boto3Sender:
     def __init__(self, client: Any) -> None:
         self.client = client  # paced by the profile's Bandwidth.attach(), when it has one
 
-    def start(self, bucket: str, key: str, body: bytes, content_md5: str) -> Pending:
-        return _Boto3Put(self.client, bucket, key, body, content_md5)
+    def start(
+        self, bucket: str, key: str, body: bytes, content_md5: str, options: ObjectOptions = NONE
+    ) -> Pending:
+        return _Boto3Put(self.client, bucket, key, body, content_md5, options)
 
 
 class _Boto3Put:
-    def __init__(self, client: Any, bucket: str, key: str, body: Any, content_md5: str):
-        self.call = dict(Bucket=bucket, Key=key, Body=body, ContentMD5=content_md5)
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        body: Any,
+        content_md5: str,
+        options: ObjectOptions,
+    ) -> None:
+        self.call = dict(
+            Bucket=bucket, Key=key, Body=body, ContentMD5=content_md5, **options.params()
+        )
         self.client = client
+        self.version_id: str | None = None
 
     def result(self) -> str:
-        return str(self.client.put_object(**self.call).get("ETag", ""))
+        answer = self.client.put_object(**self.call)
+        self.version_id = answer.get("VersionId")
+        return str(answer.get("ETag", ""))
 
 
 def sender_for(

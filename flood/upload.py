@@ -6,27 +6,30 @@ from __future__ import annotations
 import base64
 import collections
 import datetime as dt
+import errno
 import hashlib
 import os
+import random
 import time
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from flood import crashpoints, fsops, records, transfer
+from flood import crashpoints, fsops, options, records, transfer
 from flood.endings import HELD_WAIT, Endings
-from flood.errors import InvalidName
+from flood.errors import ConfigError, InvalidName
 from flood.holds import Holds
 from flood.jobs import FileRef, Job
 from flood.layout import Layout, check_bucket, check_key
 from flood.moves import Busy, Claimed, Moves, changed, read_all
 from flood.multipart import FileChanged, Multipart
+from flood.options import OPTIONS_XATTR
 from flood.passage import Passage, Result, regular_size
 from flood.records import Claim
 from flood.settings import Settings
 from flood.states import Reason, State, Step
 from flood.transfer import Pending, Sender
-from flood.verdict import Mismatch
+from flood.verdict import Injected, Mismatch
 
 BATCH = 32  # jobs an uploader takes from its queue at once
 BATCH_MAX_BYTES = 1024 * 1024  # larger files are not held in memory beside a batch's PUTs
@@ -56,6 +59,8 @@ class Uploads:
         self.holds = Holds(profile, client, log, checked_buckets or set())
         self.endings = Endings(settings, profile, self.moves, self.holds, log)
         self.multipart = Multipart(settings, settings.profiles[profile], client, log)
+        self.provider = settings.profiles[profile].provider
+        self.random = random.Random().random
 
     def run(self, jobs: list[Job], now: float) -> list[Result | Exception]:
         """One pass over jobs (files seen in incoming/ or waiting in processing/): each ends in
@@ -176,9 +181,13 @@ class Uploads:
                         continue
                     while inflight and not self.room(inflight, len(p.body)):
                         conclude_oldest()
+                    injected = self.inject(p, now)
+                    if injected is not None:
+                        outcomes[index] = injected
+                        continue
                     crashpoints.point("after_put_start")
                     p.started = time.monotonic()
-                    pending = self.sender.start(p.ref.bucket, p.ref.key, p.body, _b64(p.md5))
+                    pending = self.send(p)
                     inflight.append((index, p, pending))
                 except Exception as exc:  # the per-file boundary, as in the role
                     outcomes[index] = exc
@@ -215,6 +224,23 @@ class Uploads:
             return self.endings.fail(
                 p, Reason.HARD_LINK, "file has other hard links and fs.protected_hardlinks is off"
             )
+        return self.resolve_options(p)
+
+    def resolve_options(self, p: Passage) -> Result | None:
+        """The object's options: the config file's levels and rules, then the file's own (an
+        extended attribute, as flood-copy writes it). Options that cannot be used fail the file
+        with the reason; they never reach the server."""
+        try:
+            own = options.from_json(_own_options(p.fd))
+            if own is not None:
+                refused = options.refused_by(self.provider, own)
+                if refused:
+                    why = f"{', '.join(refused)} not supported by {self.provider}"
+                    return self.endings.fail(p, Reason.UNSUPPORTED_OPTION, why)
+        except (ValueError, ConfigError) as exc:
+            return self.endings.fail(p, Reason.INVALID_OPTIONS, f"its {OPTIONS_XATTR}: {exc}")
+        levels = self.settings.config.levels
+        p.options = levels.resolve(p.ref.profile, p.ref.bucket, p.ref.key, own)
         return None
 
     def stage(self, p: Passage) -> bool:
@@ -229,22 +255,41 @@ class Uploads:
         """Upload a larger file by itself: one PUT below the multipart threshold, else parts.
         None once the server has it, else the Result that ends this pass."""
         p.started = time.monotonic()
+        injected = self.inject(p, now)
+        if injected is not None:
+            return injected
         try:
             crashpoints.point("after_put_start")
             if (p.size or 0) < self.settings.multipart_threshold:
                 self.read(p)
-                p.etag = self.sender.start(p.ref.bucket, p.ref.key, p.body, _b64(p.md5)).result()
+                sent = self.send(p)
+                p.etag = sent.result()
+                p.version_id = sent.version_id
                 p.body = b""
                 p.proven = _proves(p)
             else:
                 assert p.before is not None
-                done = self.multipart.upload(p.fd, p.before, p.ref, p.record_id)
+                done = self.multipart.upload(p.fd, p.before, p.ref, p.record_id, p.options)
                 p.etag, p.checksum, p.proven = done.etag, done.checksum, True
+                p.version_id = done.version_id
         except FileChanged:
             return self.changed(p, now)
         except _UPLOAD_ERRORS as exc:
             return self.endings.failed_attempt(p, exc, now)
         return None
+
+    def send(self, p: Passage) -> Pending:
+        return self.sender.start(p.ref.bucket, p.ref.key, p.body, _b64(p.md5), p.options)
+
+    def inject(self, p: Passage, now: float) -> Result | None:
+        """--inject-failures: this share of attempts fails, before any request is sent, as a
+        transient error of the file (its retries and the lifecycle then run as in production;
+        it is no answer of the server, so no outage hold)."""
+        rate = self.settings.inject_failures
+        if not rate or self.random() >= rate:
+            return None
+        failure = Injected(f"injected by --inject-failures {rate:g}, no request was sent")
+        return self.endings.failed_attempt(p, failure, now)
 
     def changed(self, p: Passage, now: float) -> Result:
         """The file changed while it was read: upload it again once it settles."""
@@ -262,6 +307,7 @@ class Uploads:
         """A started PUT's answer: None once the server has the bytes, else the Result."""
         try:
             p.etag = pending.result()
+            p.version_id = pending.version_id
         except (ClientError, BotoCoreError) as exc:
             return self.endings.failed_attempt(p, exc, now)
         finally:
@@ -324,6 +370,16 @@ class Uploads:
     def give_up(self, ref: FileRef, error: str) -> None:
         """A file whose handling keeps raising: failed/ with reason internal_error."""
         self.endings.give_up(ref, error)
+
+
+def _own_options(fd: int) -> bytes | None:
+    """A file's own object options (flood-copy --content-type ...), if it carries them."""
+    try:
+        return os.getxattr(fd, OPTIONS_XATTR)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
 
 
 def _proves(p: Passage) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import cast
 
+import botocore.exceptions
 from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, SSLError
 
 from flood.states import Reason
@@ -38,6 +39,7 @@ class Kind(StrEnum):
     MISMATCH = "mismatch"
     LOCAL = "local"
     REFUSED = "refused"
+    INJECTED = "injected"
     ERROR = "error"
 
 
@@ -56,6 +58,10 @@ class Verdict:
         """A HEAD the key may not make or the server does not offer (403, 405, 501, 400):
         verification is skipped, not failed."""
         return self.kind in (Kind.PERMISSIONS, Kind.INCOMPATIBLE)
+
+
+class Injected(Exception):
+    """A failure --inject-failures made up before any request was sent (staging only)."""
 
 
 class Mismatch(Exception):
@@ -102,6 +108,8 @@ def classify(exc: BaseException, operation: str = "") -> Verdict:
     that does not exist."""
     if isinstance(exc, Mismatch):
         return Verdict(True, Scope.FILE, Reason.VERIFY_MISMATCH, Kind.MISMATCH)
+    if isinstance(exc, Injected):  # never an answer of the endpoint: no outage hold
+        return Verdict(True, Scope.FILE, Reason.INJECTED, Kind.INJECTED)
     root = _root(exc)
     if isinstance(root, ClientError):
         verdict = _answer(root)
@@ -142,6 +150,35 @@ def _answer(error: ClientError) -> Verdict:
     if status >= 500:
         return Verdict(False, Scope.FILE, named or f"http_{status}", Kind.SERVER)
     return Verdict(False, Scope.FILE, named or f"http_{status}", Kind.ERROR)
+
+
+def _network_names() -> set[str]:
+    """The names classify() gives network failures: botocore's connection errors and
+    Python's own."""
+    found = {TimeoutError.__name__}
+    for value in vars(botocore.exceptions).values():
+        if isinstance(value, type) and issubclass(value, ConnectionError | HTTPClientError):
+            found.add(value.__name__)
+    kinds: list[type] = [builtins.ConnectionError, *builtins.ConnectionError.__subclasses__()]
+    found.update(kind.__name__ for kind in kinds)
+    return found
+
+
+_TRANSIENT_NAMES = frozenset(
+    [code for code, (transient, _, _) in _BY_CODE.items() if transient]
+    + [Reason.VERIFY_MISMATCH, Reason.READ_ERROR, Reason.INJECTED, "tls", *_network_names()]
+)
+
+
+def transient_reason(reason: str | None) -> bool:
+    """Whether a failure's recorded reason was a transient one (its retries ran out), so that
+    the lifecycle may requeue it: S3's transient codes, an HTTP 5xx or 429, a network error,
+    a mismatch or a read error."""
+    if not reason:
+        return False
+    if reason.startswith("http_") and reason[5:].isdigit():
+        return int(reason[5:]) in _TRANSIENT_STATUS
+    return reason in _TRANSIENT_NAMES
 
 
 def status_of(error: ClientError) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from flood import crashpoints, credentials, logs, records
+from flood import config, crashpoints, credentials, logs, records
 from flood.bandwidth import Bandwidth
 from flood.errors import EX_SOFTWARE, FloodError
 from flood.jobs import Drained, Ready, Rescan
@@ -25,6 +25,8 @@ from flood.s3 import MISSING, OK, check_bucket, make_client
 from flood.settings import Settings
 from flood.states import Reason
 from flood.supervisor import startup
+from flood.supervisor.hooks import HookRunner
+from flood.supervisor.sweeper import Sweeper
 from flood.workers import uploader, watcher
 
 QUEUE_SIZE = 10_000  # jobs per uploader queue: bounded memory, back-pressure on scans
@@ -94,6 +96,8 @@ class Arbiter:
         self.signals: list[int] = []
         self.releases: queue.Queue[str] = queue.Queue()
         self.checker = HoldChecker(settings, layout, log, self.releases)
+        self.sweeper = Sweeper(settings, layout, log)
+        self.hooks = HookRunner(settings, log)
         self.watcher_conn: Connection | None = None
         # systemd: READY=1 once the watcher's start-up drain is queued, WATCHDOG=1 only while
         # every child reports progress. Children must not inherit the socket.
@@ -115,6 +119,9 @@ class Arbiter:
         try:
             self.start_generation()
             self.checker.start()
+            if self.sweeper.wanted:
+                self.sweeper.start()
+            self.hooks.start()  # it also finishes deliveries due from before a restart
             while not self.stopping:
                 self.tick(wake_r)
             self.notifier.stopping("stopping: in-flight uploads get the grace period")
@@ -124,6 +131,8 @@ class Arbiter:
         finally:
             # Whatever happened above, no child outlives the arbiter's own stop.
             self.checker.halt()
+            self.sweeper.halt()
+            self.hooks.halt()
             self.stop_children("shutdown")
         self.log.info("supervisor_stopped", exit_code=self.exit_code)
         return self.exit_code
@@ -265,11 +274,15 @@ class Arbiter:
         self.notifier.reloading("re-reading the credentials file")
         try:
             creds = credentials.load(self.settings.credentials_path)
-            settings = dataclasses.replace(self.settings, profiles=creds.profiles)
+            path = self.settings.config.path
+            conf = config.load(path, creds.profiles) if path is not None else config.EMPTY
+            settings = dataclasses.replace(self.settings, profiles=creds.profiles, config=conf)
             self.layout.prepare(settings.profiles)
         except (FloodError, OSError) as exc:
             self.log.error(
-                "reload_failed", error=str(exc), reason="keeping the profiles loaded before"
+                "reload_failed",
+                error=str(exc),
+                reason="keeping the profiles and the config loaded before",
             )
             self.notifier.ready("reload failed; running with the profiles loaded before")
             return
@@ -284,7 +297,10 @@ class Arbiter:
             )
         self.count_restarts("reload")
         self.stop_children("reload")
-        self.settings = self.checker.settings = settings
+        self.settings = self.checker.settings = self.sweeper.settings = settings
+        self.hooks.settings = settings
+        if self.sweeper.wanted and not self.sweeper.is_alive():
+            self.sweeper.start()
         self.checked = startup.check_buckets(settings, self.layout, self.log)
         self.ready_pending = True
         self.start_generation()

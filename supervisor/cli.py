@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flood import credentials, logs, metrics, records, snapshot
+from flood import config, credentials, logs, metrics, records, snapshot
 from flood.commands import common
 from flood.errors import EX_TEMPFAIL, ConfigError, FloodError
 from flood.layout import Layout
@@ -38,7 +39,18 @@ def parser() -> common.Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("server_dir", metavar="SERVER_DIR", help="the spool directory")
+    p.add_argument(
+        "server_dir",
+        metavar="SERVER_DIR",
+        nargs="?",
+        help="the spool directory (or server_dir in the config file's [supervisor])",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the config file, TOML (default: $FLOOD_CONFIG, else none): [supervisor] holds "
+        "any of these options (a flag here wins), [upload], [[rules]], [lifecycle], [hooks]",
+    )
     p.add_argument(
         "--workers",
         type=common.positive_int,
@@ -149,6 +161,14 @@ def parser() -> common.Parser:
         help="send single PUTs through boto3 instead of the lean signed path",
     )
     p.add_argument(
+        "--inject-failures",
+        type=share,
+        default=0.0,
+        metavar="RATE",
+        help="staging: fail this share (0 to 1) of upload attempts on purpose, before any "
+        "request, as transient errors; the retries and the lifecycle then run as they would",
+    )
+    p.add_argument(
         "--strict-permissions",
         action="store_true",
         help="refuse (exit 78) a credentials file group or others can read, instead of warning",
@@ -175,6 +195,16 @@ def parser() -> common.Parser:
     return p
 
 
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1")
+    return value
+
+
 def part_mib(text: str) -> int:
     value = common.positive_int(text)
     if not 5 <= value <= 5120:
@@ -198,13 +228,20 @@ def port_number(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     common.printable_output()
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     try:
+        path = config.locate(args.config)
+        data = config.read(path) if path is not None else {}
+        if data.get("supervisor"):
+            assert path is not None
+            from_file(p, data["supervisor"], path)
+            args = p.parse_args(argv)  # the command line wins over the file
+        if not args.server_dir:
+            p.error("SERVER_DIR is needed (or server_dir in the config file's [supervisor])")
         creds = credentials.load(args.credentials)
-    except ConfigError as exc:
-        return common.fail("flood-supervisor", str(exc), exc.exit_code)
-    try:
         startup.check_connections(creds.profiles)
+        conf = config.build(path, data, creds.profiles) if path is not None else config.EMPTY
     except ConfigError as exc:
         return common.fail("flood-supervisor", str(exc), exc.exit_code)
     settings = Settings(
@@ -228,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ignore=tuple(p for p in args.ignore.split(",") if p),
         verify=args.verify,
         lean_put=not args.boto3_put,
+        config=conf,
+        inject_failures=args.inject_failures,
     )
     log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
     log.info(
@@ -236,8 +275,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason=f"first that exists: {creds.source}",
         profiles=sorted(creds.profiles),
     )
+    if conf.path is not None:
+        log.info("config_loaded", path=str(conf.path), reason="from --config or $FLOOD_CONFIG")
     for problem in startup.connection_warnings(settings):
         log.warning(problem.event, profile=problem.profile, reason=problem.reason)
+    if settings.inject_failures:
+        log.warning(
+            "failure_injection_on",
+            reason=f"--inject-failures {settings.inject_failures:g}: that share of upload "
+            "attempts fails on purpose, before any request (staging only)",
+        )
     if creds.loose_permissions():
         why = (
             f"credentials file {creds.path} has mode {creds.mode & 0o777:o}: group or "
@@ -258,6 +305,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("startup_failed", error=str(exc))
         return common.fail("flood-supervisor", str(exc), exc.exit_code)
     return run_arbiter(args, settings, layout, checked, log)
+
+
+def from_file(p: argparse.ArgumentParser, table: Mapping[str, Any], path: Path) -> None:
+    """The config file's [supervisor] table as the parser's defaults: every flag under its own
+    name (dashes or underscores), read with the flag's own type; an unknown key is an error."""
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    defaults: dict[str, Any] = {}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        where = f"config file {path}: [supervisor] {key}"
+        if action is None:
+            close = difflib.get_close_matches(dest, list(actions), n=1)
+            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+            raise ConfigError(f"config file {path}: unknown key {key!r} in [supervisor]{hint}")
+        defaults[dest] = _value(action, value, where)
+    p.set_defaults(**defaults)
+
+
+def _value(action: argparse.Action, value: Any, where: str) -> Any:
+    if action.nargs == 0:  # a switch such as --boto3-put
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f"{where} must be a string or a number, not {value!r}")
+    text = str(value)
+    if action.choices is not None and text not in action.choices:
+        raise ConfigError(f"{where}: {text!r} is not one of {', '.join(map(str, action.choices))}")
+    if action.type is None:
+        return text
+    try:
+        return action.type(text)  # type: ignore[operator]  # argparse types are callables
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def run_arbiter(

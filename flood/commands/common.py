@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from flood import units
 from flood.errors import LayoutError
 
 DEFAULT_DB = "flood.db"
@@ -43,13 +44,11 @@ def non_negative_int(text: str) -> int:
 
 
 def seconds(text: str) -> float:
+    """A duration: 90s, 30m, 12h, 7d, 250ms, or a plain number of seconds."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
-    return value
+        return units.duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def log_level(text: str) -> str:

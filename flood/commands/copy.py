@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import fnmatch
 import os
@@ -15,11 +16,12 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from flood import credentials, fsops, records
+from flood import credentials, fsops, options, records
 from flood.commands import common
-from flood.errors import FloodError, InvalidName, LayoutError
+from flood.errors import ConfigError, FloodError, InvalidName, LayoutError
 from flood.jobs import FileRef
 from flood.layout import Layout, check_bucket, check_key, check_profile, shown
+from flood.options import OPTIONS_XATTR, ObjectOptions
 from flood.settings import DEFAULT_IGNORE, MiB
 from flood.states import Reason, State
 
@@ -115,7 +117,44 @@ def parser() -> common.Parser:
         metavar="S",
         help="with --wait: give up after S seconds (exit 124)",
     )
+    own = p.add_argument_group(
+        "object options",
+        "set on these files' objects, over the config file's levels and rules; they travel with "
+        f"each file (its extended attribute {OPTIONS_XATTR}) through restarts and kill -9",
+    )
+    for name in ("content-type", "content-encoding", "cache-control", "storage-class", "acl"):
+        own.add_argument(f"--{name}", metavar="VALUE")
+    own.add_argument(
+        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+    own.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     return p
+
+
+def own_options(args: argparse.Namespace) -> ObjectOptions | None:
+    """The command line's object options, checked as S3 checks them (Refused: nothing is
+    queued)."""
+    table: dict[str, object] = {}
+    for name in ("content_type", "content_encoding", "cache_control", "storage_class", "acl"):
+        if getattr(args, name):
+            table[name] = getattr(args, name)
+    for flag, key in (("metadata", "metadata"), ("tag", "tags")):
+        pairs = {}
+        for item in getattr(args, flag):
+            name, equals, value = item.partition("=")
+            if not equals or not name:
+                raise Refused(f"--{flag} {item!r} is not KEY=VALUE")
+            pairs[name] = value
+        if pairs:
+            table[key] = pairs
+    if not table:
+        return None
+    try:
+        return options.parse(table, "the command line")
+    except ConfigError as exc:
+        raise Refused(
+            str(exc).replace("metadata:", "--metadata:").replace("tags:", "--tag:")
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,13 +183,21 @@ def run(args: argparse.Namespace) -> int:
             f"unknown profile {target.profile!r}: {creds.path} ({creds.source}) has "
             f"{', '.join(sorted(creds.profiles))}"
         )
+    own = own_options(args)
+    if own is not None:
+        refused = options.refused_by(creds.profiles[target.profile].provider, own)
+        if refused:
+            raise Refused(
+                f"{', '.join(refused)}: not supported by profile {target.profile!r}'s provider "
+                f"{creds.profiles[target.profile].provider}"
+            )
     plan = make_plan(args.sources, target, args.recursive)
     for line in plan.skipped + _ignored_warnings(plan.items):
         print(f"{PROG}: {line}", file=sys.stderr)
     layout = Layout(root)
     records.open_db(common.db_path(args.db))  # refused before any directory is made
     prepare_dirs(layout, target)
-    report = Copier(layout, target, _progress(plan.items, args.quiet)).run(plan.items)
+    report = Copier(layout, target, _progress(plan.items, args.quiet), own).run(plan.items)
     code = report.tell(target, args.quiet, plan.failed)
     if args.wait and code != EX_INTERRUPTED:
         waited = wait_outcomes([(target.uri(i.key), rid) for i, rid in report.queued], args.timeout)
@@ -547,10 +594,17 @@ class Passage:
 class Copier:
     """Copies planned files into incoming_tmp, syncs them, and renames them into incoming/."""
 
-    def __init__(self, layout: Layout, target: Target, progress: Progress) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        target: Target,
+        progress: Progress,
+        own: ObjectOptions | None = None,
+    ) -> None:
         self.layout = layout
         self.target = target
         self.progress = progress
+        self.own = own.to_json().encode() if own is not None else None
         self.synced_dirs: set[str] = set()
 
     def run(self, items: list[Item]) -> Report:
@@ -600,6 +654,8 @@ class Copier:
         rid = passage.record_id = records.record_queued(
             passage.ref, State.INCOMING_TMP, created, info.st_size
         )
+        if self.own is not None:
+            _set_options(passage.fd, self.own)
         self._copy(src, passage.fd)
         os.fsync(passage.fd)
         self._publish(passage)
@@ -649,6 +705,19 @@ class Copier:
 
 
 _WIPED = "incoming_tmp was wiped under the copy (a flood-supervisor started); copy it again"
+
+
+def _set_options(fd: int, data: bytes) -> None:
+    """The file's own object options, as the extended attribute the uploader reads."""
+    try:
+        os.setxattr(fd, OPTIONS_XATTR, data)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise NotQueued(
+                "the spool's filesystem keeps no extended attributes, which a file's own "
+                "object options need"
+            ) from None
+        raise
 
 
 def _open_source(path: str) -> tuple[int, os.stat_result]:

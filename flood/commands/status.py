@@ -102,6 +102,13 @@ def _passage(row: records.PassageRecord, requeued_to: int | None) -> dict[str, A
         "requeued_from": row.requeued_from,
         "requeued_to": requeued_to,
         "multipart": _multipart(row.id) if row.state == State.PROCESSING else None,
+        "options": json.loads(row.options) if row.options else None,
+        "version_id": row.version_id,
+        "hooks": [
+            {"event": event, "state": state, "attempts": attempts, "error": error}
+            for event, state, attempts, error in row.deliveries
+        ],
+        "removed": [{"reason": reason, "at": utc_text(at)} for reason, at in row.removed],
         "attempts": [
             {"attempt": a.attempt, "at": utc_text(a.at), "outcome": a.outcome, "error": a.error}
             for a in row.attempts
@@ -304,6 +311,24 @@ def print_history(item: dict[str, Any]) -> None:
             error = f": {_one_line(a['error'])}" if a["error"] else ""
             print(f"    {a['at']}  retry {a['attempt']} {a['outcome']}{error}")
         print(f"    {p['since']}  {_ending(p)}")
+        if p["options"]:
+            print(f"    options: {_options_text(p['options'])}")
+        for h in p["hooks"]:
+            error = f": {_one_line(h['error'])}" if h["error"] else ""
+            tries = _count(h["attempts"], "attempt")
+            print(f"    hook on_{h['event']}: {h['state']} after {tries}{error}")
+        for r in p["removed"]:
+            print(f"    {r['at']}  removed from completed/ ({r['reason']})")
+
+
+def _options_text(chosen: dict[str, Any]) -> str:
+    """The object options of a passage on one line: key=value, tables as {k=v, ...}."""
+    parts = []
+    for key, value in chosen.items():
+        if isinstance(value, dict):
+            value = "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
 
 
 def _multipart(record_id: int) -> dict[str, Any] | None:
@@ -327,7 +352,8 @@ def _multipart(record_id: int) -> dict[str, Any] | None:
 def _ending(p: dict[str, Any]) -> str:
     if p["state"] == State.COMPLETED:
         checksum = f", {p['checksum']}" if p.get("checksum") else ""
-        return f"completed: size {p['size']}, ETag {p['etag'] or '-'}{checksum}"
+        version = f", version {p['version_id']}" if p.get("version_id") else ""
+        return f"completed: size {p['size']}, ETag {p['etag'] or '-'}{checksum}{version}"
     if p["state"] == State.FAILED:
         error = _one_line(p["error"])
         reason = p["reason"] or "?"

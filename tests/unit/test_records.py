@@ -197,3 +197,19 @@ def test_repair_marks_wiped_copies_abandoned_and_found_files_completed(db: str) 
     [d] = records.passages(FileRef("p", "b", "d"))
     assert (w.state, w.reason) == ("abandoned", "wiped")
     assert (d.state, d.outcome) == ("completed", "success")
+
+
+def test_a_failed_passage_forgets_its_multipart_upload_and_may_queue_its_hook(db: str) -> None:
+    """Nothing continues the upload of a failed passage: its rows go in the same transaction
+    (the janitor aborts it on the server once it is old), and the on_failure delivery is due."""
+    ref = FileRef("p", "b", "big.bin")
+    [rid] = records.record_claims([Claim(ref, None, 20)])
+    upload = records.Upload(rid, "b", "big.bin", "u-1", 10, 20, 1, 2, "md5", {})
+    records.multipart_started(upload)
+    records.part_done(rid, records.Part(1, 10, "e1", None))
+    assert records.upload_ids("b") == {"u-1"}
+    records.record_failed(rid, "SlowDown", "retries exhausted", 3, deliver=True)
+    assert records.multipart_of(rid) is None and records.upload_ids("b") == set()
+    assert records.deliveries_of(rid) == [("failure", "pending", 0, None)]
+    [due] = records.due_deliveries(records.utcnow() + dt.timedelta(seconds=1))
+    assert (due.event, due.key, due.reason) == ("failure", "big.bin", "SlowDown")

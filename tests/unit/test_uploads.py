@@ -16,6 +16,7 @@ from botocore.exceptions import ClientError
 from flood import records
 from flood.credentials import Profile
 from flood.jobs import FileRef, Job
+from flood.options import ObjectOptions
 from flood.passage import Result
 from flood.settings import Settings
 from flood.states import Outcome, State, Step
@@ -44,6 +45,8 @@ def answer(code: str, status: int) -> ClientError:
 
 
 class Put:
+    version_id: str | None = None  # as a bucket without versioning answers
+
     def __init__(self, sender: Sender, key: str, body: bytes, md5: str) -> None:
         self.sender, self.key, self.body, self.md5 = sender, key, body, md5
 
@@ -67,9 +70,13 @@ class Sender:
         self.script: dict[str, Any] = {}
         self.stored: dict[str, bytes] = {}
         self.inflight: list[Put] = []
+        self.options: dict[str, ObjectOptions] = {}
         self.most_in_flight = 0
 
-    def start(self, bucket: str, key: str, body: bytes, content_md5: str) -> Put:
+    def start(
+        self, bucket: str, key: str, body: bytes, content_md5: str, options: ObjectOptions
+    ) -> Put:
+        self.options[key] = options
         put = Put(self, key, body, content_md5)
         self.inflight.append(put)
         self.most_in_flight = max(self.most_in_flight, sum(len(p.body) for p in self.inflight))

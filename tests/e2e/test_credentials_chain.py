@@ -1,6 +1,7 @@
 """Where a profile's keys come from, end to end on both upload paths: a session token in the
 file, a role assumed with STS, the container and instance endpoints, the environment; what
-the servers received, and that no secret shows anywhere."""
+the servers received, that no secret shows anywhere, and what an endpoint that does not
+answer does to the files."""
 
 from __future__ import annotations
 
@@ -643,3 +644,200 @@ def database_text(sp: Spool) -> str:
     return "".join(
         p.read_bytes().decode("latin-1") for p in sp.db.parent.glob(sp.db.name + "*") if p.is_file()
     )
+
+
+# -- 7. a credentials endpoint that does not answer, and how often it is asked -----------------
+SOURCES = {
+    "EcsContainer": "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "Ec2InstanceMetadata": "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+}
+DOWN_AT_START = {
+    "EcsContainer": "Flood defect: with the container endpoint answering 503 at start, the "
+    "supervisor dies (exit 1) with an uncaught botocore CredentialRetrievalError traceback from "
+    "startup.check_one -> make_client (botocore's create_client reads credentials.method, and "
+    "connection._Lazy fetches on that attribute, outside check_profile's error handling), "
+    "after taking the lock and wiping incoming_tmp; no hold, no re-check",
+    "Ec2InstanceMetadata": "Flood defect: with the metadata service answering 503 at start, the "
+    "supervisor exits 78 ('credential_source Ec2InstanceMetadata gave no credentials', "
+    "connection._Lazy's ConfigError raised at client creation in startup.check_one) after "
+    "taking the lock and wiping incoming_tmp: a transient outage gets the configuration "
+    "status that RestartPreventExitStatus=78 never restarts",
+}
+OUTAGE = (
+    "Flood defect: when the container or instance endpoint fails a refresh, the upload ends "
+    "in failed/ at attempt 0 with reason CredentialRetrievalError (verdict.classify has no "
+    "rule for botocore's CredentialRetrievalError: Kind.ERROR, permanent, file scope), "
+    "instead of waiting for a retry or holding the profile"
+)
+DOCTOR_DOWN = (
+    "Flood defect: flood-doctor dies (exit 1, nothing on stdout) with an uncaught botocore "
+    "CredentialRetrievalError traceback from doctor.check_profile -> Probe -> client_for "
+    "(connection._Lazy fetches when botocore's create_client reads credentials.method) "
+    "instead of reporting the profile FAIL and checking the others"
+)
+FETCH_PER_REQUEST = (
+    "Flood defect (refresh policy): credential_source keys keep botocore's 15/10-minute "
+    "refresh windows (connection._sourced does not tune them as _Rotating does for roles), so "
+    "keys with under 10 minutes left are fetched again, blocking, before every request: "
+    "about one container GET per S3 request for 2-minute keys"
+)
+
+
+def sourced_spool(
+    tmp_path: Path, seaweed: Seaweed, endpoint: CredentialsServer, source: str
+) -> tuple[Spool, dict[str, str]]:
+    """A spool whose one profile `cs` takes its keys from `endpoint` as `source`, and the
+    supervisor's environment that points there."""
+    ini = amazon_profile("cs", seaweed.server.endpoint, credential_source=source)
+    sp = Spool(tmp_path, seaweed.server, {"cs": ini})
+    url = endpoint.container_uri if source == "EcsContainer" else endpoint.endpoint
+    return sp, sp.env(**{SOURCES[source]: url})
+
+
+def failed_reasons(sp: Spool) -> dict[str, str]:
+    """The files in failed/ by key, with the reason their record gives."""
+    return {r["filepath"]: r["reason"] for r in sp.records() if r["current_state"] == "failed"}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=why))
+        for s, why in DOWN_AT_START.items()
+    ],
+)
+def test_a_credentials_endpoint_down_at_start_holds_the_profile_until_it_answers(
+    tmp_path: Path, seaweed: Seaweed, credserver: Any, source: str
+) -> None:
+    """A container or instance endpoint that answers 503 when Flood starts holds the profile
+    (the supervisor keeps running, no file fails); once it answers, the files go up."""
+    server = seaweed.server
+    bucket = new_bucket(server)
+    endpoint = credserver(Rotation([seaweed.keys(seaweed.first)], 3600.0, 6 * 3600.0))
+    endpoint.available = False
+    sp, env = sourced_spool(tmp_path, seaweed, endpoint, source)
+    try:
+        files = payloads("lean")
+        for key, data in files.items():
+            sp.drop("cs", bucket, key, data)
+        sup = sp.start("--recheck-interval", "1", "--retry-base", "1", env=env)
+        wait_for(
+            lambda: sup.proc.poll() is not None or sp.events("profile_paused"),
+            60,
+            "the profile held (or the supervisor gone)",
+        )
+        assert sup.proc.poll() is None, (
+            f"supervisor exited {sup.proc.returncode}: {sup.stderr().splitlines()[-1:]}"
+        )
+        assert sp.files("failed") == []
+        endpoint.available = True
+        sp.wait_done("cs", bucket, list(files), timeout=90)
+        assert_objects(server.client(), bucket, files)
+        assert sp.files("failed") == []
+    finally:
+        sp.close()
+
+
+@pytest.mark.xfail(strict=True, reason=OUTAGE)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_credentials_endpoint_outage_mid_stream_fails_no_file(
+    tmp_path: Path, seaweed: Seaweed, credserver: Any, source: str, path: str
+) -> None:
+    """Short-lived container or instance keys whose endpoint stops answering for a while:
+    the files queued meanwhile wait (none in failed/) and go up once it answers again."""
+    server = seaweed.server
+    bucket = new_bucket(server)
+    rotation = Rotation([seaweed.keys(seaweed.first)], PERIOD, LIFETIME)
+    endpoint = credserver(rotation)
+    sp, env = sourced_spool(tmp_path, seaweed, endpoint, source)
+    try:
+        running(sp, *PATHS[path], "--recheck-interval", "1", "--retry-base", "1", env=env)
+        before = payloads("lean", prefix="before")
+        upload(sp, "cs", bucket, before)
+        endpoint.available = False
+        during = payloads(path, prefix="during")
+        for key, data in during.items():
+            sp.drop("cs", bucket, key, data)
+        wait_for(
+            lambda: (
+                endpoint.refused
+                and (
+                    sp.files("failed")
+                    or sp.events("upload_retry_scheduled")
+                    or sp.events("profile_paused")
+                )
+            ),
+            60,
+            "the outage to be noticed",
+        )
+        assert failed_reasons(sp) == {}
+        endpoint.available = True
+        sp.wait_done("cs", bucket, list(during), timeout=90)
+        assert_objects(server.client(), bucket, {**before, **during})
+        assert sp.files("failed") == []
+    finally:
+        sp.close()
+
+
+@pytest.mark.xfail(strict=True, reason=FETCH_PER_REQUEST)
+def test_container_keys_are_fetched_when_due_not_before_every_request(
+    tmp_path: Path, seaweed: Seaweed, relays: Any, credserver: Any
+) -> None:
+    """Container keys good for two minutes are fetched once per process that signs (the
+    supervisor and two uploaders), not again for each of the requests made with them."""
+    server = seaweed.server
+    bucket = new_bucket(server)
+    relay = relays(server.port)
+    endpoint = credserver(Rotation([seaweed.keys(seaweed.first)], 3600.0, 120.0))
+    ini = amazon_profile("ecs", relay.endpoint, credential_source="EcsContainer")
+    sp = Spool(tmp_path, server, {"ecs": ini})
+    try:
+        running(sp, env=sp.env(AWS_CONTAINER_CREDENTIALS_FULL_URI=endpoint.container_uri))
+        files = {f"due/{i:02d}.bin": os.urandom(100 + i) for i in range(30)}
+        upload(sp, "ecs", bucket, files)
+        requests = signed_requests(relay)
+        assert len(requests) > len(files)
+        assert len(endpoint.served) <= 3, (
+            f"{len(endpoint.served)} container GETs for {len(requests)} S3 requests"
+        )
+        assert_clean_run(sp)
+    finally:
+        sp.close()
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param("EcsContainer", marks=pytest.mark.xfail(strict=True, reason=DOCTOR_DOWN)),
+        "Ec2InstanceMetadata",
+    ],
+)
+def test_doctor_reports_a_credentials_endpoint_that_does_not_answer(
+    tmp_path: Path, seaweed: Seaweed, credserver: Any, source: str
+) -> None:
+    """flood-doctor with a container or instance endpoint answering 503 reports that
+    profile FAIL (exit 1, its JSON document) and still checks the other profiles."""
+    server = seaweed.server
+    bucket = new_bucket(server)
+    endpoint = credserver(Rotation([seaweed.keys(seaweed.first)], 3600.0, 6 * 3600.0))
+    ini = amazon_profile("cs", server.endpoint, credential_source=source)
+    sp = Spool(tmp_path, server, {"cs": ini, "good": server.credentials_ini("good")})
+    url = endpoint.container_uri if source == "EcsContainer" else endpoint.endpoint
+    env = sp.env(**{SOURCES[source]: url})
+    for profile in ("cs", "good"):
+        (sp.dir / "incoming" / profile / bucket).mkdir(parents=True)
+    try:
+        running(sp, env=env)
+        endpoint.available = False
+        where = ("--server-dir", str(sp.dir), "--credentials", str(sp.credentials))
+        run = sp.run("flood-doctor", *where, "--json", env=env)
+        assert run.returncode == 1 and run.stdout.startswith("{"), (
+            f"exit {run.returncode}: {run.stderr.splitlines()[-1:]}"
+        )
+        checks = json.loads(run.stdout)["checks"]
+        status = {c["subject"]: c["status"] for c in checks}
+        assert status[f"good/{bucket}"] == "ok", checks
+        assert [c for c in checks if c["subject"].startswith("cs") and c["status"] == "FAIL"]
+    finally:
+        sp.close()

@@ -1,6 +1,7 @@
 """Fixtures: one real local S3 server (SeaweedFS, auth on) for the session, a bucket and a
 server directory per test; a test CA, SeaweedFS over HTTPS, moto's standalone server,
-forward proxies (the suite's own and tinyproxy), real PostgreSQL and Prometheus servers."""
+forward proxies (the suite's own and tinyproxy), real PostgreSQL and Prometheus servers; and
+`server`, each S3 implementation in turn (SeaweedFS, then moto)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 from forwardproxy import ForwardProxy
+from implementations import KINDS, S3Implementation
 from motoserver import MotoServer
 from postgres import Postgres, describe_unavailable
 from prometheus import Prometheus, unavailable
@@ -124,6 +126,15 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", params=KINDS)
+def server(request: pytest.FixtureRequest) -> S3Implementation:
+    """Each S3 implementation in turn, behind one face (credentials_ini(), client(),
+    create_bucket(), new_bucket()): SeaweedFS with signatures checked, then moto. Only the
+    server a test runs against is started."""
+    backend = request.getfixturevalue("s3" if request.param == "seaweedfs" else "moto")
+    return S3Implementation(request.param, backend)
 
 
 @pytest.fixture

@@ -18,8 +18,13 @@ STATES = ("incoming_tmp", "incoming", "processing", "failed", "completed")
 BIN = Path(sys.executable).parent
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll condition() against a monotonic deadline; return its first truthy value."""
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float = 30.0,
+    what: str | Callable[[], str] = "condition",
+) -> Any:
+    """Poll condition() against a monotonic deadline; return its first truthy value. `what`
+    names the condition in the timeout's message (a callable: as things stand at the timeout)."""
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
@@ -27,7 +32,8 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "c
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            shown = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {shown}")
         time.sleep(delay)  # polling interval, not synchronisation
         delay = min(delay * 1.5, 0.25)
 
@@ -180,7 +186,7 @@ class Spool:
         wait_for(
             lambda: all(self.where(profile, bucket, k) == [state] for k in keys),
             timeout,
-            f"{len(keys)} files in {state}/ (left: {self.pending_summary()})",
+            lambda: f"{len(keys)} files in {state}/ (left: {self.pending_summary()})",
         )
 
     def pending_summary(self) -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from flood import units
 from flood.errors import LayoutError
 
 DEFAULT_DB = "flood.db"
@@ -50,6 +51,22 @@ def seconds(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
     return value
+
+
+def duration(text: str) -> float:
+    """A duration option: 90s, 30m, 12h, 7d or seconds (flood.units.duration)."""
+    try:
+        return units.duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def pace(text: str) -> float:
+    """A pace option: 10/s, 600/m, 3600/h or a number a second (flood.units.per_second)."""
+    try:
+        return units.per_second(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def log_level(text: str) -> str:

@@ -24,6 +24,8 @@ from flood.s3 import MISSING, OK, check_bucket, make_client
 from flood.settings import Settings
 from flood.states import Reason
 from flood.supervisor import startup
+from flood.supervisor.audit import PeriodicAudit
+from flood.supervisor.janitor import Janitor
 from flood.workers import uploader, watcher
 
 QUEUE_SIZE = 10_000  # jobs per uploader queue: bounded memory, back-pressure on scans
@@ -90,6 +92,8 @@ class Arbiter:
         self.signals: list[int] = []
         self.releases: queue.Queue[str] = queue.Queue()
         self.checker = HoldChecker(settings, layout, log, self.releases)
+        self.janitor = Janitor(settings, layout, log) if settings.janitor_interval else None
+        self.auditor = PeriodicAudit(settings, layout, log) if settings.audit_interval else None
         self.watcher_conn: Connection | None = None
         # systemd: READY=1 once the watcher's start-up drain is queued, WATCHDOG=1 only while
         # every child reports progress. Children must not inherit the socket.
@@ -110,7 +114,8 @@ class Arbiter:
             signal.signal(signum, lambda n, _: self.signals.append(n))
         try:
             self.start_generation()
-            self.checker.start()
+            for thread in self.threads():
+                thread.start()
             while not self.stopping:
                 self.tick(wake_r)
             self.notifier.stopping("stopping: in-flight uploads get the grace period")
@@ -119,10 +124,20 @@ class Arbiter:
             self.exit_code = EX_SOFTWARE
         finally:
             # Whatever happened above, no child outlives the arbiter's own stop.
-            self.checker.halt()
+            for thread in self.threads():
+                thread.halt()
             self.stop_children("shutdown")
         self.log.info("supervisor_stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def threads(self) -> list[HoldChecker | Janitor | PeriodicAudit]:
+        """The supervisor's own threads: the hold checker, and the janitor and the periodic
+        audit where they are on."""
+        return [t for t in (self.checker, self.janitor, self.auditor) if t is not None]
+
+    def orphans_found(self) -> dict[tuple[str, str], int]:
+        """Orphan multipart uploads per bucket in the janitor's last round (for the metrics)."""
+        return dict(self.janitor.found) if self.janitor is not None else {}
 
     def tick(self, wake_r: int) -> None:
         gen = self.generation
@@ -280,7 +295,9 @@ class Arbiter:
             )
         self.count_restarts("reload")
         self.stop_children("reload")
-        self.settings = self.checker.settings = settings
+        self.settings = settings
+        for thread in self.threads():
+            thread.settings = settings
         self.checked = startup.check_buckets(settings, self.layout, self.log)
         self.ready_pending = True
         self.start_generation()

@@ -121,8 +121,8 @@ def print_report(data: dict[str, Any]) -> None:
         local = [f for f in data["findings"] if f["completed_file"]]
         if local:
             print(
-                f"{_count(len(local), 'file')} of these still in completed/ (their paths in "
-                "--json): move one into incoming/ to upload it again"
+                f"{len(local)} of these still in completed/ (--json names the paths): a file "
+                "moved into incoming/ is uploaded again"
             )
     else:
         print("no object missing or different")

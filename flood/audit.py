@@ -295,4 +295,6 @@ class Audit:
         if verdict.transient or verdict.scope == Scope.PROFILE:
             count = self.failing.get(record.profile, (0, failure))[0]
             self.failing[record.profile] = (count + 1, failure)
+        else:
+            self.failing.pop(record.profile, None)  # the server answered (403, say)
         return failure

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import time
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from spool import Spool, new_bucket, wait_for
 
-from flood.testing.localserver import LocalS3
+from flood.testing.localserver import Identity, LocalS3
 
 pytestmark = pytest.mark.timeout(180)
 BIG = 1024 * 1024 + 10  # above --multipart-threshold 1: one part, with the profile's crc32
@@ -72,6 +73,13 @@ def still(sp: Spool) -> dict[str, Any]:
         "db": hashlib.sha256(sp.db.read_bytes()).hexdigest(),
         "entries": entries,
     }
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -208,6 +216,53 @@ def test_audit_filters_by_since_profile_and_bucket_and_a_clean_bucket_exits_0(
         assert audit(sp, "--bucket", clean).stdout.splitlines()[-1] == (
             "checked 1: 0 missing, 0 different; 0 not checked (errors)"
         )
+    finally:
+        sp.close()
+
+
+def test_audit_counts_what_it_could_not_check_apart(
+    tmp_path: Path, s3: LocalS3, bucket: str
+) -> None:
+    """HEADs denied (a key the server refuses) and HEADs to a server that refuses connections
+    are not findings: they are listed apart and counted as not checked, exit 0; after 3
+    connection failures in a row the profile's other objects are not tried."""
+    sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1"), "p2": s3.credentials_ini("p2")})
+    try:
+        files = {("p1", bucket, f"denied/{i}"): b"d" for i in range(2)}
+        files |= {("p2", bucket, f"down/{i}"): b"u" for i in range(5)}
+        upload(sp, files)
+        wrong = Identity("wrong", s3.admin.access_key, "x" * 40, s3.admin.actions)
+        broken = tmp_path / "broken-credentials"
+        broken.write_text(
+            s3.credentials_ini("p1", wrong)
+            + s3.credentials_ini("p2", endpoint=f"http://127.0.0.1:{closed_port()}")
+        )
+        broken.chmod(0o600)
+        result = sp.run(
+            "flood-audit", "--server-dir", str(sp.dir), "--credentials", str(broken), "--json"
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        doc = json.loads(result.stdout)
+        assert doc["findings"] == []
+        assert doc["counts"] == {"checked": 0, "missing": 0, "different": 0, "errors": 7}
+        denied = [e for e in doc["errors"] if e["profile"] == "p1"]
+        assert {(e["reason"], e["kind"]) for e in denied} == {("AccessDenied", "permissions")}
+        down = [e for e in doc["errors"] if e["profile"] == "p2"]
+        assert {e["kind"] for e in down} == {"network"} and len(down) == 5
+        assert [e["error"].startswith("not checked: 3 HEADs") for e in down] == [
+            False,
+            False,
+            False,
+            True,
+            True,
+        ]
+        table = sp.run("flood-audit", "--server-dir", str(sp.dir), "--credentials", str(broken))
+        assert table.returncode == 0
+        lines = table.stdout.splitlines()
+        assert lines[0] == "no object missing or different" and lines[1] == "not checked:"
+        assert f"  p1/{bucket}: 2 objects, AccessDenied (the last, denied/1: " in table.stdout
+        assert f"  p2/{bucket}: 5 objects, " in table.stdout
+        assert lines[-1] == "checked 0: 0 missing, 0 different; 7 not checked (errors)"
     finally:
         sp.close()
 

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 from typing import Any
 
@@ -161,14 +161,111 @@ def recorder() -> Recorder:
     return PromRecorder() if enabled() else Recorder()
 
 
+# -- what the supervisor's own threads count --------------------------------------------------
+class Housekeeping:
+    """The counting interface of the supervisor's audit and janitor; this base does nothing.
+    Each series is made at 0 when its bucket is first looked at (`*_buckets`), so that
+    rate() and increase() see its first step."""
+
+    def audit_buckets(self, buckets: Iterable[tuple[str, str]]) -> None:
+        """The (profile, bucket)s the periodic audit may count."""
+
+    def audited(
+        self, profile: str, bucket: str, checked: int, missing: int, different: int
+    ) -> None:
+        """One audit's outcome for a bucket: objects compared, and of those missing or different."""
+
+    def janitor_buckets(self, buckets: Iterable[tuple[str, str]]) -> None:
+        """The (profile, bucket)s the janitor looks at."""
+
+    def orphans(self, profile: str, bucket: str, aborted: int, failed: int) -> None:
+        """One janitor round's aborts in a bucket: done, and failed (tried again next round)."""
+
+
+class PromHousekeeping(Housekeeping):
+    """The audit's and the janitor's counters, in the supervisor's file of the multiprocess dir."""
+
+    def __init__(self) -> None:
+        self.checked, self.missing, self.different, self.aborted, self.failed = (
+            _housekeeping_metrics()
+        )
+
+    def audit_buckets(self, buckets: Iterable[tuple[str, str]]) -> None:
+        for profile, bucket in buckets:
+            for counter in (self.checked, self.missing, self.different):
+                counter.labels(profile, bucket)
+
+    def audited(
+        self, profile: str, bucket: str, checked: int, missing: int, different: int
+    ) -> None:
+        self.checked.labels(profile, bucket).inc(checked)
+        self.missing.labels(profile, bucket).inc(missing)
+        self.different.labels(profile, bucket).inc(different)
+
+    def janitor_buckets(self, buckets: Iterable[tuple[str, str]]) -> None:
+        for profile, bucket in buckets:
+            self.aborted.labels(profile, bucket)
+            self.failed.labels(profile, bucket)
+
+    def orphans(self, profile: str, bucket: str, aborted: int, failed: int) -> None:
+        self.aborted.labels(profile, bucket).inc(aborted)
+        self.failed.labels(profile, bucket).inc(failed)
+
+
+@cache
+def _housekeeping_metrics() -> tuple[Any, ...]:
+    from prometheus_client import Counter
+
+    labels = ["profile", "bucket"]
+    return (
+        Counter(
+            "flood_audit_checked",
+            "Completed objects the periodic audit HEADed and compared with their records",
+            labels,
+        ),
+        Counter(
+            "flood_audit_missing",
+            "Completed objects the periodic audit found missing from their bucket",
+            labels,
+        ),
+        Counter(
+            "flood_audit_different",
+            "Completed objects the periodic audit found of another size, ETag or checksum",
+            labels,
+        ),
+        Counter(
+            "flood_orphans_aborted",
+            "Incomplete multipart uploads no record knows, aborted by the janitor",
+            labels,
+        ),
+        Counter(
+            "flood_orphan_aborts_failed",
+            "Aborts of orphan multipart uploads that failed (tried again next round)",
+            labels,
+        ),
+    )
+
+
+def housekeeping() -> Housekeeping:
+    """The supervisor threads' recorder: real when metrics are on, else one that does nothing."""
+    return PromHousekeeping() if enabled() else Housekeeping()
+
+
 # -- what the supervisor serves --------------------------------------------------------------
 class StateCollector:
     """Gauges computed when scraped: files in each state, oldest pending age, paused profiles
-    and buckets, and the supervisor's own counts (child processes restarted)."""
+    and buckets, orphan multipart uploads the janitor last found, and the supervisor's own
+    counts (child processes restarted)."""
 
-    def __init__(self, snapshot: Callable[[], Any], restarts: Callable[[], Mapping[str, int]]):
+    def __init__(
+        self,
+        snapshot: Callable[[], Any],
+        restarts: Callable[[], Mapping[str, int]],
+        orphans: Callable[[], Mapping[tuple[str, str], int]] = dict,
+    ):
         self._snapshot = snapshot
         self._restarts = restarts
+        self._orphans = orphans
         self._lock = threading.Lock()
         self._cached: tuple[float, Any] | None = None
 
@@ -215,7 +312,14 @@ class StateCollector:
         )
         for reason, count in sorted(self._restarts().items()):
             restarts.add_metric([reason], count)
-        yield from (files, oldest, paused, restarts)
+        orphans = GaugeMetricFamily(
+            "flood_orphan_uploads",
+            "Incomplete multipart uploads no record knows, found by the janitor's last round",
+            labels=["profile", "bucket"],
+        )
+        for (profile, bucket), count in sorted(self._orphans().items()):
+            orphans.add_metric([profile, bucket], count)
+        yield from (files, oldest, paused, restarts, orphans)
 
     def _current(self) -> Any:
         with self._lock:
@@ -226,7 +330,11 @@ class StateCollector:
 
 
 def serve(
-    port: int, address: str, snapshot: Callable[[], Any], restarts: Callable[[], Mapping[str, int]]
+    port: int,
+    address: str,
+    snapshot: Callable[[], Any],
+    restarts: Callable[[], Mapping[str, int]],
+    orphans: Callable[[], Mapping[tuple[str, str], int]] = dict,
 ) -> Any:
     """Serve /metrics on address:port from a thread: every process's counters (read from the
     multiprocess dir) and the supervisor's gauges. Returns the server (call shutdown())."""
@@ -235,6 +343,6 @@ def serve(
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
-    registry.register(StateCollector(snapshot, restarts))
+    registry.register(StateCollector(snapshot, restarts, orphans))
     server, _thread = start_http_server(port, addr=address, registry=registry)
     return server

@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import re
 import sqlite3
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -364,6 +365,27 @@ def write() -> Iterator[None]:
             transaction.__exit__(type(exc), exc, exc.__traceback__)
         raise
     transaction.__exit__(None, None, None)
+
+
+def open_readonly(path: str) -> None:
+    """Open this process's connection to an existing database for reading only (flood-audit,
+    flood-doctor: commands that change nothing). ConfigError for no database, one that is not
+    Flood's, or one an earlier release wrote (a supervisor or flood-status migrates it)."""
+    version = check_db(path)
+    if version == 0:
+        raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else ./flood.db)")
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"records database {path} has schema version {version}, older than this Flood's "
+            f"({SCHEMA_VERSION}): start flood-supervisor or run flood-status once to migrate it"
+        )
+    uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+    try:
+        db.init(uri, uri=True, pragmas={"busy_timeout": BUSY_TIMEOUT_MS, "query_only": 1})
+        db.connect(reuse_if_open=True)
+    except pw.PeeweeException as exc:
+        close_db()
+        raise ConfigError(f"cannot open the records database {path}: {exc}") from None
 
 
 # -- fixed SQL for the per-file writes ---------------------------------------------------------
@@ -1249,3 +1271,67 @@ def _time(value: Any) -> dt.datetime | None:
     if value is None or isinstance(value, dt.datetime):
         return value
     return dt.datetime.fromisoformat(str(value))
+
+
+# -- what the audit reads ----------------------------------------------------------------------
+def completed_page(
+    after: int,
+    limit: int,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    profile: str | None = None,
+    bucket: str | None = None,
+) -> list[Completed]:
+    """completed_passages() a page at a time: up to `limit` of them with a record id above
+    `after`, completed in [since, until). Each page is a short read of its own, so an audit
+    holds no read open across its HEADs (the supervisor's checkpoints go on meanwhile)."""
+    newer = FileRecord.alias("newer")
+    replaced = newer.select(newer.id).where(
+        (newer.profile == FileRecord.profile)
+        & (newer.bucket == FileRecord.bucket)
+        & (newer.filepath == FileRecord.filepath)
+        & (newer.current_state == State.COMPLETED)
+        & (newer.id > FileRecord.id)
+    )
+    query = FileRecord.select().where(
+        (FileRecord.current_state == State.COMPLETED)
+        & (FileRecord.id > after)
+        & ~pw.fn.EXISTS(replaced)
+    )
+    if since is not None:
+        query = query.where(FileRecord.last_updated >= since)
+    if until is not None:
+        query = query.where(FileRecord.last_updated < until)
+    if profile is not None:
+        query = query.where(FileRecord.profile == profile)
+    if bucket is not None:
+        query = query.where(FileRecord.bucket == bucket)
+    return [
+        Completed(
+            int(row.id),
+            row.profile,
+            row.bucket,
+            row.filepath,
+            row.size,
+            row.etag,
+            row.checksum,
+            _time(row.last_updated),
+        )
+        for row in query.order_by(FileRecord.id).limit(limit)
+    ]
+
+
+def superseded(done: Completed) -> bool:
+    """Whether a newer passage of the key is under way or completed: its object is being (or
+    has been) replaced since, so what the server holds now is not `done`'s to answer for."""
+    return bool(
+        FileRecord.select(FileRecord.id)
+        .where(
+            (FileRecord.profile == done.profile)
+            & (FileRecord.bucket == done.bucket)
+            & (FileRecord.filepath == done.key)
+            & (FileRecord.id > done.id)
+            & FileRecord.current_state.in_((*OPEN, State.COMPLETED))
+        )
+        .exists()
+    )

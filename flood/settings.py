@@ -46,6 +46,12 @@ class Settings:
     # The config file: object options, the spool's lifecycle, hooks (EMPTY: none given).
     config: Config = EMPTY
     inject_failures: float = 0.0  # the share of attempts failed on purpose (staging)
+    # Every audit_interval seconds the supervisor HEADs what completed meanwhile (0: never).
+    audit_interval: float = 0.0
+    # Every janitor_interval seconds (and at start; 0: never) incomplete multipart uploads no
+    # record knows are aborted once older than abandon_multipart_after seconds.
+    janitor_interval: float = 3600.0
+    abandon_multipart_after: float = 86400.0
 
     def secrets(self) -> list[str]:
         """What every log line is scrubbed of: keys, tokens, proxy passwords."""

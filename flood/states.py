@@ -60,6 +60,8 @@ class Reason(StrEnum):
     UNREACHABLE = "unreachable"
     TLS = "tls"
     NO_SUCH_BUCKET = "NoSuchBucket"
+    # the audit
+    UNKNOWN_PROFILE = "unknown_profile"
 
 
 class Step(StrEnum):
@@ -70,3 +72,18 @@ class Step(StrEnum):
     RETRY = "retry"  # transient failure or a retry not yet due: run again at `due`
     BUSY = "busy"  # the same path is still in processing/: try again shortly, in order
     CHANGED = "changed"  # the file changed while it was read: upload again once it settles
+
+
+class Finding(StrEnum):
+    """What the audit found of a completed passage's object, when it is not what was uploaded."""
+
+    MISSING = "missing"
+    DIFFERENT = "different"
+
+
+class Field(StrEnum):
+    """What of an object the audit compares with its record."""
+
+    SIZE = "size"
+    ETAG = "etag"
+    CHECKSUM = "checksum"

@@ -1,6 +1,6 @@
 """Human quantities in settings, read one way everywhere: durations ("90s", "30m", "1h",
-"7d" or plain seconds), sizes ("8MiB", "5MB" or plain bytes) and rates ("50MB/s",
-"400Mbit/s"). MB and Mbit are powers of ten, MiB powers of two."""
+"7d" or plain seconds), sizes ("8MiB", "5MB" or plain bytes), rates ("50MB/s",
+"400Mbit/s") and paces ("10/s", "600/m"). MB and Mbit are powers of ten, MiB powers of two."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?([bB]|bit)?\s*$")
 _POWERS = {None: 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_PACE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|sec|m|min|h))?\s*$")
+_PER = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}
 
 
 def duration(text: str | float | int) -> float:
@@ -56,6 +58,18 @@ def rate(text: str) -> float:
         value /= 8
     if value <= 0 or not math.isfinite(value):
         raise ValueError(f"{text!r} is not a rate above 0")
+    return value
+
+
+def per_second(text: str) -> float:
+    """Events per second in a pace: 10/s, 600/m, 3600/h, or a plain number a second.
+    ValueError (saying what is accepted) for anything else, or for a pace of 0."""
+    match = _PACE.match(str(text))
+    if match is None:
+        raise ValueError(f"{text!r} is not a pace (10/s, 600/m, 3600/h)")
+    value = float(match.group(1)) / _PER[match.group(2)]
+    if value <= 0 or not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a pace above 0")
     return value
 
 

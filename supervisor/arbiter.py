@@ -25,7 +25,9 @@ from flood.s3 import MISSING, OK, check_bucket, make_client
 from flood.settings import Settings
 from flood.states import Reason
 from flood.supervisor import startup
+from flood.supervisor.audit import PeriodicAudit
 from flood.supervisor.hooks import HookRunner
+from flood.supervisor.janitor import Janitor
 from flood.supervisor.sweeper import Sweeper
 from flood.workers import uploader, watcher
 
@@ -98,6 +100,8 @@ class Arbiter:
         self.checker = HoldChecker(settings, layout, log, self.releases)
         self.sweeper = Sweeper(settings, layout, log)
         self.hooks = HookRunner(settings, log)
+        self.janitor = Janitor(settings, layout, log) if settings.janitor_interval else None
+        self.auditor = PeriodicAudit(settings, layout, log) if settings.audit_interval else None
         self.watcher_conn: Connection | None = None
         # systemd: READY=1 once the watcher's start-up drain is queued, WATCHDOG=1 only while
         # every child reports progress. Children must not inherit the socket.
@@ -118,10 +122,8 @@ class Arbiter:
             signal.signal(signum, lambda n, _: self.signals.append(n))
         try:
             self.start_generation()
-            self.checker.start()
-            if self.sweeper.wanted:
-                self.sweeper.start()
-            self.hooks.start()  # it also finishes deliveries due from before a restart
+            for thread in self.threads():
+                thread.start()  # the hooks also finish deliveries due from before a restart
             while not self.stopping:
                 self.tick(wake_r)
             self.notifier.stopping("stopping: in-flight uploads get the grace period")
@@ -130,12 +132,21 @@ class Arbiter:
             self.exit_code = EX_SOFTWARE
         finally:
             # Whatever happened above, no child outlives the arbiter's own stop.
-            self.checker.halt()
-            self.sweeper.halt()
-            self.hooks.halt()
+            for thread in self.threads():
+                thread.halt()
             self.stop_children("shutdown")
         self.log.info("supervisor_stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def threads(self) -> list[HoldChecker | Sweeper | HookRunner | Janitor | PeriodicAudit]:
+        """The supervisor's own threads: the hold checker, the lifecycle's sweeper, the hooks,
+        and the janitor and the periodic audit where they are on."""
+        found = (self.checker, self.sweeper, self.hooks, self.janitor, self.auditor)
+        return [t for t in found if t is not None]
+
+    def orphans_found(self) -> dict[tuple[str, str], int]:
+        """Orphan multipart uploads per bucket in the janitor's last round (for the metrics)."""
+        return dict(self.janitor.found) if self.janitor is not None else {}
 
     def tick(self, wake_r: int) -> None:
         gen = self.generation
@@ -297,10 +308,9 @@ class Arbiter:
             )
         self.count_restarts("reload")
         self.stop_children("reload")
-        self.settings = self.checker.settings = self.sweeper.settings = settings
-        self.hooks.settings = settings
-        if self.sweeper.wanted and not self.sweeper.is_alive():
-            self.sweeper.start()
+        self.settings = settings
+        for thread in self.threads():
+            thread.settings = settings
         self.checked = startup.check_buckets(settings, self.layout, self.log)
         self.ready_pending = True
         self.start_generation()

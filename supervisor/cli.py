@@ -181,6 +181,30 @@ def parser() -> common.Parser:
         f"(default: {','.join(DEFAULT_IGNORE)}; '' ignores nothing)",
     )
     p.add_argument(
+        "--audit-interval",
+        type=common.duration,
+        default=0.0,
+        metavar="DURATION",
+        help="every DURATION, HEAD the objects completed meanwhile and log those missing or "
+        "different from their records (90s, 30m, 1h, 1d; default: 0, off)",
+    )
+    p.add_argument(
+        "--janitor-interval",
+        type=common.duration,
+        default=3600.0,
+        metavar="DURATION",
+        help="at start and every DURATION, abort incomplete multipart uploads no record knows "
+        "in the buckets Flood writes to, once older than --abandon-multipart-after "
+        "(default: 1h; 0: off)",
+    )
+    p.add_argument(
+        "--abandon-multipart-after",
+        type=positive_duration,
+        default=86400.0,
+        metavar="DURATION",
+        help="age from which the janitor aborts an orphan multipart upload (default: 24h)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=port_number,
         metavar="PORT",
@@ -216,6 +240,13 @@ def parts(text: str) -> int:
     value = common.positive_int(text)
     if value > 64:
         raise argparse.ArgumentTypeError(f"{text!r} is more than 64 parts in flight")
+    return value
+
+
+def positive_duration(text: str) -> float:
+    value = common.duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
     return value
 
 
@@ -267,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lean_put=not args.boto3_put,
         config=conf,
         inject_failures=args.inject_failures,
+        audit_interval=args.audit_interval,
+        janitor_interval=args.janitor_interval,
+        abandon_multipart_after=args.abandon_multipart_after,
     )
     log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
     log.info(
@@ -363,6 +397,7 @@ def run_arbiter(
                 args.metrics_address,
                 lambda: _snapshot(arbiter),
                 lambda: arbiter.restart_counts,
+                arbiter.orphans_found,
             )
         except OSError as exc:
             why = f"cannot serve metrics on {args.metrics_address}:{args.metrics_port}: {exc}"

@@ -46,7 +46,8 @@ class Sweeper(threading.Thread):
     def run(self) -> None:
         while not self.halted.is_set():
             try:
-                self.sweep(time.time())
+                if self.wanted:  # a reload may turn the lifecycle on or off
+                    self.sweep(time.time())
             except Exception:
                 self.log.exception("sweep_crashed")
             self.halted.wait(self.interval())

@@ -51,6 +51,22 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def duration(text: str) -> float:
+    """A duration option: 90s, 30m, 12h, 7d or seconds (flood.units.duration)."""
+    try:
+        return units.duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def pace(text: str) -> float:
+    """A pace option: 10/s, 600/m, 3600/h or a number a second (flood.units.per_second)."""
+    try:
+        return units.per_second(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def log_level(text: str) -> str:
     level = text.lower()
     if level == "warn":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime as dt
 import email.utils
 import hashlib
 import json
@@ -19,9 +20,10 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from flood import credentials
+from flood import credentials, orphans, records
 from flood import verdict as taxonomy
 from flood.commands import common
+from flood.commands.status import age_text
 from flood.connection import Connection
 from flood.credentials import Profile
 from flood.errors import ConfigError, FloodError, LayoutError
@@ -48,10 +50,13 @@ Checks what Flood needs, and says what it found:
   server dir    the five state directories: present, on one filesystem, usable by this user;
   inotify       fs.inotify.max_user_watches against the directories below incoming/;
   disk          free space and inodes on the server dir's filesystem;
+  records       the records database (opened read only): Flood's, and of this release;
   PROFILE/BUCKET  for every bucket directory of every profile: HeadBucket, then PUT a small
                 probe object the way uploads PUT (the lean client with Content-MD5, or
                 boto3 with --boto3-put; through the same proxy, CA and credentials), HEAD it,
-                DELETE it, and the clock skew against the server's Date header.
+                DELETE it, and the clock skew against the server's Date header; then the
+                incomplete multipart uploads no record of Flood's knows (orphans: a warning
+                with how many and the oldest's age; nothing is aborted).
 A problem is classified: auth (the key or secret is refused), missing_bucket, permissions
 (naming the operation denied), incompatible (the provider refuses a request Flood makes, such
 as checksum headers), tls (the server's certificate does not verify), network (with its
@@ -131,7 +136,11 @@ class Probe:
 
 
 def check_profile(
-    profile: Profile, buckets: list[str], profiles: Mapping[str, Profile], lean: bool = True
+    profile: Profile,
+    buckets: list[str],
+    profiles: Mapping[str, Profile],
+    lean: bool = True,
+    known: Callable[[str], set[str]] | None = None,
 ) -> list[Check]:
     """ListBuckets (auth and network), then the round trip on each bucket."""
     try:
@@ -157,7 +166,35 @@ def check_profile(
                 "yet, so no round trip" + _skew_text(probe.skew()),
             )
         ]
-    return [check_bucket(probe, profile.name, bucket, where) for bucket in buckets]
+    checks = []
+    for bucket in buckets:
+        checks.append(check_bucket(probe, profile.name, bucket, where))
+        if known is not None and checks[-1].status != FAIL:
+            checks += check_orphans(probe, profile.name, bucket, known)
+    return checks
+
+
+def check_orphans(
+    probe: Probe, profile: str, bucket: str, known: Callable[[str], set[str]]
+) -> list[Check]:
+    """A warning when the bucket holds incomplete multipart uploads no record knows (the
+    supervisor's janitor aborts them once old enough); nothing when it holds none."""
+    subject = f"{profile}/{bucket}"
+    try:
+        found = orphans.find(probe.client, bucket, known)
+    except (ClientError, BotoCoreError) as exc:
+        category, detail = classify(exc, "ListMultipartUploads")
+        return [Check(subject, WARN, category, f"{detail}: orphan uploads cannot be listed")]
+    if not found:
+        return []
+    age = found[0].age(dt.datetime.now(dt.UTC))
+    detail = (
+        f"{len(found)} incomplete multipart upload{'s' if len(found) > 1 else ''} no record "
+        f"of Flood's knows, the oldest initiated {age_text(age)} ago "
+        f"({found[0].key}); flood-supervisor's janitor aborts them after "
+        "--abandon-multipart-after"
+    )
+    return [Check(subject, WARN, "orphans", detail)]
 
 
 def check_bucket(probe: Probe, profile: str, bucket: str, where: str) -> Check:
@@ -344,6 +381,24 @@ def _bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
+def check_records(option: str | None) -> tuple[Check, Callable[[str], set[str]] | None]:
+    """The records database, opened read-only, and the multipart uploads it knows (what the
+    orphan check leaves out); None when there is none to read, so no orphan is claimed."""
+    path = common.db_path(option)
+    if not os.path.exists(path):
+        detail = f"no records database at {path} yet (--db, else $FLOOD_DB, else ./flood.db)"
+        return Check("records", OK, "ok", detail + ": orphan uploads are not looked for"), None
+    try:
+        version = records.check_db(path)
+        if version < records.SCHEMA_VERSION:
+            detail = f"{path} has schema {version}: flood-supervisor migrates it at start"
+            return Check("records", WARN, "records", detail), None
+        records.open_readonly(path)
+    except ConfigError as exc:
+        return Check("records", FAIL, "records", str(exc)), None
+    return Check("records", OK, "ok", f"{path} (schema {version}), read only"), records.upload_ids
+
+
 def check_credentials(option: str | None) -> tuple[Check, credentials.CredentialsFile | None]:
     try:
         creds = credentials.load(option)
@@ -386,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks = run(args)
     except FloodError as exc:
         return common.fail(PROG, str(exc), exc.exit_code)
+    finally:
+        records.close_db()
     report(checks, args.json)
     return 1 if any(c.status == FAIL for c in checks) else 0
 
@@ -394,7 +451,9 @@ def run(args: argparse.Namespace) -> list[Check]:
     root = common.server_dir(args.server_dir)
     layout = Layout(root)
     creds_check, creds = check_credentials(args.credentials)
+    records_check, known = check_records(args.db)
     checks = [creds_check, check_server_dir(layout), check_inotify(layout), check_disk(root)]
+    checks.append(records_check)
     if creds is None:
         return checks
     if args.profile and args.profile not in creds.profiles:
@@ -406,7 +465,7 @@ def run(args: argparse.Namespace) -> list[Check]:
         if args.profile in (None, name):
             buckets = sorted(layout.buckets_present(name))
             checks += check_profile(
-                creds.profiles[name], buckets, creds.profiles, lean=not args.boto3_put
+                creds.profiles[name], buckets, creds.profiles, not args.boto3_put, known
             )
     return checks
 

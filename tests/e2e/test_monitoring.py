@@ -219,6 +219,8 @@ def test_the_dashboard_is_well_formed() -> None:
         "paused",
         "retries per second by reason",
         "process restarts",
+        "audit",
+        "orphan multipart uploads",
     ):
         assert wanted in titles, wanted
 
@@ -242,10 +244,21 @@ def proxy(s3: LocalS3) -> Iterator[FaultProxy]:
 
 def busy_flood(sp: Spool, bucket: str, proxy: FaultProxy) -> tuple[Any, int]:
     """A supervisor that has something for every metric: uploads, a failure, a retry (profile
-    `slow`, answered 503), a held bucket, a periodic rescan and a rebuild of its children."""
+    `slow`, answered 503), a held bucket, a periodic rescan, a rebuild of its children, and
+    the periodic audit and the janitor (every 2 s, so that they see the buckets made later)."""
     sp.drop("p1", f"gone-{bucket}", "held.txt", b"held")
     sup = sp.start(
-        "--metrics-port", "0", "--retry-base", "120", "--rescan-interval", "2", workers=1
+        "--metrics-port",
+        "0",
+        "--retry-base",
+        "120",
+        "--rescan-interval",
+        "2",
+        "--audit-interval",
+        "2s",
+        "--janitor-interval",
+        "2s",
+        workers=1,
     )
     wait_for(lambda: sp.events("metrics_serving"), 60, "the metrics server")
     port = int(sp.events("metrics_serving")[0]["flood"]["port"])
@@ -260,6 +273,9 @@ def busy_flood(sp: Spool, bucket: str, proxy: FaultProxy) -> tuple[Any, int]:
     sp.wait_done("p1", bucket, ["link"], state="failed")
     wait_for(lambda: sp.events("upload_retry_scheduled"), 60, "a scheduled retry")
     wait_for(lambda: sp.events("rescan_started"), 60, "a periodic rescan")
+    rounds = len(sp.events("janitor_finished"))
+    wait_for(lambda: len(sp.events("janitor_finished")) > rounds, 60, "a janitor round now")
+    wait_for(lambda: sp.events("audit_finished"), 60, "a periodic audit")
     os.kill(sp.events("children_started")[-1]["flood"]["pids"][0], signal.SIGKILL)
     wait_for(lambda: len(sp.events("children_started")) >= 2, 60, "a new generation")
     return sup, port

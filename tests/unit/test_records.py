@@ -213,3 +213,67 @@ def test_a_failed_passage_forgets_its_multipart_upload_and_may_queue_its_hook(db
     assert records.deliveries_of(rid) == [("failure", "pending", 0, None)]
     [due] = records.due_deliveries(records.utcnow() + dt.timedelta(seconds=1))
     assert (due.event, due.key, due.reason) == ("failure", "big.bin", "SlowDown")
+
+
+# -- what the audit reads ----------------------------------------------------------------------
+def _complete(keys: list[str], profile: str = "p", bucket: str = "b") -> list[int]:
+    ids = records.record_claims([Claim(FileRef(profile, bucket, k), None, 1) for k in keys])
+    records.record_completions([Completion(i, 1, "e", 0) for i in ids])
+    return ids
+
+
+def test_completed_page_is_completed_passages_a_page_at_a_time(db: str) -> None:
+    """Pages by record id give the newest completed passage of each key, as
+    completed_passages() does, filtered by profile, bucket and [since, until)."""
+    _complete(["a", "b", "a", "c"])
+    _complete(["d"], bucket="other")
+    whole = [c.id for c in records.completed_passages()]
+    paged: list[int] = []
+    after = 0
+    while page := records.completed_page(after, 2):
+        paged += [c.id for c in page]
+        after = page[-1].id
+    assert paged == whole and [c.key for c in records.completed_passages()] == ["b", "a", "c", "d"]
+    assert [c.key for c in records.completed_page(0, 10, bucket="other")] == ["d"]
+    assert records.completed_page(0, 10, profile="nobody") == []
+    later = records.utcnow() + dt.timedelta(seconds=60)
+    assert records.completed_page(0, 10, since=later) == []
+    assert records.completed_page(0, 10, until=later) == records.completed_page(0, 10)
+
+
+def test_superseded_when_a_newer_passage_is_under_way_or_completed(db: str) -> None:
+    """A completed passage is superseded by a newer one in flight or completed, not by a
+    newer one that failed."""
+    [first] = _complete(["k"])
+    [done] = records.completed_page(0, 10)
+    assert not records.superseded(done)
+    [newer] = records.record_claims([Claim(FileRef("p", "b", "k"), None, 1)])
+    assert records.superseded(done)
+    records.record_failed(newer, "AccessDenied", "denied", 0)
+    assert not records.superseded(done)
+    assert first == done.id
+
+
+def test_open_readonly_reads_and_refuses_writes_and_other_versions(tmp_path: Path, db: str) -> None:
+    """A read-only open reads the records, cannot write them, and refuses a missing database
+    or one of an older schema in one line, without creating or changing either."""
+    _complete(["a"])
+    records.close_db()
+    before = digest(db)
+    records.open_readonly(db)
+    try:
+        assert [c.key for c in records.completed_passages()] == ["a"]
+        with pytest.raises(records.DatabaseError):
+            records.set_state(1, State.FAILED)
+    finally:
+        records.close_db()
+    assert digest(db) == before
+    missing = str(tmp_path / "none.db")
+    with pytest.raises(ConfigError, match="no records database"):
+        records.open_readonly(missing)
+    assert not os.path.exists(missing)
+    old = str(tmp_path / "old.db")
+    shutil.copy(FIXTURE, old)
+    with pytest.raises(ConfigError, match="older than this Flood's"):
+        records.open_readonly(old)
+    assert digest(old) == digest(str(FIXTURE))

@@ -1,0 +1,111 @@
+"""The orphan janitor: a thread of the supervisor that, at start and every --janitor-interval,
+aborts the incomplete multipart uploads no record knows once they are older than
+--abandon-multipart-after, in every bucket Flood writes to (its bucket directories)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from flood import metrics, orphans, records
+from flood.errors import ConfigError
+from flood.layout import Layout
+from flood.s3 import make_client
+from flood.settings import Settings
+from flood.verdict import describe
+
+
+class Janitor(threading.Thread):
+    def __init__(self, settings: Settings, layout: Layout, log: Any) -> None:
+        super().__init__(name="janitor", daemon=True)
+        self.settings = settings
+        self.layout = layout
+        self.log = log
+        self.halted = threading.Event()
+        self.found: dict[tuple[str, str], int] = {}  # orphans per bucket in the last round
+        self.metrics: metrics.Housekeeping = metrics.Housekeeping()
+
+    def halt(self) -> None:
+        self.halted.set()
+
+    def run(self) -> None:
+        self.metrics = metrics.housekeeping()
+        while not self.halted.is_set():
+            try:
+                self.round()
+            except Exception:
+                self.log.exception("janitor_crashed")
+            finally:
+                records.close_db()
+            self.halted.wait(self.settings.janitor_interval)
+
+    def round(self, now: dt.datetime | None = None) -> dict[tuple[str, str], orphans.Sweep]:
+        """One pass over every bucket directory of every profile."""
+        swept: dict[tuple[str, str], orphans.Sweep] = {}
+        for profile in sorted(self.settings.profiles):
+            buckets = sorted(self.layout.buckets_present(profile))
+            if not buckets:
+                continue
+            self.metrics.janitor_buckets((profile, b) for b in buckets)
+            try:
+                client = make_client(self.settings.profiles[profile], self.settings.profiles)
+            except ConfigError as exc:
+                self.log.warning("orphan_list_failed", profile=profile, error=str(exc))
+                continue
+            for bucket in buckets:
+                if self.halted.is_set():
+                    return swept
+                result = self.sweep(client, profile, bucket, now)
+                if result is not None:
+                    swept[(profile, bucket)] = result
+        self.found = {where: result.found for where, result in swept.items()}
+        self.finished(swept)
+        return swept
+
+    def sweep(
+        self, client: Any, profile: str, bucket: str, now: dt.datetime | None
+    ) -> orphans.Sweep | None:
+        try:
+            result = orphans.sweep(client, bucket, self.settings.abandon_multipart_after, now)
+        except (ClientError, BotoCoreError) as exc:
+            self.log.warning(
+                "orphan_list_failed", profile=profile, bucket=bucket, error=describe(exc)
+            )
+            return None
+        now = now or dt.datetime.now(dt.UTC)
+        for orphan in result.aborted:
+            self.log.info("orphan_aborted", **_fields(profile, orphan, now))
+        for orphan, error in result.failed:
+            self.log.warning(
+                "orphan_abort_failed",
+                **_fields(profile, orphan, now),
+                error=error,
+                reason="tried again next round",
+            )
+        self.metrics.orphans(profile, bucket, len(result.aborted), len(result.failed))
+        return result
+
+    def finished(self, swept: dict[tuple[str, str], orphans.Sweep]) -> None:
+        results = list(swept.values())
+        self.log.info(
+            "janitor_finished",
+            orphans=sum(r.found for r in results),
+            aborted=sum(len(r.aborted) for r in results),
+            failing=sum(len(r.failed) for r in results),
+            left_young=sum(len(r.young) for r in results),
+            abandon_after=self.settings.abandon_multipart_after,
+        )
+
+
+def _fields(profile: str, orphan: orphans.Orphan, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "profile": profile,
+        "bucket": orphan.bucket,
+        "key": orphan.key,
+        "upload_id": orphan.upload_id,
+        "initiated": orphan.initiated.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "age_seconds": round(orphan.age(now), 1),
+    }

@@ -6,8 +6,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from flood import __version__
 from flood.errors import LayoutError
 
 DEFAULT_DB = "flood.db"
@@ -15,7 +16,16 @@ DEFAULT_SERVER_DIR = "/srv/flood"
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr and exit status 2."""
+    """argparse whose errors are one line on stderr and exit status 2, with --version."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--version",
+            action="version",
+            version=f"{self.prog} {__version__}",
+            help="print the command's name and Flood's version, and exit",
+        )
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message} (see --help)", file=sys.stderr)

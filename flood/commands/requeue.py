@@ -68,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    layout = Layout(common.server_dir(args.server_dir))
+    root = common.server_dir(args.server_dir)
+    layout = Layout(root)
     # Created if missing, as flood-copy does: files may be requeued before a supervisor ran.
-    records.open_db(common.db_path(args.db))
+    records.open_db(common.records_db(PROG, args.db, root, create=True))
     selection = Selection(args.reason, args.profile, args.bucket, backups=args.all)
     chosen, notes = choose(layout, selection)
     moved, skipped = 0, 0

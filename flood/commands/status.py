@@ -388,11 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.close_db()
 
 
-def open_records(option: str | None) -> str:
+def open_records(option: str | None, root: Path) -> str:
     """Open the existing records database (a read-only command must not create one)."""
-    path = common.db_path(option)
-    if not os.path.exists(path):
-        raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else ./flood.db)")
+    path = common.records_db(PROG, option, root, create=False)
     records.open_db(path)
     return path
 
@@ -410,7 +408,7 @@ def profiles_of(option: str | None) -> Mapping[str, Profile]:
 def run(args: argparse.Namespace, target: str | None) -> int:
     root = common.server_dir(args.server_dir)
     layout = Layout(root)
-    db = open_records(args.db)
+    db = open_records(args.db, root)
     if target is not None:
         return show_history(target, layout, args.json)
     profiles = profiles_of(args.credentials)

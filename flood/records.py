@@ -436,6 +436,7 @@ class Ending(NamedTuple):
     state: str
     reason: str | None
     error: str | None
+    retry_at: dt.datetime | None = None  # in processing/, waiting for this retry
 
 
 def endings(ids: Sequence[int]) -> dict[int, Ending]:
@@ -443,10 +444,16 @@ def endings(ids: Sequence[int]) -> dict[int, Ending]:
     found: dict[int, Ending] = {}
     for start in range(0, len(ids), 500):
         query = FileRecord.select(
-            FileRecord.id, FileRecord.current_state, FileRecord.reason, FileRecord.error
+            FileRecord.id,
+            FileRecord.current_state,
+            FileRecord.reason,
+            FileRecord.error,
+            FileRecord.next_attempt_at,
         ).where(FileRecord.id.in_(list(ids[start : start + 500])))
         for row in query:
-            found[int(row.id)] = Ending(row.current_state, row.reason, row.error)
+            found[int(row.id)] = Ending(
+                row.current_state, row.reason, row.error, _time(row.next_attempt_at)
+            )
     return found
 
 

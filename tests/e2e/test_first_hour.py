@@ -3,10 +3,19 @@ credentials and records, what its logs and commands tell while files go up."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
+import pty
+import re
+import sqlite3
+import struct
 import subprocess
 import sys
 import sysconfig
+import termios
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +210,167 @@ def test_a_file_mixing_flood_and_aws_cli_profiles_stops_the_supervisor(spool: Sp
     assert result.stderr.count("\n") == 1
     assert f"credentials file {mixed} ($AWS_SHARED_CREDENTIALS_FILE)" in result.stderr
     assert "profile 'default' has no 'provider' key" in result.stderr
+
+
+# -- the records database ------------------------------------------------------------------------
+def no_db_env(spool: Spool, **extra: str) -> dict[str, str]:
+    env = spool.env(**extra)
+    del env["FLOOD_DB"]
+    return env
+
+
+def test_commands_find_the_supervisors_database_from_anywhere(
+    spool: Spool, bucket: str, client: Any, tmp_path: Path
+) -> None:
+    """The supervisor records the path of its database in the server dir; flood-copy --wait run
+    from another directory without --db or $FLOOD_DB records into it and reports the upload,
+    and flood-status, flood-requeue and flood-doctor read the same one; no ./flood.db appears."""
+    db = tmp_path / "var-lib" / "records.db"
+    db.parent.mkdir()
+    spool.start("--db", str(db), env=no_db_env(spool))
+    wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+    assert (spool.dir / ".flood.db-path").read_text() == f"{db}\n"
+    assert spool.events("db_recorded")[0]["file"]["path"] == str(db)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.csv").write_bytes(b"a,b\n1,2\n")
+    where = ("--server-dir", str(spool.dir), "--credentials", str(spool.credentials))
+    env = no_db_env(spool)
+    copied = spool.run(
+        "flood-copy",
+        *where,
+        "--wait",
+        "--timeout",
+        "60",
+        "data.csv",
+        f"s3://p1/{bucket}/",
+        env=env,
+        cwd=elsewhere,
+    )
+    assert copied.returncode == 0, copied.stderr
+    assert "uploaded 1 of 1 file" in copied.stdout
+    assert object_bytes(client, bucket, "data.csv") == b"a,b\n1,2\n"
+    assert sorted(os.listdir(elsewhere)) == ["data.csv"]
+    with sqlite3.connect(db) as con:
+        states = con.execute("SELECT current_state FROM file_records WHERE filepath = 'data.csv'")
+        assert [row[0] for row in states] == ["completed"]
+    status = spool.run("flood-status", *where, "--json", env=env, cwd=elsewhere)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["db"] == str(db)
+    requeue = spool.run("flood-requeue", *where, "--all", "--dry-run", env=env, cwd=elsewhere)
+    assert requeue.returncode == 0, requeue.stderr
+    doctor = spool.run("flood-doctor", *where, "--json", env=env, cwd=elsewhere)
+    [line] = [c for c in json.loads(doctor.stdout)["checks"] if c["subject"] == "records"]
+    assert line["status"] == "ok"
+    assert line["detail"].startswith(f"{db} (the supervisor's, recorded in {spool.dir}/.flood")
+    assert sorted(os.listdir(elsewhere)) == ["data.csv"]
+
+
+def test_no_new_database_where_the_supervisors_lives_elsewhere(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """flood-copy told to record into a database that does not exist, while the server dir's
+    supervisor records elsewhere, refuses (exit 78) naming the supervisor's; nothing queued."""
+    spool.start()
+    wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+    (tmp_path / "f").write_bytes(b"f")
+    stray = tmp_path / "stray.db"
+    result = spool.run(
+        "flood-copy",
+        "--server-dir",
+        str(spool.dir),
+        "--credentials",
+        str(spool.credentials),
+        "--db",
+        str(stray),
+        str(tmp_path / "f"),
+        "s3://p1/bucket-one/",
+    )
+    assert result.returncode == 78
+    assert result.stderr == (
+        f"flood-copy: no records database at {stray} (from --db), and the supervisor of "
+        f"{spool.dir} records into {spool.db}: give --db {spool.db}, or neither --db nor "
+        "$FLOOD_DB\n"
+    )
+    assert not stray.exists() and spool.files("incoming") == []
+
+
+# -- flood-copy --wait -------------------------------------------------------------------------
+def on_terminal(
+    spool: Spool, *args: str, columns: int = 80, timeout: float = 60
+) -> tuple[int, str, str]:
+    """flood-copy with stderr on a pseudo-terminal `columns` wide: exit status, stdout, and
+    what the terminal got."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(
+        [BIN / "flood-copy", "--server-dir", spool.dir, "--credentials", spool.credentials, *args],
+        env=spool.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError as exc:  # EIO: the other side of the terminal is closed
+                if exc.errno != errno.EIO:
+                    raise
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        out = proc.communicate(timeout=timeout)[0]
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode, out.decode(), b"".join(chunks).decode()
+
+
+def test_wait_on_a_terminal_redraws_one_line_and_warns_of_a_hold(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """Waiting for a file of a bucket that does not exist: a warning names the hold, one
+    progress line is redrawn (counting the file as held), a summary ends it (exit 124)."""
+    spool.start()
+    wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+    (tmp_path / "f.txt").write_bytes(b"for a bucket that is not there")
+    gone = f"gone-{uuid.uuid4().hex[:8]}"
+    code, out, terminal = on_terminal(
+        spool, "--wait", "--timeout", "5", str(tmp_path / "f.txt"), f"s3://p1/{gone}/"
+    )
+    assert code == 124
+    assert f"flood-copy: warning: bucket p1/{gone} is paused (NoSuchBucket since " in terminal
+    assert ": its files wait in incoming/ until the hold is lifted\r\n" in terminal
+    assert (
+        "\rwaiting for flood-supervisor: 0 uploaded, 0 failed, 0 waiting, 1 held  0:0" in terminal
+    )
+    parts = [part for line in terminal.split("\r\n") for part in line.split("\r")]
+    drawn = [p.rstrip() for p in parts if p.startswith("waiting for flood-supervisor")]
+    assert drawn and all(len(line) < 80 for line in drawn), drawn
+    assert out.splitlines() == [
+        f"queued 1 file (30 B) to s3://p1/{gone}/",
+        out.splitlines()[1],
+    ]
+    assert re.fullmatch(
+        rf"uploaded 0 of 1 file to s3://p1/{gone}/ in 5\.\d s; 1 not finished", out.splitlines()[1]
+    )
+
+
+def test_copy_progress_fits_80_columns(spool: Spool, tmp_path: Path) -> None:
+    """The copy's bar on an 80-column terminal: every redraw fits in 79 columns and ends with
+    its time left, a whole word."""
+    with open(tmp_path / "big.bin", "wb") as handle:
+        handle.truncate(64 * 1024 * 1024)  # sparse: cheap, and big enough for a bar
+    code, _, terminal = on_terminal(spool, str(tmp_path / "big.bin"), "s3://p1/bucket-one/")
+    assert code == 0
+    draws = [d.rstrip() for d in terminal.replace("\r\n", "\r").split("\r") if d.strip()]
+    assert draws, terminal
+    for draw in draws:
+        assert len(draw) <= 79 and draw.endswith(" left"), draw

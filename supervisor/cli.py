@@ -79,7 +79,22 @@ def parser() -> common.Parser:
         metavar="SECONDS",
         help="cap on one retry's wait (default: no cap)",
     )
-    p.add_argument("--log-file", metavar="PATH", help="JSON log lines go here (default: stdout)")
+    p.add_argument("--log-file", metavar="PATH", help="log lines go here (default: stdout)")
+    p.add_argument(
+        "--log-format",
+        choices=("json", "text", "auto"),
+        default="auto",
+        help="json: one ECS JSON object per line; text: one readable line per event (colours "
+        "on a terminal); auto: text on a terminal, json otherwise (default: auto)",
+    )
+    p.add_argument(
+        "--log-successes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write file_claimed and upload_succeeded, two info lines per file; "
+        "--no-log-successes leaves them out (failures, retries and holds are always written; "
+        "default: on)",
+    )
     p.add_argument(
         "--log-level",
         type=common.log_level,
@@ -222,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         retry_max_delay=args.retry_max_delay,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         log_level=args.log_level,
+        log_format=logs.resolve_format(args.log_format, args.log_file),
+        log_successes=args.log_successes,
         multipart_threshold=args.multipart_threshold * MiB,
         part_size=args.part_size * MiB,
         parts_in_flight=args.parts_in_flight,
@@ -233,7 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         verify=args.verify,
         lean_put=not args.boto3_put,
     )
-    log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
+    logs.export_options(settings.log_format, settings.log_successes)  # for the children
+    log = logs.configure(
+        "supervisor",
+        settings.log_level,
+        settings.log_file,
+        settings.secrets(),
+        settings.log_format,
+        settings.log_successes,
+    )
     for note in creds.skipped:
         log.info("credentials_file_skipped", reason=note)
     log.info(

@@ -9,12 +9,15 @@ import json
 import os
 import pty
 import re
+import select
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import sysconfig
 import termios
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -374,3 +377,81 @@ def test_copy_progress_fits_80_columns(spool: Spool, tmp_path: Path) -> None:
     assert draws, terminal
     for draw in draws:
         assert len(draw) <= 79 and draw.endswith(" left"), draw
+
+
+# -- logs ----------------------------------------------------------------------------------------
+STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z (debug|info|warning|error) ")
+
+
+def test_text_logs_one_readable_line_per_event_secrets_scrubbed(
+    spool: Spool, bucket: str, s3: Any
+) -> None:
+    """--log-format text: every line is time, level, role[pid], a sentence and key=value
+    fields, durations in seconds; a secret in a key is scrubbed as in JSON."""
+    secret = s3.admin.secret_key
+    sup = spool.start("--log-format", "text")
+    wait_for(lambda: "[startup_drain_queued]" in spool.log.read_text(), 30, "the drain")
+    spool.drop("p1", bucket, f"leak-{secret}.txt", b"x")
+    spool.wait_done("p1", bucket, [f"leak-{secret}.txt"])
+    wait_for(lambda: "[upload_succeeded]" in spool.log.read_text(), 30, "upload_succeeded")
+    assert sup.terminate() == 0
+    text = spool.log.read_text()
+    assert secret not in text
+    lines = text.splitlines()
+    assert lines and all(STAMP.match(line) for line in lines), [
+        line for line in lines if not STAMP.match(line)
+    ][:5]
+    [done] = [line for line in lines if "[upload_succeeded]" in line]
+    assert f" uploaded leak-[REDACTED].txt to p1/{bucket}  [upload_succeeded] " in done
+    assert re.search(
+        rf" profile=p1 bucket={bucket} key=leak-\[REDACTED\]\.txt path=\S+ size=1 ", done
+    )
+    assert re.search(r" duration=\d+\.\d{3}s ", done)
+    assert "\x1b[" not in text  # a file is no terminal: no colours
+
+
+def test_no_log_successes_leaves_out_the_two_lines_per_file(spool: Spool, bucket: str) -> None:
+    """--no-log-successes: no file_claimed or upload_succeeded line, a failure still logged;
+    every message is a sentence, event.action the stable name."""
+    sup = spool.start("--no-log-successes")
+    wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+    spool.drop("p1", bucket, "ok.txt", b"ok")
+    os.symlink("/nonexistent", spool.path("incoming", "p1", bucket, "dangling"))
+    spool.wait_done("p1", bucket, ["ok.txt"])
+    spool.wait_done("p1", bucket, ["dangling"], state="failed")
+    wait_for(lambda: spool.events("upload_failed"), 30, "upload_failed")
+    assert sup.terminate() == 0
+    assert spool.events("file_claimed") == [] and spool.events("upload_succeeded") == []
+    [failed] = spool.events("upload_failed")
+    assert failed["message"].startswith(f"dangling failed for p1/{bucket}: ")
+    for line in spool.log_lines():
+        assert line["message"] != line["event"]["action"], line
+
+
+def test_on_a_terminal_the_default_is_coloured_text(spool: Spool) -> None:
+    """Without --log-format, lines to a terminal are readable text with colours."""
+    master, slave = pty.openpty()
+    argv = ["--credentials", str(spool.credentials), "--workers", "1", str(spool.dir)]
+    proc = subprocess.Popen(
+        [BIN / "flood-supervisor", *argv],
+        env=spool.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"[startup_drain_queued]" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                seen += os.read(master, 65536)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert "start-up drain queued 0 files; watching for new ones" in text
+    assert "\x1b[32minfo" in text and '{"@timestamp"' not in text

@@ -24,8 +24,9 @@ from flood import verdict as taxonomy
 from flood.commands import common
 from flood.connection import Connection
 from flood.credentials import Profile
-from flood.errors import ConfigError, FloodError, LayoutError
+from flood.errors import ConfigError, FloodError, InvalidName, LayoutError
 from flood.layout import Layout
+from flood.layout import check_bucket as check_bucket_name
 from flood.lean import LeanClient
 from flood.s3 import client_for
 from flood.states import DIRECTORIES, State
@@ -50,7 +51,8 @@ Checks what Flood needs, and says what it found:
   disk          free space and inodes on the server dir's filesystem;
   records       the records database the commands use (--db, $FLOOD_DB, else the one the
                 supervisor recorded in SERVER_DIR/.flood.db-path): Flood's and not newer;
-  PROFILE/BUCKET  for every bucket directory of every profile: HeadBucket, then PUT a small
+  PROFILE/BUCKET  for every bucket directory of every profile (or the buckets named as
+                s3://PROFILE/BUCKET, directory or not): HeadBucket, then PUT a small
                 probe object the way uploads PUT (the lean client with Content-MD5, or
                 boto3 with --boto3-put; through the same proxy, CA and credentials), HEAD it,
                 DELETE it, and the clock skew against the server's Date header.
@@ -396,6 +398,12 @@ def parser() -> common.Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "targets",
+        nargs="*",
+        metavar="s3://PROFILE[/BUCKET]",
+        help="probe these buckets (whether or not their directories exist yet) or profiles only",
+    )
     p.add_argument("--profile", metavar="P", help="probe this profile only")
     p.add_argument("--json", action="store_true", help="one JSON document instead of lines")
     p.add_argument(
@@ -408,9 +416,31 @@ def parser() -> common.Parser:
     return p
 
 
+def parse_targets(p: common.Parser, targets: Sequence[str]) -> dict[str, set[str]]:
+    """s3://PROFILE[/BUCKET] arguments: the buckets asked for, by profile (empty: all of it)."""
+    wanted: dict[str, set[str]] = {}
+    for target in targets:
+        profile, _, bucket = target.removeprefix("s3://").rstrip("/").partition("/")
+        if not target.startswith("s3://") or not profile or "/" in bucket:
+            p.error(f"{target!r} is not s3://PROFILE or s3://PROFILE/BUCKET")
+        if bucket:
+            try:
+                check_bucket_name(bucket)
+            except InvalidName as exc:
+                p.error(str(exc))
+        wanted.setdefault(profile, set())
+        if bucket:
+            wanted[profile].add(bucket)
+    return wanted
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     common.printable_output()
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    args.wanted = parse_targets(p, args.targets)
+    if args.profile:
+        args.wanted.setdefault(args.profile, set())
     try:
         checks = run(args)
     except FloodError as exc:
@@ -427,14 +457,16 @@ def run(args: argparse.Namespace) -> list[Check]:
     checks.append(check_records(args.db, root))
     if creds is None:
         return checks
-    if args.profile and args.profile not in creds.profiles:
+    wanted: dict[str, set[str]] = args.wanted
+    unknown = sorted(set(wanted) - set(creds.profiles))
+    if unknown:
         raise ConfigError(
-            f"unknown profile {args.profile!r}: {creds.path} has "
-            f"{', '.join(sorted(creds.profiles))}"
+            f"unknown profile {unknown[0]!r}: {creds.path} has {', '.join(sorted(creds.profiles))}"
         )
     for name in sorted(creds.profiles):
-        if args.profile in (None, name):
-            buckets = sorted(layout.buckets_present(name))
+        if not wanted or name in wanted:
+            # A bucket asked for by name is probed whether or not its directory exists.
+            buckets = sorted(wanted.get(name) or layout.buckets_present(name))
             checks += check_profile(
                 creds.profiles[name], buckets, creds.profiles, lean=not args.boto3_put
             )

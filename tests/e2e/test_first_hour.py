@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from spool import BIN, Spool, object_bytes, wait_for
+from spool import BIN, Spool, object_bytes, object_keys, wait_for
 
 from flood import __version__
 
@@ -455,3 +455,51 @@ def test_on_a_terminal_the_default_is_coloured_text(spool: Spool) -> None:
     text = seen.decode(errors="replace")
     assert "start-up drain queued 0 files; watching for new ones" in text
     assert "\x1b[32minfo" in text and '{"@timestamp"' not in text
+
+
+# -- flood-doctor and flood-status -------------------------------------------------------------
+def test_doctor_probes_a_named_bucket_without_its_directory(
+    spool: Spool, bucket: str, client: Any
+) -> None:
+    """flood-doctor s3://PROFILE/BUCKET makes the round trip for that bucket alone, though no
+    directory of it exists yet; a missing bucket named so is classified."""
+    where = ("--server-dir", str(spool.dir), "--credentials", str(spool.credentials))
+    (spool.dir / "incoming" / "p1" / "other-bucket").mkdir(parents=True)
+    result = spool.run("flood-doctor", *where, "--json", f"s3://p1/{bucket}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    subjects = [c["subject"] for c in json.loads(result.stdout)["checks"]]
+    assert f"p1/{bucket}" in subjects and "p1/other-bucket" not in subjects
+    assert not (spool.dir / "incoming" / "p1" / bucket).exists()
+    assert not [k for k in object_keys(client, bucket) if k.startswith(".flood-doctor/")]
+    gone = spool.run("flood-doctor", *where, "s3://p1/gone-bucket-x")
+    assert gone.returncode == 1
+    assert re.search(r"FAIL\s+p1/gone-bucket-x\s+missing_bucket: ", gone.stdout), gone.stdout
+    bad = spool.run("flood-doctor", *where, "s3://nobody/b-ucket")
+    assert bad.returncode == 78 and "unknown profile 'nobody'" in bad.stderr
+    usage = spool.run("flood-doctor", *where, "p1/bucket")
+    assert usage.returncode == 2 and "is not s3://PROFILE or s3://PROFILE/BUCKET" in usage.stderr
+
+
+def test_status_names_misplaced_files_and_profiles_without_credentials(spool: Spool) -> None:
+    """Files right under incoming/ or incoming/PROFILE/, and profile directories the
+    credentials file does not know, are listed: nothing will ever upload them."""
+    spool.start()
+    wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+    (spool.dir / "incoming" / "stray.csv").write_bytes(b"top")
+    (spool.dir / "incoming" / "p1" / "lost.csv").write_bytes(b"profile level")
+    (spool.dir / "incoming" / "ghost" / "bucket-one").mkdir(parents=True)
+    where = ("--server-dir", str(spool.dir), "--credentials", str(spool.credentials))
+    data = json.loads(spool.run("flood-status", *where, "--json").stdout)
+    assert data["misplaced"]["count"] == 2
+    assert sorted(data["misplaced"]["paths"]) == sorted(
+        [str(spool.dir / "incoming" / "stray.csv"), str(spool.dir / "incoming" / "p1" / "lost.csv")]
+    )
+    assert data["unknown_profiles"] == ["ghost"]
+    table = spool.run("flood-status", *where)
+    assert table.returncode == 0, table.stderr
+    assert "misplaced: 2 files in incoming/ not below PROFILE/BUCKET/" in table.stdout
+    assert f"  {spool.dir}/incoming/stray.csv\n" in table.stdout
+    assert (
+        f"unknown profiles: ghost (directories with no profile in {spool.credentials}: "
+        "their files are left alone)"
+    ) in table.stdout

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultproxy import FaultProxy
 from spool import BIN, Spool, object_bytes, object_keys, wait_for
 
 from flood import __version__
@@ -503,3 +504,46 @@ def test_status_names_misplaced_files_and_profiles_without_credentials(spool: Sp
         f"unknown profiles: ghost (directories with no profile in {spool.credentials}: "
         "their files are left alone)"
     ) in table.stdout
+
+
+# -- flood-requeue --waiting -------------------------------------------------------------------
+@pytest.fixture
+def proxy(s3: Any) -> Iterator[FaultProxy]:
+    with FaultProxy("127.0.0.1", s3.port) as fp:
+        yield fp
+
+
+def test_requeue_waiting_makes_a_retry_due_at_once(
+    tmp_path: Path, s3: Any, proxy: FaultProxy, bucket: str, client: Any
+) -> None:
+    """A file waiting ten minutes or more for its retry (a 503) goes up within seconds of
+    flood-requeue --waiting once the server answers: the record's due time is now, its retry
+    count kept, a note in its error, and the running supervisor told."""
+    spool = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1", endpoint=proxy.endpoint)})
+    try:
+        sup = spool.start("--retry-base", "600")
+        wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+        proxy.set_mode("503")
+        spool.drop("p1", bucket, "late.txt", b"retry me now")
+        wait_for(lambda: spool.events("upload_retry_scheduled"), 30, "the retry scheduled")
+        proxy.set_mode("pass")
+        [row] = spool.records("late.txt")
+        assert row["retry_count"] == 1 and row["next_attempt_at"] is not None
+        where = ("--server-dir", str(spool.dir), "--credentials", str(spool.credentials))
+        dry = spool.run("flood-requeue", *where, "--waiting", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.startswith(f"would make due now: s3://p1/{bucket}/late.txt (retry 1, ")
+        result = spool.run("flood-requeue", *where, "--waiting", "--bucket", bucket)
+        assert result.returncode == 0, result.stderr
+        assert f"made 1 waiting file due now\nasked flood-supervisor (pid {sup.pid})" in (
+            result.stdout
+        )
+        [row] = spool.records("late.txt")
+        assert row["retry_count"] == 1 and "by flood-requeue --waiting]" in row["error"]
+        spool.wait_done("p1", bucket, ["late.txt"], timeout=60)
+        assert spool.events("credentials_reloaded")  # SIGHUP: new uploaders read the records
+        assert object_bytes(client, bucket, "late.txt") == b"retry me now"
+        [row] = spool.records("late.txt")
+        assert row["current_state"] == "completed"
+    finally:
+        spool.close()

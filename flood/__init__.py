@@ -1,3 +1,3 @@
 """Flood: a spool directory turned into verified objects in S3-compatible storage."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -43,6 +43,9 @@ KEYS = (
 MIN_PART = 5 * 1024 * 1024  # S3's smallest part but the last
 MAX_PART = 5 * 1024 * 1024 * 1024
 ALIASES = {"region": "aws_region", "endpoint_url": "aws_endpoint"}
+AWS_ENV_SOURCE = "$AWS_SHARED_CREDENTIALS_FILE"
+AWS_HOME_SOURCE = "~/.aws/credentials"
+OPTION_SOURCE = "--credentials"
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,13 @@ class CredentialsFile:
     source: str
     profiles: Mapping[str, Profile]
     mode: int
+    skipped: tuple[str, ...] = ()  # files of the AWS CLI's search passed over: not Flood's
+
+    def chosen(self) -> str:
+        """Why this file: the first that exists, or the first that is Flood's."""
+        if not self.skipped:
+            return f"first that exists: {self.source}"
+        return f"first that is Flood's: {self.source}; skipped {', '.join(self.skipped)}"
 
     def loose_permissions(self) -> bool:
         """True when group or others may read or write the file (OpenSSH refuses such keys)."""
@@ -100,33 +110,65 @@ class CredentialsFile:
         return [secret for p in self.profiles.values() for secret in p.secrets()]
 
 
-def locate(option: str | None, environ: Mapping[str, str] | None = None) -> tuple[Path, str]:
-    """The AWS CLI's search first ($AWS_SHARED_CREDENTIALS_FILE, ~/.aws/credentials), then
-    the --credentials file: the first that exists wins, with the reason it was chosen."""
+def candidates(
+    option: str | None, environ: Mapping[str, str] | None = None
+) -> list[tuple[str | None, str]]:
+    """Where a credentials file is looked for, in order, each with its name in messages: the
+    AWS CLI's search ($AWS_SHARED_CREDENTIALS_FILE, ~/.aws/credentials), then --credentials."""
     env = os.environ if environ is None else environ
-    tried: list[str] = []
-    candidates: list[tuple[str | None, str]] = [
-        (env.get("AWS_SHARED_CREDENTIALS_FILE"), "$AWS_SHARED_CREDENTIALS_FILE"),
-        (
-            os.path.join(env.get("HOME", os.path.expanduser("~")), ".aws", "credentials"),
-            "~/.aws/credentials",
-        ),
-        (option, "--credentials"),
+    home = env.get("HOME", os.path.expanduser("~"))
+    return [
+        (env.get("AWS_SHARED_CREDENTIALS_FILE"), AWS_ENV_SOURCE),
+        (os.path.join(home, ".aws", "credentials"), AWS_HOME_SOURCE),
+        (option, OPTION_SOURCE),
     ]
-    for candidate, source in candidates:
-        if not candidate:
-            tried.append(f"{source} (not set)")
-            continue
-        path = Path(os.path.abspath(Path(candidate).expanduser()))
-        if path.exists():
+
+
+def locate(option: str | None, environ: Mapping[str, str] | None = None) -> tuple[Path, str]:
+    """The first candidate that exists, with the reason it was chosen (not read: load() also
+    skips a file of the AWS CLI's search that is not Flood's)."""
+    tried: list[str] = []
+    for candidate, source in candidates(option, environ):
+        path = _existing(candidate, source, tried)
+        if path is not None:
             return path, source
-        tried.append(f"{source} ({path}: absent)")
     raise ConfigError("no credentials file found; looked at " + ", ".join(tried))
 
 
 def load(option: str | None, environ: Mapping[str, str] | None = None) -> CredentialsFile:
-    """Locate and parse the credentials file; raise ConfigError naming every problem found."""
-    path, source = locate(option, environ)
+    """Find and parse the credentials file; raise ConfigError naming every problem found.
+    A file found by the AWS CLI's search that holds no profile with a `provider` key is the
+    AWS CLI's own, not Flood's: it is skipped (and named in `skipped`), and the search goes
+    on. A file with some Flood profiles and some without is refused, naming them."""
+    tried: list[str] = []
+    skipped: list[str] = []
+    for candidate, source in candidates(option, environ):
+        path = _existing(candidate, source, tried)
+        if path is None:
+            continue
+        parser, mode = _read(path, source)
+        if source != OPTION_SOURCE and not _any_provider(parser):
+            note = f"{source} ({path}: no profile has a provider key, not Flood's)"
+            skipped.append(note)
+            tried.append(note)
+            continue
+        profiles = _profiles(path, source, parser)
+        return CredentialsFile(path, source, profiles, mode, tuple(skipped))
+    raise ConfigError("no credentials file found; looked at " + ", ".join(tried))
+
+
+def _existing(candidate: str | None, source: str, tried: list[str]) -> Path | None:
+    if not candidate:
+        tried.append(f"{source} (not set)")
+        return None
+    path = Path(os.path.abspath(Path(candidate).expanduser()))
+    if path.exists():
+        return path
+    tried.append(f"{source} ({path}: absent)")
+    return None
+
+
+def _read(path: Path, source: str) -> tuple[configparser.ConfigParser, int]:
     parser = configparser.ConfigParser(default_section="\0no-default", interpolation=None)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -136,6 +178,15 @@ def load(option: str | None, environ: Mapping[str, str] | None = None) -> Creden
         raise ConfigError(
             f"credentials file {path} ({source}) cannot be read: {_describe(exc)}"
         ) from None
+    return parser, mode
+
+
+def _any_provider(parser: configparser.ConfigParser) -> bool:
+    """Whether any profile has a provider key (in any case): the mark of a Flood file."""
+    return any(key.lower() == "provider" for name in parser.sections() for key in parser[name])
+
+
+def _profiles(path: Path, source: str, parser: configparser.ConfigParser) -> dict[str, Profile]:
     if not parser.sections():
         raise ConfigError(f"credentials file {path} ({source}) has no profiles")
     profiles: dict[str, Profile] = {}
@@ -148,7 +199,7 @@ def load(option: str | None, environ: Mapping[str, str] | None = None) -> Creden
     problems += _sources(profiles)
     if problems:
         raise ConfigError(f"credentials file {path} ({source}): " + "; ".join(problems))
-    return CredentialsFile(path=path, source=source, profiles=profiles, mode=mode)
+    return profiles
 
 
 def _profile(name: str, section: Mapping[str, str]) -> Profile:

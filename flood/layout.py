@@ -14,6 +14,7 @@ from flood.jobs import FileRef
 from flood.states import DIRECTORIES, Reason, State
 
 LOCK_NAME = ".flood.lock"  # the supervisor's flock on the server dir
+DB_RECORD_NAME = ".flood.db-path"  # the absolute path of the records the supervisor writes
 MAX_KEY_BYTES = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -140,6 +141,27 @@ class Layout:
                 os.unlink(entry.path)
             count += 1
         return count
+
+    def recorded_db(self) -> str | None:
+        """The records database the supervisor of this server dir last said it uses, if any."""
+        try:
+            text = (self.root / DB_RECORD_NAME).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text if os.path.isabs(text) else None
+
+    def record_db(self, db_path: str) -> None:
+        """Say where this server dir's records are (the supervisor, once it holds the lock), so
+        that every command finds them from wherever it runs. Written whole or not at all."""
+        final = self.root / DB_RECORD_NAME
+        tmp = self.root / f"{DB_RECORD_NAME}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{db_path}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
 
     def walk_files(self, state: str, profile: str | None = None) -> Iterator[str]:
         """Every non-directory below `state` (or one profile of it), streamed, no links followed."""

@@ -1,4 +1,5 @@
-"""Logging: one ECS JSON object per line, configured once in every process, secrets scrubbed."""
+"""Logging: one ECS JSON object per line (or one readable text line), configured once in every
+process, secrets scrubbed in both."""
 
 from __future__ import annotations
 
@@ -14,7 +15,27 @@ from typing import Any
 import structlog
 from ecs_logging import ECS_VERSION
 
+from flood.messages import message
+
 LEVELS = ("debug", "info", "warning", "error", "critical")
+FORMATS = ("json", "text")
+# The supervisor's choices, for its children (they call configure() with the settings' level
+# and file only): set in the environment before the forkserver starts, as metrics' dir is.
+FORMAT_ENV = "FLOOD_LOG_FORMAT"
+SUCCESSES_ENV = "FLOOD_LOG_SUCCESSES"
+# The two info lines every file makes; --no-log-successes leaves them out (failures, retries
+# and holds are always written).
+SUCCESS_EVENTS = frozenset({"file_claimed", "upload_succeeded"})
+# Fields a text line shows first, in this order; the rest follow sorted.
+_TEXT_FIRST = ("profile", "bucket", "key", "path", "size", "duration", "reason", "error")
+_COLOURS = {
+    "debug": "\x1b[2m",
+    "info": "\x1b[32m",
+    "warning": "\x1b[33m",
+    "error": "\x1b[31m",
+    "critical": "\x1b[1;31m",
+}
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
 
 # Our keyword names -> ECS field names. Everything else goes below `flood.` so that no key of
 # ours can collide with an ECS object (a string `host` against ECS's `host.*`, say).
@@ -103,8 +124,9 @@ class _EcsRenderer:
         return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
 
     def __call__(self, _: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
-        message = str(event_dict.pop("event", ""))
-        doc: dict[str, Any] = {"event": {"action": message}}
+        action = str(event_dict.pop("event", ""))
+        sentence = message(action, event_dict)
+        doc: dict[str, Any] = {"event": {"action": action}}
         for name, value in self._context.items():
             _put(doc, self.path(name), value)
         for name, value in event_dict.items():
@@ -115,7 +137,7 @@ class _EcsRenderer:
         body = self._encode(doc)
         return (
             f'{{"@timestamp":"{self._timestamp()}","log.level":"{level}","message":'
-            f'{self._encode(self._scrub(message))},"ecs.version":"{ECS_VERSION}",'
+            f'{self._encode(self._scrub(sentence))},"ecs.version":"{ECS_VERSION}",'
             f"{body[1:]}"
         )
 
@@ -126,6 +148,79 @@ class _EcsRenderer:
             dotted = name if "." in name else _FIELDS.get(name, f"flood.{name}")
             found = self._paths[name] = tuple(dotted.split("."))
         return found
+
+
+class _TextRenderer:
+    """A line for a person: time, level, the sentence, then the event's fields as key=value
+    (the key fields first, durations in seconds), secrets scrubbed; colours on a terminal."""
+
+    def __init__(self, redactor: _Redactor, context: dict[str, Any], colours: bool) -> None:
+        self._scrub = redactor.scrub
+        self._who = f"{context['flood.role']}[{context['process.pid']}]"
+        self._colours = colours
+
+    def __call__(self, _: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
+        action = str(event_dict.pop("event", ""))
+        stack = event_dict.pop("exception", None)
+        level = _LEVEL_NAMES.get(method, method)
+        sentence = self._scrub(message(action, event_dict))
+        sentence = sentence.replace("\r", "\\r").replace("\n", "\\n")  # one event, one line
+        names = [n for n in _TEXT_FIRST if n in event_dict]
+        names += sorted(n for n in event_dict if n not in _TEXT_FIRST)
+        fields = " ".join(f"{n}={_text_value(n, self._scrub(event_dict[n]))}" for n in names)
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        stamp += f".{int((now - int(now)) * 1000):03d}Z"
+        head, tail = f"{level:<8}", f"[{action}] {fields}".rstrip()
+        if self._colours:
+            head = f"{_COLOURS.get(level, '')}{head}{_RESET}"
+            tail = f"{_DIM}{tail}{_RESET}"
+        line = f"{stamp} {head} {self._who} {sentence}  {tail}"
+        if stack:
+            line += "\n" + "\n".join(f"    {row}" for row in str(self._scrub(stack)).splitlines())
+        return line
+
+
+def _text_value(name: str, value: Any) -> str:
+    """One field's value on a text line: seconds for durations, lists joined, quoted when it
+    holds spaces or quotes, newlines escaped (one event, one line)."""
+    if value is None:
+        return "-"
+    if name == "duration" or name.endswith("_seconds"):
+        try:
+            return f"{float(value):.3f}s"
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, list | tuple):
+        value = ",".join(map(str, value))
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n\r\t'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _drop(names: frozenset[str]) -> Any:
+    """A processor that drops the events named (before any rendering work)."""
+
+    def drop(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if event_dict.get("event") in names:
+            raise structlog.DropEvent
+        return event_dict
+
+    return drop
+
+
+def resolve_format(fmt: str, log_file: str | None) -> str:
+    """auto: text when the lines go to a terminal, JSON otherwise (a file, a pipe, journald)."""
+    if fmt != "auto":
+        return fmt
+    return "text" if log_file is None and sys.stdout.isatty() else "json"
+
+
+def export_options(fmt: str, successes: bool) -> None:
+    """The supervisor's format and --log-successes, for the children it is about to start."""
+    os.environ[FORMAT_ENV] = fmt
+    os.environ[SUCCESSES_ENV] = "1" if successes else "0"
 
 
 def _put(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -148,10 +243,20 @@ class _StdlibBridge(logging.Handler):
 
 
 def configure(
-    role: str, level: str = "info", log_file: str | None = None, secrets: Iterable[str] = ()
+    role: str,
+    level: str = "info",
+    log_file: str | None = None,
+    secrets: Iterable[str] = (),
+    fmt: str | None = None,
+    successes: bool | None = None,
 ) -> structlog.stdlib.BoundLogger:
-    """Set up logging for this process (call once, in the process itself) and return its logger."""
+    """Set up logging for this process (call once, in the process itself) and return its logger.
+    `fmt` (json, text or auto) and `successes` default to what the supervisor exported for its
+    children, else auto and on."""
     global _FD
+    fmt = resolve_format(fmt or os.environ.get(FORMAT_ENV) or "auto", log_file)
+    if successes is None:
+        successes = os.environ.get(SUCCESSES_ENV, "1") != "0"
     level_no = logging.getLevelNamesMapping()[level.upper()]
     fd = (
         os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -161,14 +266,15 @@ def configure(
     if _FD is not None and sys.stdout.fileno() != _FD:
         os.close(_FD)  # configured again (a reload): the old log file fd goes
     _FD = fd
+    context = {"process.pid": os.getpid(), "flood.role": role, "service.name": "flood"}
+    renderer: Any = (
+        _TextRenderer(_Redactor(secrets), context, colours=os.isatty(fd))
+        if fmt == "text"
+        else _EcsRenderer(_Redactor(secrets), context)
+    )
+    processors: list[Any] = [] if successes else [_drop(SUCCESS_EVENTS)]
     structlog.configure(
-        processors=[
-            structlog.processors.format_exc_info,
-            _EcsRenderer(
-                _Redactor(secrets),
-                {"process.pid": os.getpid(), "flood.role": role, "service.name": "flood"},
-            ),
-        ],
+        processors=[*processors, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
         logger_factory=lambda *_: _LineWriter(fd),
         cache_logger_on_first_use=False,

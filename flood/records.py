@@ -503,6 +503,7 @@ class Ending(NamedTuple):
     state: str
     reason: str | None
     error: str | None
+    retry_at: dt.datetime | None = None  # in processing/, waiting for this retry
 
 
 def endings(ids: Sequence[int]) -> dict[int, Ending]:
@@ -510,10 +511,16 @@ def endings(ids: Sequence[int]) -> dict[int, Ending]:
     found: dict[int, Ending] = {}
     for start in range(0, len(ids), 500):
         query = FileRecord.select(
-            FileRecord.id, FileRecord.current_state, FileRecord.reason, FileRecord.error
+            FileRecord.id,
+            FileRecord.current_state,
+            FileRecord.reason,
+            FileRecord.error,
+            FileRecord.next_attempt_at,
         ).where(FileRecord.id.in_(list(ids[start : start + 500])))
         for row in query:
-            found[int(row.id)] = Ending(row.current_state, row.reason, row.error)
+            found[int(row.id)] = Ending(
+                row.current_state, row.reason, row.error, _time(row.next_attempt_at)
+            )
     return found
 
 
@@ -713,6 +720,74 @@ def record_held(
                 outcome=Outcome.FAILURE,
                 error=text(error),
             )
+
+
+# -- retries made due now (flood-requeue --waiting) ------------------------------------------
+@dataclass(frozen=True)
+class Waiting:
+    """A passage in processing/ waiting for a retry."""
+
+    id: int
+    ref: FileRef  # as stored (a non-UTF-8 key escaped)
+    retry_count: int
+    due: dt.datetime | None
+    error: str | None
+
+
+def waiting_passages(
+    profile: str | None = None, bucket: str | None = None, now: dt.datetime | None = None
+) -> list[Waiting]:
+    """Passages waiting for a retry not yet due, oldest first, filtered as asked."""
+    query = FileRecord.select().where(
+        (FileRecord.current_state == State.PROCESSING)
+        & FileRecord.next_attempt_at.is_null(False)
+        & (FileRecord.next_attempt_at > (now or utcnow()))
+    )
+    if profile is not None:
+        query = query.where(FileRecord.profile == profile)
+    if bucket is not None:
+        query = query.where(FileRecord.bucket == bucket)
+    return [
+        Waiting(
+            int(row.id),
+            FileRef(row.profile, row.bucket, row.filepath),
+            int(row.retry_count or 0),
+            _time(row.next_attempt_at),
+            row.error,
+        )
+        for row in query.order_by(FileRecord.id)
+    ]
+
+
+_MAKE_DUE = (
+    "UPDATE file_records SET next_attempt_at = ?, last_updated = ?,"
+    " error = COALESCE(error, '') || ? WHERE id = ? AND current_state = 'processing'"
+    " AND next_attempt_at IS NOT NULL"
+)
+
+
+def make_due(ids: Sequence[int], note: str, now: dt.datetime | None = None) -> int:
+    """Retries due now instead of later: each passage still waiting gets next_attempt_at =
+    now and `note` after its error (the retry count and retry_attempts are left as they are:
+    this is no attempt). How many were changed."""
+    stamp = _stamp(now or utcnow())
+    changed = 0
+    with write():
+        for record_id in ids:
+            changed += _sql(_MAKE_DUE, (stamp, stamp, text(note), record_id)).rowcount
+    return changed
+
+
+def due_keys(profile: str, now: dt.datetime | None = None) -> set[tuple[str, str]]:
+    """(bucket, key as stored) of the profile's passages in processing/ whose retry is due by
+    now: what an uploader whose own schedule says later may take up at once."""
+    query = FileRecord.select(FileRecord.bucket, FileRecord.filepath).where(
+        (FileRecord.profile == profile)
+        & (FileRecord.current_state == State.PROCESSING)
+        & FileRecord.next_attempt_at.is_null(False)
+        & (FileRecord.next_attempt_at <= (now or utcnow()))
+    )
+    return {(bucket, key) for bucket, key in _tuples(query)}
 
 
 # -- a profile's server ------------------------------------------------------------------------

@@ -28,6 +28,8 @@ class Settings:
     retry_max_delay: float | None = None
     log_file: str | None = None
     log_level: str = "info"
+    log_format: str = "json"  # json (ECS) or text; resolved from auto by the supervisor
+    log_successes: bool = True  # file_claimed and upload_succeeded written
     multipart_threshold: int = 16 * MiB
     # Parts of 8 MiB, 10 in flight (boto3's and the aws cli's defaults); a profile's part_size
     # and parts_in_flight keys override them. Memory: parts_in_flight x part_size a file.

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from flood import records
-from flood.layout import LOCK_NAME, Layout
+from flood.layout import LOCK_NAME, Layout, shown
 from flood.settings import DEFAULT_IGNORE
 from flood.states import State
 
 ERROR_WINDOW = dt.timedelta(hours=24)
+MISPLACED_SHOWN = 20  # misplaced files named; the rest are counted
 _CODE_RE = re.compile(r"An error occurred \((\w+)\)")
 
 
@@ -57,6 +58,10 @@ class Snapshot:
     buckets: dict[tuple[str, str], BucketState] = field(default_factory=dict)
     holds: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # Files in incoming/ not below PROFILE/BUCKET/ (nothing uploads them): the first few
+    # paths, and how many in all.
+    misplaced: list[str] = field(default_factory=list)
+    misplaced_count: int = 0
 
     def bucket(self, profile: str, bucket: str) -> BucketState:
         key = (profile, bucket)
@@ -101,6 +106,10 @@ def _count_pending(layout: Layout, snap: Snapshot, ignore: Sequence[str]) -> Non
         for path in layout.walk_files(state):
             ref = layout.parse(state, path)
             if ref is None:
+                if state == State.INCOMING:
+                    snap.misplaced_count += 1
+                    if len(snap.misplaced) < MISPLACED_SHOWN:
+                        snap.misplaced.append(shown(path))
                 continue
             entry = snap.bucket(ref.profile, ref.bucket)
             name = os.path.basename(path)

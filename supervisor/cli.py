@@ -12,7 +12,7 @@ from typing import Any
 from flood import config, credentials, logs, metrics, records, snapshot
 from flood.commands import common
 from flood.errors import EX_TEMPFAIL, ConfigError, FloodError
-from flood.layout import Layout
+from flood.layout import DB_RECORD_NAME, Layout
 from flood.settings import DEFAULT_IGNORE, MiB, Settings
 from flood.supervisor import startup
 from flood.supervisor.arbiter import Arbiter
@@ -65,7 +65,10 @@ def parser() -> common.Parser:
         "~/.aws/credentials exists",
     )
     p.add_argument(
-        "--db", metavar="PATH", help="SQLite records (default: $FLOOD_DB, else ./flood.db)"
+        "--db",
+        metavar="PATH",
+        help="SQLite records (default: $FLOOD_DB, else the one this server dir's last "
+        f"supervisor used, SERVER_DIR/{DB_RECORD_NAME}, else ./flood.db); recorded there",
     )
     p.add_argument(
         "--retry-base",
@@ -88,7 +91,22 @@ def parser() -> common.Parser:
         metavar="SECONDS",
         help="cap on one retry's wait (default: no cap)",
     )
-    p.add_argument("--log-file", metavar="PATH", help="JSON log lines go here (default: stdout)")
+    p.add_argument("--log-file", metavar="PATH", help="log lines go here (default: stdout)")
+    p.add_argument(
+        "--log-format",
+        choices=("json", "text", "auto"),
+        default="auto",
+        help="json: one ECS JSON object per line; text: one readable line per event (colours "
+        "on a terminal); auto: text on a terminal, json otherwise (default: auto)",
+    )
+    p.add_argument(
+        "--log-successes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write file_claimed and upload_succeeded, two info lines per file; "
+        "--no-log-successes leaves them out (failures, retries and holds are always written; "
+        "default: on)",
+    )
     p.add_argument(
         "--log-level",
         type=common.log_level,
@@ -275,9 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         conf = config.build(path, data, creds.profiles) if path is not None else config.EMPTY
     except ConfigError as exc:
         return common.fail("flood-supervisor", str(exc), exc.exit_code)
+    server_dir = Path(os.path.abspath(args.server_dir))
     settings = Settings(
-        server_dir=Path(os.path.abspath(args.server_dir)),
-        db_path=common.db_path(args.db),
+        server_dir=server_dir,
+        db_path=common.db_path(args.db, server_dir),
         credentials_path=str(creds.path),
         profiles=creds.profiles,
         workers=args.workers,
@@ -286,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         retry_max_delay=args.retry_max_delay,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         log_level=args.log_level,
+        log_format=logs.resolve_format(args.log_format, args.log_file),
+        log_successes=args.log_successes,
         multipart_threshold=args.multipart_threshold * MiB,
         part_size=args.part_size * MiB,
         parts_in_flight=args.parts_in_flight,
@@ -302,11 +323,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         janitor_interval=args.janitor_interval,
         abandon_multipart_after=args.abandon_multipart_after,
     )
-    log = logs.configure("supervisor", settings.log_level, settings.log_file, settings.secrets())
+    logs.export_options(settings.log_format, settings.log_successes)  # for the children
+    log = logs.configure(
+        "supervisor",
+        settings.log_level,
+        settings.log_file,
+        settings.secrets(),
+        settings.log_format,
+        settings.log_successes,
+    )
+    for note in creds.skipped:
+        log.info("credentials_file_skipped", reason=note)
     log.info(
         "credentials_loaded",
         path=str(creds.path),
-        reason=f"first that exists: {creds.source}",
+        reason=creds.chosen(),
         profiles=sorted(creds.profiles),
     )
     if conf.path is not None:

@@ -13,7 +13,7 @@ from flood.connection import endpoint_of, proxy_for
 from flood.credentials import INSECURE, Profile
 from flood.errors import AlreadyRunning, LayoutError
 from flood.jobs import FileRef
-from flood.layout import LOCK_NAME, Layout
+from flood.layout import DB_RECORD_NAME, LOCK_NAME, Layout
 from flood.s3 import MISSING, OK, REJECTED, TLS, check_profile, make_client
 from flood.settings import Settings
 from flood.states import Reason, State
@@ -45,6 +45,7 @@ def prepare(settings: Settings, log: Any) -> Layout:
     if not layout.root.is_dir():
         raise LayoutError(f"server directory {layout.root} does not exist or is not a directory")
     records.open_db(settings.db_path)
+    record_db(layout, settings.db_path, log)
     os.makedirs(layout.state_dir(State.INCOMING_TMP), mode=0o750, exist_ok=True)
     wiped = layout.wipe_incoming_tmp()
     log.info("incoming_tmp_wiped", path=layout.state_dir(State.INCOMING_TMP), entries=wiped)
@@ -54,6 +55,19 @@ def prepare(settings: Settings, log: Any) -> Layout:
     repair(layout, log)
     crashpoints.point("after_repair")
     return layout
+
+
+def record_db(layout: Layout, db_path: str, log: Any) -> None:
+    """Say in the server dir which records this supervisor writes (it holds the lock), so the
+    commands find them from any directory instead of guessing ./flood.db."""
+    before = layout.recorded_db()
+    try:
+        layout.record_db(db_path)
+    except OSError as exc:
+        raise LayoutError(
+            f"cannot record the database's path in {layout.root / DB_RECORD_NAME}: {exc.strerror}"
+        ) from None
+    log.info("db_recorded", path=db_path, previous=before if before != db_path else None)
 
 
 def repair(layout: Layout, log: Any) -> int:

@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             f"unknown profile {args.profile!r}: {creds.path} has "
             f"{', '.join(sorted(creds.profiles))}"
         )
-    db = common.db_path(args.db)
+    db = common.records_db(PROG, args.db, layout.root, create=False)
     records.open_readonly(db)
     now = records.utcnow()
     since = None if args.since is None else now - dt.timedelta(seconds=args.since)

@@ -6,17 +6,28 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from flood import units
-from flood.errors import LayoutError
+from flood import __version__, units
+from flood.errors import ConfigError, LayoutError
+from flood.layout import DB_RECORD_NAME, Layout
 
 DEFAULT_DB = "flood.db"
 DEFAULT_SERVER_DIR = "/srv/flood"
+DB_DEFAULT_HELP = f"$FLOOD_DB, else the supervisor's (SERVER_DIR/{DB_RECORD_NAME}), else ./flood.db"
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr and exit status 2."""
+    """argparse whose errors are one line on stderr and exit status 2, with --version."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--version",
+            action="version",
+            version=f"{self.prog} {__version__}",
+            help="print the command's name and Flood's version, and exit",
+        )
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
@@ -78,9 +89,47 @@ def log_level(text: str) -> str:
     return level
 
 
-def db_path(option: str | None) -> str:
-    """--db, else $FLOOD_DB, else ./flood.db; made absolute so every process agrees."""
-    return os.path.abspath(option or os.environ.get("FLOOD_DB") or DEFAULT_DB)
+def db_location(option: str | None, root: Path | None = None) -> tuple[str, str]:
+    """The records database and where its name came from: --db, else $FLOOD_DB, else the one
+    the supervisor of `root` recorded it uses, else ./flood.db; made absolute so every
+    process agrees."""
+    if option:
+        return os.path.abspath(option), "from --db"
+    if os.environ.get("FLOOD_DB"):
+        return os.path.abspath(os.environ["FLOOD_DB"]), "from $FLOOD_DB"
+    if root is not None:
+        recorded = Layout(root).recorded_db()
+        if recorded is not None:
+            return recorded, f"the supervisor's, recorded in {root / DB_RECORD_NAME}"
+    return os.path.abspath(DEFAULT_DB), "the default ./flood.db: no supervisor recorded one"
+
+
+def db_path(option: str | None, root: Path | None = None) -> str:
+    """--db, else $FLOOD_DB, else the supervisor's (when `root` is given), else ./flood.db."""
+    return db_location(option, root)[0]
+
+
+def records_db(prog: str, option: str | None, root: Path, create: bool) -> str:
+    """The records a command opens (flood.records.open_db next). A database that does not
+    exist is never created where the supervisor of `root` records elsewhere (ConfigError),
+    nor at all unless `create`; one that exists but is not the supervisor's gets a note."""
+    path, source = db_location(option, root)
+    recorded = Layout(root).recorded_db()
+    exists = os.path.exists(path)
+    if recorded is not None and recorded != path:
+        if not exists:
+            raise ConfigError(
+                f"no records database at {path} ({source}), and the supervisor of {root} "
+                f"records into {recorded}: give --db {recorded}, or neither --db nor $FLOOD_DB"
+            )
+        print(
+            f"{prog}: note: records {path} ({source}) are not the supervisor's "
+            f"({recorded}, recorded in {root / DB_RECORD_NAME})",
+            file=sys.stderr,
+        )
+    if not exists and not create:
+        raise ConfigError(f"no records database at {path} ({source})")
+    return path
 
 
 def server_dir(option: str | None) -> Path:
@@ -112,9 +161,7 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
         help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE "
         "nor ~/.aws/credentials exists",
     )
-    parser.add_argument(
-        "--db", metavar="PATH", help="SQLite records (default: $FLOOD_DB, else ./flood.db)"
-    )
+    parser.add_argument("--db", metavar="PATH", help=f"SQLite records (default: {DB_DEFAULT_HELP})")
 
 
 def printable_output() -> None:

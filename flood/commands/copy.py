@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 from flood import credentials, fsops, options, records
@@ -23,6 +24,7 @@ from flood.jobs import FileRef
 from flood.layout import Layout, check_bucket, check_key, check_profile, shown
 from flood.options import OPTIONS_XATTR, ObjectOptions
 from flood.settings import DEFAULT_IGNORE, MiB
+from flood.snapshot import supervisor_state, utc_text
 from flood.states import Reason, State
 
 PROG = "flood-copy"
@@ -31,6 +33,9 @@ CHUNK = MiB
 BAR_THRESHOLD = 8 * MiB
 REDRAW_SECONDS = 0.1
 POLL_SECONDS = 0.2
+SUPERVISOR_CHECK_SECONDS = 5.0  # --wait looks this often whether a supervisor runs
+PLAIN_PROGRESS_SECONDS = 30.0  # --wait off a terminal: a progress line at most this often
+BAR_WIDTH, MIN_BAR = 20, 10
 EX_USAGE = 2
 EX_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 EX_TIMEOUT = 124  # timeout(1)
@@ -38,8 +43,8 @@ SHOWN_AT_MOST = 10
 TERMINAL_STATES = (State.COMPLETED, State.FAILED, State.ABANDONED)
 
 USAGE = (
-    f"{PROG} [-h] [-q] [-r] [--server-dir DIR] [--credentials FILE] [--db PATH] "
-    "[--wait [--timeout S]] SOURCE... s3://PROFILE/BUCKET/[KEY]"
+    f"{PROG} [-h] [--version] [-q] [-v] [-r] [--server-dir DIR] [--credentials FILE] "
+    "[--db PATH] [--wait [--timeout S]] SOURCE... s3://PROFILE/BUCKET/[KEY]"
 )
 DESCRIPTION = """\
 Queues SOURCE files for upload by a flood-supervisor: each file is copied into
@@ -49,7 +54,8 @@ SERVER_DIR/incoming_tmp/PROFILE/BUCKET/KEY, synced, and renamed into incoming/. 
 (like cp a b c dir/); there each directory keeps its own name. No network is used."""
 EPILOG = """\
 server dir: --server-dir, else $FLOOD_SERVER_DIR, else /srv/flood. Credentials are found as
-flood-supervisor finds them; records go to --db, else $FLOOD_DB, else ./flood.db.
+flood-supervisor finds them; records go to --db, else $FLOOD_DB, else the database the
+supervisor of the server dir records into (SERVER_DIR/.flood.db-path), else ./flood.db.
 exit status: 0 all queued (with --wait: all completed); 1 some file was not queued or failed;
 2 bad usage or input; 78 configuration error; 124 --wait timed out; 130 interrupted."""
 
@@ -93,6 +99,12 @@ def parser() -> common.Parser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="with --wait: a line for each file as it is completed or fails",
+    )
+    p.add_argument(
         "--server-dir",
         metavar="DIR",
         help=f"spool directory (default: $FLOOD_SERVER_DIR, else {DEFAULT_SERVER_DIR})",
@@ -104,7 +116,7 @@ def parser() -> common.Parser:
         "~/.aws/credentials exists",
     )
     p.add_argument(
-        "--db", metavar="PATH", help="SQLite records (default: $FLOOD_DB, else ./flood.db)"
+        "--db", metavar="PATH", help=f"SQLite records (default: {common.DB_DEFAULT_HELP})"
     )
     p.add_argument(
         "--wait",
@@ -195,12 +207,14 @@ def run(args: argparse.Namespace) -> int:
     for line in plan.skipped + _ignored_warnings(plan.items):
         print(f"{PROG}: {line}", file=sys.stderr)
     layout = Layout(root)
-    records.open_db(common.db_path(args.db))  # refused before any directory is made
+    # Refused before any directory is made; never a new database beside the supervisor's.
+    records.open_db(common.records_db(PROG, args.db, root, create=True))
     prepare_dirs(layout, target)
     report = Copier(layout, target, _progress(plan.items, args.quiet), own).run(plan.items)
     code = report.tell(target, args.quiet, plan.failed)
     if args.wait and code != EX_INTERRUPTED:
-        waited = wait_outcomes([(target.uri(i.key), rid) for i, rid in report.queued], args.timeout)
+        waiter = Waiter(root, target, args.verbose, args.quiet)
+        waited = waiter.wait([(target.uri(i.key), rid) for i, rid in report.queued], args.timeout)
         code = waited if waited != 0 else code
     return code
 
@@ -469,22 +483,35 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         assert self.stream is not None
-        line = self.line(now)[: _columns(self.stream) - 1]
+        line = self.line(now, _columns(self.stream))
         self.stream.write("\r" + line + " " * max(0, self.width - len(line)))
         self.stream.flush()
         self.width = len(line)
         self.drawn_at = now
 
-    def line(self, now: float) -> str:
+    def line(self, now: float, columns: int = 80) -> str:
+        """The line for a terminal `columns` wide (the last column is left free)."""
         rate = self.done_bytes / max(now - self.started, 1e-3)
         left = (self.total - self.done_bytes) / rate if rate > 0 else None
         done = self.done_bytes / self.total if self.total else self.done_files / max(self.files, 1)
-        bar = "#" * int(20 * min(done, 1.0))
-        return (
-            f"[{bar:<20}] {self.done_files}/{self.files} files  "
-            f"{_size(self.done_bytes)}/{_size(self.total)}  {_size(rate)}/s  "
-            f"{_clock(left)} left"
-        )
+        files = f"{self.done_files}/{self.files} files"
+        size = f"{_size(self.done_bytes)}/{_size(self.total)}"
+        eta = f"{_clock(left)} left"
+        return fit([files, size, f"{_size(rate)}/s", eta], min(done, 1.0), columns - 1)
+
+
+def fit(fields: list[str], done: float, room: int) -> str:
+    """The fields and a bar of `done` in `room` characters: the bar narrows first, then goes,
+    then the rate and the bytes go; whole words always (never "lef" for "left")."""
+    files, size, rate, eta = fields
+    for kept in ([files, size, rate, eta], [files, size, eta], [files, eta], [files]):
+        text = "  ".join(kept)
+        width = min(BAR_WIDTH, room - len(text) - 3)
+        if width >= MIN_BAR:
+            return f"[{'#' * int(width * done):<{width}}] {text}"
+        if len(text) <= room:
+            return text
+    return files[:room]
 
 
 def _progress(items: list[Item], quiet: bool) -> Progress:
@@ -770,44 +797,174 @@ def _describe(exc: BaseException) -> str:
 
 
 # -- waiting -----------------------------------------------------------------------------------
-def wait_outcomes(queued: Sequence[tuple[str, int]], timeout: float | None) -> int:
-    """Poll the records until each file is completed or failed; print one line per file."""
-    pending = {rid: uri for uri, rid in queued}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    failed = False
-    try:
-        while pending:
-            for rid, line, ok in _finished(pending):
+@dataclass
+class Tally:
+    """Where the files waited for stand: finished ones by outcome, the rest by why they wait."""
+
+    total: int
+    uploaded: int = 0
+    failed: list[str] = field(default_factory=list)  # "URI (reason)"
+    waiting: int = 0
+    retrying: int = 0  # of the waiting: waiting for a retry
+    held: int = 0  # of the waiting: their profile or bucket is paused
+
+    def line(self, seconds: float) -> str:
+        retry = f" ({self.retrying} for a retry)" if self.retrying else ""
+        return (
+            f"waiting for flood-supervisor: {self.uploaded} uploaded, {len(self.failed)} failed, "
+            f"{self.waiting} waiting{retry}, {self.held} held  {_clock(seconds)}"
+        )
+
+    def summary(self, uri: str, seconds: float, pending: int) -> str:
+        text = f"uploaded {self.uploaded} of {_files(self.total)} to {uri} in {seconds:.1f} s"
+        if self.failed:
+            text += f"; {len(self.failed)} failed: {_names(self.failed)}"
+        if pending:
+            text += f"; {pending} not finished"
+        return text
+
+
+class Waiter:
+    """flood-copy --wait: polls the records until every queued file is completed or failed,
+    with a progress line (redrawn on a terminal), warnings when nothing will upload the files
+    (no supervisor, a hold), per-file lines with -v, and one summary at the end."""
+
+    def __init__(self, root: Path, target: Target, verbose: bool, quiet: bool) -> None:
+        self.root = root
+        self.target = target
+        self.verbose = verbose
+        self.quiet = quiet
+        self.terminal = not quiet and sys.stderr.isatty()
+        self.drawn = 0  # width of the progress line on the terminal
+        self.printed_at = time.monotonic()  # a plain progress line was last printed then
+        self.printed = ""
+        self.warned: set[str] = set()
+        self.supervisor_checked = float("-inf")
+
+    def wait(self, queued: Sequence[tuple[str, int]], timeout: float | None) -> int:
+        pending = {rid: uri for uri, rid in queued}
+        tally = Tally(len(pending))
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        code = 0
+        try:
+            while pending:
+                self.finish(pending, tally)
+                now = time.monotonic()
+                if pending and deadline is not None and now >= deadline:
+                    self.clear()
+                    _say_pending(f"timed out after {timeout or 0:g} s", pending)
+                    code = EX_TIMEOUT
+                    break
+                if pending:
+                    self.warn(now)
+                    self.progress(tally, now - started)
+                    time.sleep(POLL_SECONDS)  # a polling interval against the deadline above
+        except KeyboardInterrupt:
+            self.clear()
+            _say_pending("interrupted", pending)
+            code = EX_INTERRUPTED
+        self.clear()
+        if not self.quiet:
+            uri = self.target.uri(self.target.key)
+            print(tally.summary(uri, time.monotonic() - started, len(pending)), flush=True)
+        return code or (1 if tally.failed else 0)
+
+    def finish(self, pending: dict[int, str], tally: Tally) -> None:
+        """Take the finished files out of `pending`; count the rest by why they wait."""
+        held = self.held_reason() is not None
+        tally.waiting = tally.retrying = tally.held = 0
+        for rid, uri, ending in _standing(pending):
+            if ending is None or ending.state in TERMINAL_STATES:
                 del pending[rid]
-                print(line, flush=True)
-                failed = failed or not ok
-            if pending and deadline is not None and time.monotonic() >= deadline:
-                _say_pending(f"timed out after {timeout or 0:g} s", pending)
-                return EX_TIMEOUT
-            if pending:
-                time.sleep(POLL_SECONDS)  # a polling interval against the deadline above
-    except KeyboardInterrupt:
-        _say_pending("interrupted", pending)
-        return EX_INTERRUPTED
-    return 1 if failed else 0
+                ok = ending is not None and ending.state == State.COMPLETED
+                if ok:
+                    tally.uploaded += 1
+                else:
+                    tally.failed.append(f"{uri} ({_why(ending)})")
+                if self.verbose:
+                    self.clear()
+                    print(_outcome_line(uri, ending), flush=True)
+                elif self.quiet and not ok:  # no summary will name it
+                    print(f"{PROG}: {_outcome_line(uri, ending)}", file=sys.stderr)
+            elif held:
+                tally.held += 1
+            else:
+                tally.waiting += 1
+                tally.retrying += ending.retry_at is not None
+
+    def held_reason(self) -> str | None:
+        """Why the target's profile or bucket is paused, if it is."""
+        for hold in records.hold_records():
+            if hold.profile == self.target.profile and hold.bucket in ("", self.target.bucket):
+                what = f"bucket {hold.profile}/{hold.bucket}" if hold.bucket else "profile"
+                what = what if hold.bucket else f"profile {hold.profile}"
+                since = utc_text(hold.since) or "?"
+                detail = f": {hold.detail}" if hold.detail else ""
+                return f"{what} is paused ({hold.reason} since {since}{detail})"
+        return None
+
+    def warn(self, now: float) -> None:
+        """Say once why the files may not move: a hold, or no supervisor at all."""
+        held = self.held_reason()
+        if held is not None:
+            self.warning(held + ": its files wait in incoming/ until the hold is lifted")
+        if now - self.supervisor_checked >= SUPERVISOR_CHECK_SECONDS:
+            self.supervisor_checked = now
+            if supervisor_state(self.root)["running"] is False:
+                self.warning(
+                    f"no flood-supervisor holds the lock of {self.root}: the files wait in "
+                    "incoming/ until one starts"
+                )
+
+    def warning(self, text: str) -> None:
+        if text not in self.warned:
+            self.warned.add(text)
+            self.clear()
+            print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
+
+    def progress(self, tally: Tally, seconds: float) -> None:
+        if self.quiet:
+            return
+        line = tally.line(seconds)
+        if self.terminal:
+            line = line[: _columns(sys.stderr) - 1]
+            sys.stderr.write("\r" + line + " " * max(0, self.drawn - len(line)))
+            sys.stderr.flush()
+            self.drawn = len(line)
+            return
+        # Not a terminal (a cron job's mail, a log): a line when the counts change, rarely.
+        counts = line.rsplit("  ", 1)[0]
+        now = time.monotonic()
+        if counts != self.printed and now - self.printed_at >= PLAIN_PROGRESS_SECONDS:
+            print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+            self.printed, self.printed_at = counts, now
+
+    def clear(self) -> None:
+        """Wipe the progress line off the terminal before anything else is printed."""
+        if self.drawn:
+            sys.stderr.write("\r" + " " * self.drawn + "\r")
+            sys.stderr.flush()
+            self.drawn = 0
 
 
-def _finished(pending: dict[int, str]) -> list[tuple[int, str, bool]]:
-    """(record id, outcome line, completed?) for each pending file that has finished."""
-    ids = list(pending)
-    found = records.endings(ids)
-    done = []
-    for rid in ids:
-        ending = found.get(rid)
-        if ending is None:
-            done.append((rid, f"failed {pending[rid]}: its record was deleted", False))
-        elif ending.state == State.COMPLETED:
-            done.append((rid, f"completed {pending[rid]}", True))
-        elif ending.state in TERMINAL_STATES:
-            why = ending.reason or ending.state
-            error = f" ({ending.error})" if ending.error else ""
-            done.append((rid, f"failed {pending[rid]}: {why}{error}", False))
-    return done
+def _standing(pending: dict[int, str]) -> list[tuple[int, str, records.Ending | None]]:
+    """(record id, URI, how its passage stands: None if its record was deleted) of each."""
+    found = records.endings(list(pending))
+    return [(rid, uri, found.get(rid)) for rid, uri in list(pending.items())]
+
+
+def _why(ending: records.Ending | None) -> str:
+    if ending is None:
+        return "its record was deleted"
+    return str(ending.reason or ending.state)
+
+
+def _outcome_line(uri: str, ending: records.Ending | None) -> str:
+    if ending is not None and ending.state == State.COMPLETED:
+        return f"completed {uri}"
+    error = f" ({ending.error})" if ending is not None and ending.error else ""
+    return f"failed {uri}: {_why(ending)}{error}"
 
 
 def _say_pending(what: str, pending: dict[int, str]) -> None:

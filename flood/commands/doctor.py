@@ -26,8 +26,9 @@ from flood.commands import common
 from flood.commands.status import age_text
 from flood.connection import Connection
 from flood.credentials import Profile
-from flood.errors import ConfigError, FloodError, LayoutError
+from flood.errors import ConfigError, FloodError, InvalidName, LayoutError
 from flood.layout import Layout
+from flood.layout import check_bucket as check_bucket_name
 from flood.lean import LeanClient
 from flood.s3 import client_for
 from flood.states import DIRECTORIES, State
@@ -50,8 +51,11 @@ Checks what Flood needs, and says what it found:
   server dir    the five state directories: present, on one filesystem, usable by this user;
   inotify       fs.inotify.max_user_watches against the directories below incoming/;
   disk          free space and inodes on the server dir's filesystem;
-  records       the records database (opened read only): Flood's, and of this release;
-  PROFILE/BUCKET  for every bucket directory of every profile: HeadBucket, then PUT a small
+  records       the records database the commands use (--db, $FLOOD_DB, else the one the
+                supervisor recorded in SERVER_DIR/.flood.db-path), opened read only: Flood's
+                and not newer;
+  PROFILE/BUCKET  for every bucket directory of every profile (or the buckets named as
+                s3://PROFILE/BUCKET, directory or not): HeadBucket, then PUT a small
                 probe object the way uploads PUT (the lean client with Content-MD5, or
                 boto3 with --boto3-put; through the same proxy, CA and credentials), HEAD it,
                 DELETE it, and the clock skew against the server's Date header; then the
@@ -381,13 +385,23 @@ def _bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
-def check_records(option: str | None) -> tuple[Check, Callable[[str], set[str]] | None]:
-    """The records database, opened read-only, and the multipart uploads it knows (what the
-    orphan check leaves out); None when there is none to read, so no orphan is claimed."""
-    path = common.db_path(option)
+def check_records(option: str | None, root: Path) -> tuple[Check, Callable[[str], set[str]] | None]:
+    """Which records database the commands use and why, opened read only, and the multipart
+    uploads it knows (what the orphan check leaves out); None when there is none to read, so
+    no orphan is claimed."""
+    path, source = common.db_location(option, root)
+    recorded = Layout(root).recorded_db()
+    elsewhere = recorded is not None and recorded != path
     if not os.path.exists(path):
-        detail = f"no records database at {path} yet (--db, else $FLOOD_DB, else ./flood.db)"
-        return Check("records", OK, "ok", detail + ": orphan uploads are not looked for"), None
+        if elsewhere:
+            detail = f"no records database at {path} ({source}); the supervisor records into "
+            check = Check("records", FAIL, "records", f"{detail}{recorded}: give --db {recorded}")
+            return check, None
+        detail = (
+            f"no records database at {path} ({source}) yet: flood-supervisor creates it at "
+            "start; orphan uploads are not looked for"
+        )
+        return Check("records", WARN, "records", detail), None
     try:
         version = records.check_db(path)
         if version < records.SCHEMA_VERSION:
@@ -396,7 +410,13 @@ def check_records(option: str | None) -> tuple[Check, Callable[[str], set[str]] 
         records.open_readonly(path)
     except ConfigError as exc:
         return Check("records", FAIL, "records", str(exc)), None
-    return Check("records", OK, "ok", f"{path} (schema {version}), read only"), records.upload_ids
+    detail = f"{path} ({source}), schema version {version}, read only"
+    if elsewhere:
+        check = Check(
+            "records", WARN, "records", f"{detail}; but the supervisor records into {recorded}"
+        )
+        return check, records.upload_ids
+    return Check("records", OK, "ok", detail), records.upload_ids
 
 
 def check_credentials(option: str | None) -> tuple[Check, credentials.CredentialsFile | None]:
@@ -406,7 +426,7 @@ def check_credentials(option: str | None) -> tuple[Check, credentials.Credential
         return Check("credentials", FAIL, "config", str(exc)), None
     mode = stat.S_IMODE(creds.mode)
     detail = (
-        f"{creds.path} (first that exists: {creds.source}); profiles "
+        f"{creds.path} ({creds.chosen()}); profiles "
         f"{', '.join(sorted(creds.profiles))}; mode {mode:o}"
     )
     if creds.loose_permissions():
@@ -422,6 +442,12 @@ def parser() -> common.Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "targets",
+        nargs="*",
+        metavar="s3://PROFILE[/BUCKET]",
+        help="probe these buckets (whether or not their directories exist yet) or profiles only",
+    )
     p.add_argument("--profile", metavar="P", help="probe this profile only")
     p.add_argument("--json", action="store_true", help="one JSON document instead of lines")
     p.add_argument(
@@ -434,9 +460,31 @@ def parser() -> common.Parser:
     return p
 
 
+def parse_targets(p: common.Parser, targets: Sequence[str]) -> dict[str, set[str]]:
+    """s3://PROFILE[/BUCKET] arguments: the buckets asked for, by profile (empty: all of it)."""
+    wanted: dict[str, set[str]] = {}
+    for target in targets:
+        profile, _, bucket = target.removeprefix("s3://").rstrip("/").partition("/")
+        if not target.startswith("s3://") or not profile or "/" in bucket:
+            p.error(f"{target!r} is not s3://PROFILE or s3://PROFILE/BUCKET")
+        if bucket:
+            try:
+                check_bucket_name(bucket)
+            except InvalidName as exc:
+                p.error(str(exc))
+        wanted.setdefault(profile, set())
+        if bucket:
+            wanted[profile].add(bucket)
+    return wanted
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     common.printable_output()
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    args.wanted = parse_targets(p, args.targets)
+    if args.profile:
+        args.wanted.setdefault(args.profile, set())
     try:
         checks = run(args)
     except FloodError as exc:
@@ -451,19 +499,21 @@ def run(args: argparse.Namespace) -> list[Check]:
     root = common.server_dir(args.server_dir)
     layout = Layout(root)
     creds_check, creds = check_credentials(args.credentials)
-    records_check, known = check_records(args.db)
+    records_check, known = check_records(args.db, root)
     checks = [creds_check, check_server_dir(layout), check_inotify(layout), check_disk(root)]
     checks.append(records_check)
     if creds is None:
         return checks
-    if args.profile and args.profile not in creds.profiles:
+    wanted: dict[str, set[str]] = args.wanted
+    unknown = sorted(set(wanted) - set(creds.profiles))
+    if unknown:
         raise ConfigError(
-            f"unknown profile {args.profile!r}: {creds.path} has "
-            f"{', '.join(sorted(creds.profiles))}"
+            f"unknown profile {unknown[0]!r}: {creds.path} has {', '.join(sorted(creds.profiles))}"
         )
     for name in sorted(creds.profiles):
-        if args.profile in (None, name):
-            buckets = sorted(layout.buckets_present(name))
+        if not wanted or name in wanted:
+            # A bucket asked for by name is probed whether or not its directory exists.
+            buckets = sorted(wanted.get(name) or layout.buckets_present(name))
             checks += check_profile(
                 creds.profiles[name], buckets, creds.profiles, not args.boto3_put, known
             )

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from flood import records
 from flood.commands import common
 from flood.errors import FloodError
-from flood.layout import Layout
+from flood.layout import Layout, shown
 from flood.requeue import Selection, choose, requeue
+from flood.snapshot import supervisor_state, utc_text
 
 PROG = "flood-requeue"
 
@@ -18,15 +22,18 @@ DESCRIPTION = """\
 Moves files from SERVER_DIR/failed/ back into incoming/ (the rename the watcher sees, so a
 running supervisor uploads them at once; a stopped one at its next start). Each moved file gets
 a new record linked to its failed one (requeued_from). Choose the files with --reason,
---profile and --bucket, or take every failed file with --all."""
+--profile and --bucket, or take every failed file with --all.
+With --waiting: files in processing/ waiting for a retry are made due now instead (their
+retry count kept, a note added to their record's error), and a running supervisor is asked to
+reload (SIGHUP) so that its uploaders, restarted, take them up at once."""
 EPILOG = """\
 Older failures of the same key, kept in failed/ as KEY.~N~, are moved only with --all, under
 their key, oldest first, one per key and run: only one file of a name can wait in incoming/,
 and uploading them in the order they failed leaves the newest bytes in the bucket. Run
 flood-requeue --all again once the first is uploaded to move the next. A name already waiting
 in incoming/ is never overwritten: that file is skipped and reported.
-exit status: 0 every chosen file moved (or would be, with --dry-run); 1 some were skipped;
-2 bad usage; 78 configuration error."""
+exit status: 0 every chosen file moved (or would be, with --dry-run); 1 some were skipped, or
+the supervisor could not be signalled; 2 bad usage; 78 configuration error."""
 
 
 def parser() -> common.Parser:
@@ -48,6 +55,12 @@ def parser() -> common.Parser:
         action="store_true",
         help="every failed file the other options allow, older failures (KEY.~N~) included",
     )
+    p.add_argument(
+        "--waiting",
+        action="store_true",
+        help="instead of failed files: make the files waiting for a retry (of --profile, "
+        "--bucket) due now",
+    )
     p.add_argument("--dry-run", action="store_true", help="say what would move; move nothing")
     common.add_location_options(p)
     return p
@@ -57,10 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.printable_output()
     p = parser()
     args = p.parse_args(argv)
-    if not (args.all or args.reason or args.profile or args.bucket):
+    if args.waiting and (args.all or args.reason):
+        p.error("--waiting takes --profile and --bucket only (a retry has no reason yet)")
+    if not (args.waiting or args.all or args.reason or args.profile or args.bucket):
         p.error("choose files with --reason, --profile or --bucket, or take all with --all")
     try:
-        return run(args)
+        return run_waiting(args) if args.waiting else run(args)
     except FloodError as exc:
         return common.fail(PROG, str(exc), exc.exit_code)
     finally:
@@ -68,9 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    layout = Layout(common.server_dir(args.server_dir))
+    root = common.server_dir(args.server_dir)
+    layout = Layout(root)
     # Created if missing, as flood-copy does: files may be requeued before a supervisor ran.
-    records.open_db(common.db_path(args.db))
+    records.open_db(common.records_db(PROG, args.db, root, create=True))
     selection = Selection(args.reason, args.profile, args.bucket, backups=args.all)
     chosen, notes = choose(layout, selection)
     moved, skipped = 0, 0
@@ -91,3 +107,57 @@ def run(args: argparse.Namespace) -> int:
         + (f"; skipped {skipped}" if skipped else "")
     )
     return 1 if skipped else 0
+
+
+def run_waiting(args: argparse.Namespace) -> int:
+    """Retries due now: the records first, then the supervisor told (its uploaders keep their
+    own schedule; restarted by a reload, they read the due times from the records)."""
+    root = common.server_dir(args.server_dir)
+    records.open_db(common.records_db(PROG, args.db, root, create=False))
+    now = records.utcnow()
+    waiting = records.waiting_passages(args.profile, args.bucket, now)
+    verb = "would make due now" if args.dry_run else "due now"
+    for w in waiting:
+        uri = shown(f"s3://{w.ref.profile}/{w.ref.bucket}/{w.ref.key}")
+        print(f"{verb}: {uri} (retry {w.retry_count}, was due {utc_text(w.due)})")
+    files = "file" if len(waiting) == 1 else "files"
+    if not waiting:
+        print("no file waits for a retry")
+        return 0
+    if args.dry_run:
+        print(f"would make {len(waiting)} waiting {files} due now")
+        return 0
+    note = f" [made due at {utc_text(now)} by flood-requeue --waiting]"
+    changed = records.make_due([w.id for w in waiting], note, now)
+    print(f"made {changed} waiting {'file' if changed == 1 else 'files'} due now")
+    return 0 if nudge(root) else 1
+
+
+def nudge(root: Path) -> bool:
+    """Ask the supervisor holding the server dir to reload; False if it cannot be asked."""
+    state = supervisor_state(root)
+    pid = state["pid"]
+    if state["running"] is False:
+        print("no flood-supervisor runs: they go up when one starts")
+        return True
+    if not state["running"] or not isinstance(pid, int):
+        print(
+            f"{PROG}: cannot tell which flood-supervisor holds {root}; reload it "
+            "(systemctl reload flood-supervisor) for the files to go at once",
+            file=sys.stderr,
+        )
+        return False
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(
+            f"{PROG}: cannot signal flood-supervisor (pid {pid}): {exc.strerror}; reload it "
+            "(systemctl reload flood-supervisor) for the files to go at once",
+            file=sys.stderr,
+        )
+        return False
+    print(
+        f"asked flood-supervisor (pid {pid}) to reload: its uploaders take them up at once "
+        "(uploads in flight finish first)"
+    )
+    return True

@@ -198,6 +198,9 @@ def snapshot_json(snap: Snapshot, root: Path, db: str, sup: dict[str, Any]) -> d
         "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 3),
         "paused": snap.holds,
         "errors": snap.errors,
+        "misplaced": {"count": snap.misplaced_count, "paths": snap.misplaced},
+        "credentials": None,
+        "unknown_profiles": [],
     }
 
 
@@ -238,6 +241,7 @@ def print_table(data: dict[str, Any]) -> None:
         print("(no profile or bucket directories yet)")
     print(f"oldest pending: {age_text(data['oldest_pending_age_seconds'])}")
     _print_holds(data["paused"])
+    _print_strays(data)
     for name, rate in data.get("bandwidth", {}).items():
         print(f"bandwidth: {name} at most {shown_rate(rate)}, shared by its uploaders")
     _print_errors(data["errors"])
@@ -262,6 +266,26 @@ def _table_row(row: dict[str, Any], now_text: str) -> tuple[str, ...]:
         age_text(row["oldest_pending_age_seconds"]),
         row["paused"] or "",
     )
+
+
+def _print_strays(data: dict[str, Any]) -> None:
+    """What nothing will upload: files not below PROFILE/BUCKET/, directories of no profile."""
+    misplaced = data["misplaced"]
+    if misplaced["count"]:
+        more = misplaced["count"] - len(misplaced["paths"])
+        print(
+            f"misplaced: {_count(misplaced['count'], 'file')} in incoming/ not below "
+            "PROFILE/BUCKET/ (never uploaded; move them below a bucket's directory):"
+        )
+        for path in misplaced["paths"]:
+            print(f"  {path}")
+        if more > 0:
+            print(f"  and {more} more")
+    if data["unknown_profiles"]:
+        print(
+            f"unknown profiles: {', '.join(data['unknown_profiles'])} (directories with no "
+            f"profile in {data['credentials']}: their files are left alone)"
+        )
 
 
 def _print_holds(holds: list[dict[str, Any]]) -> None:
@@ -414,34 +438,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.close_db()
 
 
-def open_records(option: str | None) -> str:
+def open_records(option: str | None, root: Path) -> str:
     """Open the existing records database (a read-only command must not create one)."""
-    path = common.db_path(option)
-    if not os.path.exists(path):
-        raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else ./flood.db)")
+    path = common.records_db(PROG, option, root, create=False)
     records.open_db(path)
     return path
 
 
-def profiles_of(option: str | None) -> Mapping[str, Profile]:
-    """The credentials file's profiles; flood-status still works (from the directories) when
-    the file cannot be read, and says so."""
+def credentials_of(option: str | None) -> credentials.CredentialsFile | None:
+    """The credentials file; flood-status still works (from the directories) when the file
+    cannot be read, and says so."""
     try:
-        return credentials.load(option).profiles
+        return credentials.load(option)
     except ConfigError as exc:
         print(f"{PROG}: note: {exc}; profiles are taken from the directories", file=sys.stderr)
-        return {}
+        return None
 
 
 def run(args: argparse.Namespace, target: str | None) -> int:
     root = common.server_dir(args.server_dir)
     layout = Layout(root)
-    db = open_records(args.db)
+    db = open_records(args.db, root)
     if target is not None:
         return show_history(target, layout, args.json)
-    profiles = profiles_of(args.credentials)
+    creds = credentials_of(args.credentials)
+    profiles: Mapping[str, Profile] = creds.profiles if creds is not None else {}
     snap = snapshot(layout, sorted(profiles))
     data = snapshot_json(snap, root, db, supervisor_state(root))
+    if creds is not None:
+        data["credentials"] = str(creds.path)
+        data["unknown_profiles"] = sorted(layout.profiles_present() - set(profiles))
     data["bandwidth"] = {
         name: p.max_bandwidth for name, p in sorted(profiles.items()) if p.max_bandwidth
     }

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import os
 import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -407,29 +408,41 @@ def two_profiles(tmp_path: Path, s3: Any) -> Iterator[Spool]:
 def test_wait_reports_completed_and_failed_files(
     two_profiles: Spool, bucket: str, client: Any, tmp_path: Path
 ) -> None:
-    """--wait prints each file's outcome: exit 0 when all completed, 1 when one failed."""
+    """--wait sums up the outcome (each file's with -v): exit 0 when all completed, 1 when one
+    failed, which the summary names with its reason."""
     spool = two_profiles
     src = tree(tmp_path / "src", {"good.txt": b"good", "bad.txt": b"bad"})
     started(spool)
-    good = copy(spool, "--wait", "--timeout", "60", str(src / "good.txt"), f"s3://p1/{bucket}/")
+    good = copy(
+        spool, "-v", "--wait", "--timeout", "60", str(src / "good.txt"), f"s3://p1/{bucket}/"
+    )
     assert good.returncode == 0, good.stderr
-    assert good.stdout.splitlines()[-1] == f"completed s3://p1/{bucket}/good.txt"
+    lines = good.stdout.splitlines()
+    assert lines[1] == f"completed s3://p1/{bucket}/good.txt"
+    assert re.fullmatch(rf"uploaded 1 of 1 file to s3://p1/{bucket}/ in \d+\.\d s", lines[2])
     assert object_bytes(client, bucket, "good.txt") == b"good"
     bad = copy(spool, "--wait", "--timeout", "60", str(src / "bad.txt"), f"s3://ro/{bucket}/")
     assert bad.returncode == 1, bad.stderr
-    assert bad.stdout.splitlines()[-1].startswith(f"failed s3://ro/{bucket}/bad.txt: AccessDenied")
+    assert len(bad.stdout.splitlines()) == 2  # queued, then the summary: no per-file line
+    assert bad.stdout.splitlines()[-1].endswith(
+        f"; 1 failed: s3://ro/{bucket}/bad.txt (AccessDenied)"
+    )
     assert spool.where("ro", bucket, "bad.txt") == ["failed"]
 
 
 def test_wait_timeout_exits_124(spool: Spool, tmp_path: Path) -> None:
-    """--wait --timeout with no supervisor running gives up, names what is pending, exit 124."""
+    """--wait --timeout with no supervisor running warns of it, gives up, names what is
+    pending, exit 124."""
     src = tree(tmp_path / "src", {"f": b"data"})
     result = copy(spool, "--wait", "--timeout", "0.5", str(src / "f"), "s3://p1/bucket-one/")
     assert result.returncode == 124
     assert result.stderr == (
+        f"flood-copy: warning: no flood-supervisor holds the lock of {spool.dir}: the files "
+        "wait in incoming/ until one starts\n"
         "flood-copy: timed out after 0.5 s; 1 file not finished (still "
         "queued): s3://p1/bucket-one/f\n"
     )
+    assert result.stdout.splitlines()[-1].endswith("; 1 not finished")
     assert spool.files("incoming") == ["p1/bucket-one/f"]
 
 

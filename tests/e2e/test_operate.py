@@ -547,9 +547,9 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
     unit = (DEPLOY / "flood-supervisor.service").read_text()
     here = Path(sys.executable).parent / "flood-supervisor"
-    assert "/usr/local/bin/flood-supervisor" in unit
+    assert "ExecStart=/opt/flood/bin/flood-supervisor " in unit
     (tmp_path / "flood-supervisor.service").write_text(
-        unit.replace("/usr/local/bin/flood-supervisor", str(here))
+        unit.replace("/opt/flood/bin/flood-supervisor", str(here))
     )
     result = subprocess.run(
         [analyze, "verify", str(tmp_path / "flood-supervisor.service")],

@@ -113,3 +113,75 @@ def test_a_ca_bundle_that_is_not_pem_and_a_proxy_password_never_quoted(tmp_path:
     assert "holds no PEM certificate" in refusal(tmp_path, f"[p]\n{BASE}ca_bundle = {junk}\n")
     message = refusal(tmp_path, f"[p]\n{BASE}proxy = https://u:hunter2@h:3128\n")
     assert "hunter2" not in message
+
+
+# -- which file ----------------------------------------------------------------------------------
+AWS_CLI_FILE = "[default]\naws_access_key_id = AK\naws_secret_access_key = SECRET\nregion = r\n"
+
+
+def search(
+    tmp_path: Path, env_file: str | None, home_file: str | None
+) -> credentials.CredentialsFile:
+    """load() with a file at $AWS_SHARED_CREDENTIALS_FILE and/or ~/.aws/credentials, and a
+    Flood file at --credentials."""
+    env = {"HOME": str(tmp_path / "home")}
+    if env_file is not None:
+        (tmp_path / "env-file").write_text(env_file)
+        env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "env-file")
+    if home_file is not None:
+        (tmp_path / "home" / ".aws").mkdir(parents=True)
+        (tmp_path / "home" / ".aws" / "credentials").write_text(home_file)
+    option = tmp_path / "flood-credentials"
+    option.write_text("[flood]\n" + BASE)
+    return credentials.load(str(option), environ=env)
+
+
+def test_an_aws_cli_file_without_providers_is_skipped(tmp_path: Path) -> None:
+    """Files of the AWS CLI's search none of whose profiles has a provider key are not Flood's:
+    passed over, named, and --credentials is used."""
+    found = search(tmp_path, AWS_CLI_FILE, "[work]\nAWS_ACCESS_KEY_ID = AK\n")
+    assert found.path == tmp_path / "flood-credentials"
+    assert found.source == "--credentials"
+    assert sorted(found.profiles) == ["flood"]
+    assert found.skipped == (
+        f"$AWS_SHARED_CREDENTIALS_FILE ({tmp_path}/env-file: no profile has a provider key, "
+        "not Flood's)",
+        f"~/.aws/credentials ({tmp_path}/home/.aws/credentials: no profile has a provider key, "
+        "not Flood's)",
+    )
+    assert found.chosen().startswith("first that is Flood's: --credentials; skipped $AWS_SHARED")
+
+
+def test_a_flood_file_found_by_the_aws_search_still_wins(tmp_path: Path) -> None:
+    """~/.aws/credentials with a provider key (any case) is Flood's: used before --credentials."""
+    found = search(tmp_path, None, "[home]\nPROVIDER = Amazon\n" + BASE.split("\n", 1)[1])
+    assert (found.source, sorted(found.profiles), found.skipped) == (
+        "~/.aws/credentials",
+        ["home"],
+        (),
+    )
+    assert found.chosen() == "first that exists: ~/.aws/credentials"
+
+
+def test_a_file_of_flood_and_aws_cli_profiles_is_refused_naming_them(tmp_path: Path) -> None:
+    """Some profiles with provider and some without: the search stops there, naming each."""
+    mixed = "[flood]\n" + BASE + "[default]\naws_access_key_id = A\n[other]\nregion = r\n"
+    with pytest.raises(ConfigError) as info:
+        search(tmp_path, mixed, None)
+    text = str(info.value)
+    assert text.startswith(f"credentials file {tmp_path}/env-file ($AWS_SHARED_CREDENTIALS_FILE)")
+    assert "profile 'default' has no 'provider' key" in text
+    assert "profile 'other' has no 'provider' key" in text
+
+
+def test_only_aws_cli_files_and_no_option_is_no_file_found(tmp_path: Path) -> None:
+    """Nothing but the AWS CLI's own file: no credentials file found, naming why each was not."""
+    (tmp_path / "home" / ".aws").mkdir(parents=True)
+    (tmp_path / "home" / ".aws" / "credentials").write_text(AWS_CLI_FILE)
+    with pytest.raises(ConfigError) as info:
+        credentials.load(None, environ={"HOME": str(tmp_path / "home")})
+    assert str(info.value) == (
+        "no credentials file found; looked at $AWS_SHARED_CREDENTIALS_FILE (not set), "
+        f"~/.aws/credentials ({tmp_path}/home/.aws/credentials: no profile has a provider key, "
+        "not Flood's), --credentials (not set)"
+    )

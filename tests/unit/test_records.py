@@ -277,3 +277,26 @@ def test_open_readonly_reads_and_refuses_writes_and_other_versions(tmp_path: Pat
     with pytest.raises(ConfigError, match="older than this Flood's"):
         records.open_readonly(old)
     assert digest(old) == digest(str(FIXTURE))
+
+
+def test_waiting_retries_made_due_now_keep_their_count(db: str) -> None:
+    """make_due: a waiting retry is due now, its count kept, a note after its error, no
+    retry_attempts row; due_keys then names it, and a passage in flight is left alone."""
+    now = dt.datetime(2026, 1, 1, 12, 0, 0)
+    later = now + dt.timedelta(minutes=20)
+    [waiting, flying] = records.record_claims(
+        [Claim(FileRef("p", "b", "w.txt"), None, 1), Claim(FileRef("p", "b", "f.txt"), None, 1)]
+    )
+    records.record_retry_scheduled(waiting, 2, later, "SlowDown", 1)
+    found = records.waiting_passages("p", now=now)
+    assert [(w.id, w.retry_count, w.due) for w in found] == [(waiting, 2, later)]
+    assert records.waiting_passages("other", now=now) == []
+    assert records.due_keys("p", now) == set()
+    assert records.make_due([waiting, flying], " [made due]", now) == 1
+    [row] = [r for r in records.passages(FileRef("p", "b", "w.txt")) if r.id == waiting]
+    assert (row.next_attempt_at, row.retry_count, row.error) == (now, 2, "SlowDown [made due]")
+    assert [a.attempt for a in row.attempts] == [1]  # the failed retry's row only
+    assert records.waiting_passages("p", now=now) == []
+    assert records.due_keys("p", now) == {("b", "w.txt")}
+    [other] = records.passages(FileRef("p", "b", "f.txt"))
+    assert (other.next_attempt_at, other.error) == (None, None)

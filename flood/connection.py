@@ -5,6 +5,7 @@ container role, or a role assumed with STS)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import ssl
@@ -28,7 +29,9 @@ from botocore.credentials import (
     InstanceMetadataFetcher,
     InstanceMetadataProvider,
     ReadOnlyCredentials,
+    RefreshableCredentials,
 )
+from botocore.exceptions import CredentialRetrievalError
 from botocore.httpsession import get_cert_path
 
 from flood.credentials import INSECURE, Profile, proxy_url
@@ -211,7 +214,7 @@ class Connection:
         self.verify = verify_for(profile, environ)
         self.proxy = proxy_for(profile, self.url, environ)
         self.session = botocore.session.Session()
-        self.credentials = credentials_for(profile, profiles or {}, self.session, environ)
+        self.credentials = _shared_credentials(profile, profiles or {}, self.session, environ)
         self.session.register_component(
             "credential_provider", CredentialResolver([_Fixed(self.credentials)])
         )
@@ -228,6 +231,30 @@ class Connection:
         return {"http": self.proxy, "https": self.proxy} if self.proxy else {}
 
 
+# One credentials object per profile and process: the uploader's clients, the hold checker's
+# and the janitor's share keys fetched once, and renew them once (botocore's refresh takes a
+# lock, so threads may share it; a session they may not, so each Connection has its own).
+_BY_PROFILE: dict[tuple[int, Profile, Profile | None], Any] = {}
+
+
+def _shared_credentials(
+    profile: Profile,
+    profiles: Mapping[str, Profile],
+    session: botocore.session.Session,
+    environ: Mapping[str, str] | None,
+) -> Any:
+    if environ is not None:  # an environment of the caller's own: not the process's keys
+        return credentials_for(profile, profiles, session, environ)
+    source = profiles.get(profile.source_profile) if profile.source_profile else None
+    key = (os.getpid(), profile, source)
+    found = _BY_PROFILE.get(key)
+    if found is None:
+        # A session of the credentials' own: STS clients are made from it under their lock.
+        own = botocore.session.Session()
+        found = _BY_PROFILE[key] = credentials_for(profile, profiles, own)
+    return found
+
+
 def credentials_for(
     profile: Profile,
     profiles: Mapping[str, Profile],
@@ -237,7 +264,7 @@ def credentials_for(
     """botocore credentials for a profile: its keys (and token), the credential_source named,
     or a role assumed with the source profile's keys or the credential source's."""
     if profile.credential_source and not profile.role_arn:
-        return _sourced(profile, session)
+        return _sourced(profile, session, environ)
     if not profile.role_arn:
         return Credentials(profile.access_key_id, profile.secret_access_key, profile.session_token)
     if profile.source_profile:
@@ -249,16 +276,35 @@ def credentials_for(
             )
         source = credentials_for(source_profile, profiles, session, environ)
     else:
-        source = _sourced(profile, session)
+        source = _sourced(profile, session, environ)
     return _assumed(profile, source, session)
 
 
-def _sourced(profile: Profile, session: botocore.session.Session) -> Any:
-    """The credentials of credential_source (environment, container or instance role)."""
+def _sourced(
+    profile: Profile, session: botocore.session.Session, environ: Mapping[str, str] | None = None
+) -> Any:
+    """The credentials of credential_source: the environment's keys, read now; a container's
+    or instance's role, fetched on first use (when the first request is signed, not when a
+    client is made) and again ahead of each expiry, as a role's are. An endpoint that does not
+    answer raises CredentialRetrievalError then: the profile waits (flood.verdict)."""
+    env = os.environ if environ is None else environ
+    name = profile.credential_source
+    if name == "Environment":
+        found = EnvProvider(environ=dict(env)).load()
+        if found is None:
+            raise ConfigError(
+                f"profile {profile.name!r}: credential_source Environment, but "
+                "$AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY are not both set"
+            )
+        return found
+    if name == "EcsContainer" and not any(k in env for k in _CONTAINER_VARIABLES):
+        raise ConfigError(
+            f"profile {profile.name!r}: credential_source EcsContainer, but neither "
+            f"{' nor '.join('$' + k for k in _CONTAINER_VARIABLES)} is set"
+        )
     sourcer = CanonicalNameCredentialSourcer(
         [
-            EnvProvider(),
-            ContainerProvider(),
+            ContainerProvider(environ=dict(env)),
             InstanceMetadataProvider(
                 iam_role_fetcher=InstanceMetadataFetcher(
                     timeout=session.get_config_variable("metadata_service_timeout"),
@@ -276,7 +322,35 @@ def _sourced(profile: Profile, session: botocore.session.Session) -> Any:
             ),
         ]
     )
-    return _Lazy(lambda: sourcer.source_credentials(profile.credential_source), profile)
+
+    def fetch() -> dict[str, Any]:
+        found = sourcer.source_credentials(name)
+        if found is None:
+            raise CredentialRetrievalError(provider=name, error_msg="it gave no credentials")
+        if isinstance(found, RefreshableCredentials):
+            # As fetched: its own accessors would fetch again at once, by botocore's
+            # 15-minute window, keys that live less than that.
+            keys = ReadOnlyCredentials(found._access_key, found._secret_key, found._token)
+        else:
+            keys = found.get_frozen_credentials()
+        expiry = getattr(found, "_expiry_time", None)
+        if expiry is None:  # keys without an expiry: asked for again within the hour
+            expiry = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=UNDATED_KEYS)
+        return {
+            "access_key": keys.access_key,
+            "secret_key": keys.secret_key,
+            "token": keys.token,
+            "expiry_time": expiry.isoformat(),
+        }
+
+    return _Rotating(refresh_using=fetch, method=f"flood:{name}")
+
+
+_CONTAINER_VARIABLES = (
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+UNDATED_KEYS = 3600.0
 
 
 def _assumed(profile: Profile, source: Any, session: botocore.session.Session) -> Any:
@@ -308,30 +382,3 @@ def _assumed(profile: Profile, source: Any, session: botocore.session.Session) -
 
 def _both(proxy: str) -> dict[str, str]:
     return {"http": proxy, "https": proxy}
-
-
-class _Lazy:
-    """Credentials fetched on first use (a container or instance endpoint answers when the
-    uploader asks, not when the profile is read), then whatever botocore's provider gave."""
-
-    def __init__(self, fetch: Any, profile: Profile) -> None:
-        self._fetch = fetch
-        self._profile = profile
-        self._found: Any = None
-
-    def resolve(self) -> Any:
-        if self._found is None:
-            found = self._fetch()
-            if found is None:
-                raise ConfigError(
-                    f"profile {self._profile.name!r}: credential_source "
-                    f"{self._profile.credential_source} gave no credentials"
-                )
-            self._found = found
-        return self._found
-
-    def get_frozen_credentials(self) -> ReadOnlyCredentials:
-        return self.resolve().get_frozen_credentials()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.resolve(), name)

@@ -23,6 +23,9 @@ MISSING = "missing"
 REJECTED = "rejected"
 UNREACHABLE = "unreachable"
 TLS = "tls"
+CREDENTIALS = "credentials"
+# What a profile's check answers for the environment's faults that hold it, by their kind.
+_HELD_KINDS = {Kind.TLS: TLS, Kind.CREDENTIALS: CREDENTIALS}
 
 
 def make_client(
@@ -90,8 +93,8 @@ def check_profile(client: Any, buckets: Iterable[str]) -> ProfileCheck:
         listed = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     except (ClientError, BotoCoreError) as exc:
         verdict = classify(exc, "ListBuckets")
-        if verdict.kind == Kind.TLS:
-            return ProfileCheck(TLS, describe(exc))
+        if verdict.kind in _HELD_KINDS:
+            return ProfileCheck(_HELD_KINDS[verdict.kind], describe(exc))
         if verdict.transient:
             return ProfileCheck(UNREACHABLE, describe(exc))
         if verdict.scope == Scope.PROFILE:
@@ -115,8 +118,8 @@ def check_bucket(client: Any, bucket: str) -> ProfileCheck:
         client.head_bucket(Bucket=bucket)
     except (ClientError, BotoCoreError) as exc:
         verdict = classify(exc, "HeadBucket")
-        if verdict.kind == Kind.TLS:
-            return ProfileCheck(TLS, describe(exc))
+        if verdict.kind in _HELD_KINDS:
+            return ProfileCheck(_HELD_KINDS[verdict.kind], describe(exc))
         if verdict.transient:
             return ProfileCheck(UNREACHABLE, describe(exc))
         if verdict.scope == Scope.PROFILE:

@@ -59,6 +59,7 @@ class Reason(StrEnum):
     KEY_REJECTED = "key_rejected"
     UNREACHABLE = "unreachable"
     TLS = "tls"
+    CREDENTIALS = "credentials_unavailable"  # a container's or instance's endpoint gave none
     NO_SUCH_BUCKET = "NoSuchBucket"
     # the audit
     UNKNOWN_PROFILE = "unknown_profile"

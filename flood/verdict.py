@@ -11,7 +11,13 @@ from enum import StrEnum
 from typing import cast
 
 import botocore.exceptions
-from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, SSLError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    SSLError,
+)
 
 from flood.states import Reason
 
@@ -36,6 +42,7 @@ class Kind(StrEnum):
     SERVER = "server"
     NETWORK = "network"
     TLS = "tls"
+    CREDENTIALS = "credentials"
     MISMATCH = "mismatch"
     LOCAL = "local"
     REFUSED = "refused"
@@ -120,6 +127,10 @@ def classify(exc: BaseException, operation: str = "") -> Verdict:
         # The environment's fault, not the file's: the profile waits until the certificate
         # (or the CA Flood is given) is right, and its files wait with it.
         return Verdict(True, Scope.PROFILE, "tls", Kind.TLS)
+    if isinstance(root, CredentialRetrievalError):
+        # The container's or instance's credentials endpoint did not give keys: nothing is
+        # wrong with the file, and every request of the profile needs them. It waits.
+        return Verdict(True, Scope.PROFILE, Reason.CREDENTIALS, Kind.CREDENTIALS)
     if isinstance(root, ConnectionError | HTTPClientError):
         return Verdict(True, Scope.FILE, type(root).__name__, Kind.NETWORK)
     if isinstance(root, TimeoutError | builtins.ConnectionError):
@@ -166,7 +177,8 @@ def _network_names() -> set[str]:
 
 _TRANSIENT_NAMES = frozenset(
     [code for code, (transient, _, _) in _BY_CODE.items() if transient]
-    + [Reason.VERIFY_MISMATCH, Reason.READ_ERROR, Reason.INJECTED, "tls", *_network_names()]
+    + [Reason.VERIFY_MISMATCH, Reason.READ_ERROR, Reason.INJECTED, "tls", Reason.CREDENTIALS]
+    + list(_network_names())
 )
 
 

@@ -426,12 +426,13 @@ class HoldChecker(threading.Thread):
                 self.next_check[(profile, bucket)] = (now + interval, interval)
 
     def backoff(self, reason: str, interval: float) -> float:
-        """The wait before the next check: an unreachable server is probed from a second on,
-        doubling up to --recheck-interval (an outage ends when it ends); a rejected key, a
+        """The wait before the next check: an unreachable server (or credentials endpoint) is
+        probed from a second on, doubling up to --recheck-interval (an outage ends when it
+        ends); a rejected key, a
         missing bucket or a certificate wants a person, so from --recheck-interval doubling
         up to ten minutes."""
         recheck = self.settings.recheck_interval
-        if reason == Reason.UNREACHABLE:
+        if reason in (Reason.UNREACHABLE, Reason.CREDENTIALS):
             return min(recheck, interval * 2 if interval else min(1.0, recheck))
         return min(RECHECK_MAX, interval * 2 if interval else recheck)
 

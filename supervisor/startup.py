@@ -14,7 +14,7 @@ from flood.credentials import INSECURE, Profile
 from flood.errors import AlreadyRunning, LayoutError
 from flood.jobs import FileRef
 from flood.layout import DB_RECORD_NAME, LOCK_NAME, Layout
-from flood.s3 import MISSING, OK, REJECTED, TLS, check_profile, make_client
+from flood.s3 import CREDENTIALS, MISSING, OK, REJECTED, TLS, check_profile, make_client
 from flood.settings import Settings
 from flood.states import Reason, State
 
@@ -124,7 +124,7 @@ def check_buckets(settings: Settings, layout: Layout, log: Any) -> dict[str, set
     return checked
 
 
-_HOLD_REASONS = {REJECTED: Reason.KEY_REJECTED, TLS: Reason.TLS}
+_HOLD_REASONS = {REJECTED: Reason.KEY_REJECTED, TLS: Reason.TLS, CREDENTIALS: Reason.CREDENTIALS}
 
 
 def check_one(settings: Settings, layout: Layout, name: str, log: Any) -> set[str]:

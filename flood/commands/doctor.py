@@ -87,6 +87,8 @@ def classify(exc: BaseException, operation: str) -> tuple[str, str]:
     kind = taxonomy.classify(exc, operation).kind
     if kind == Kind.TLS:
         return "tls", f"{operation}: {taxonomy.describe(exc)}: the certificate does not verify"
+    if kind == Kind.CREDENTIALS:
+        return "credentials", f"{operation}: {taxonomy.describe(exc)}: no keys to sign with"
     if not isinstance(exc, ClientError):
         if isinstance(exc, BotoCoreError):
             return "network", f"{operation}: {taxonomy.describe(exc)}"

@@ -651,36 +651,6 @@ SOURCES = {
     "EcsContainer": "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "Ec2InstanceMetadata": "AWS_EC2_METADATA_SERVICE_ENDPOINT",
 }
-DOWN_AT_START = {
-    "EcsContainer": "Flood defect: with the container endpoint answering 503 at start, the "
-    "supervisor dies (exit 1) with an uncaught botocore CredentialRetrievalError traceback from "
-    "startup.check_one -> make_client (botocore's create_client reads credentials.method, and "
-    "connection._Lazy fetches on that attribute, outside check_profile's error handling), "
-    "after taking the lock and wiping incoming_tmp; no hold, no re-check",
-    "Ec2InstanceMetadata": "Flood defect: with the metadata service answering 503 at start, the "
-    "supervisor exits 78 ('credential_source Ec2InstanceMetadata gave no credentials', "
-    "connection._Lazy's ConfigError raised at client creation in startup.check_one) after "
-    "taking the lock and wiping incoming_tmp: a transient outage gets the configuration "
-    "status that RestartPreventExitStatus=78 never restarts",
-}
-OUTAGE = (
-    "Flood defect: when the container or instance endpoint fails a refresh, the upload ends "
-    "in failed/ at attempt 0 with reason CredentialRetrievalError (verdict.classify has no "
-    "rule for botocore's CredentialRetrievalError: Kind.ERROR, permanent, file scope), "
-    "instead of waiting for a retry or holding the profile"
-)
-DOCTOR_DOWN = (
-    "Flood defect: flood-doctor dies (exit 1, nothing on stdout) with an uncaught botocore "
-    "CredentialRetrievalError traceback from doctor.check_profile -> Probe -> client_for "
-    "(connection._Lazy fetches when botocore's create_client reads credentials.method) "
-    "instead of reporting the profile FAIL and checking the others"
-)
-FETCH_PER_REQUEST = (
-    "Flood defect (refresh policy): credential_source keys keep botocore's 15/10-minute "
-    "refresh windows (connection._sourced does not tune them as _Rotating does for roles), so "
-    "keys with under 10 minutes left are fetched again, blocking, before every request: "
-    "about one container GET per S3 request for 2-minute keys"
-)
 
 
 def sourced_spool(
@@ -701,10 +671,7 @@ def failed_reasons(sp: Spool) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "source",
-    [
-        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=why))
-        for s, why in DOWN_AT_START.items()
-    ],
+    ["EcsContainer", "Ec2InstanceMetadata"],
 )
 def test_a_credentials_endpoint_down_at_start_holds_the_profile_until_it_answers(
     tmp_path: Path, seaweed: Seaweed, credserver: Any, source: str
@@ -738,14 +705,14 @@ def test_a_credentials_endpoint_down_at_start_holds_the_profile_until_it_answers
         sp.close()
 
 
-@pytest.mark.xfail(strict=True, reason=OUTAGE)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("source", SOURCES)
 def test_a_credentials_endpoint_outage_mid_stream_fails_no_file(
     tmp_path: Path, seaweed: Seaweed, credserver: Any, source: str, path: str
 ) -> None:
-    """Short-lived container or instance keys whose endpoint stops answering for a while:
-    the files queued meanwhile wait (none in failed/) and go up once it answers again."""
+    """Short-lived container or instance keys whose endpoint stops answering for longer than
+    they last: the files queued once they expired wait (none in failed/, the profile held)
+    and go up once it answers again."""
     server = seaweed.server
     bucket = new_bucket(server)
     rotation = Rotation([seaweed.keys(seaweed.first)], PERIOD, LIFETIME)
@@ -756,6 +723,7 @@ def test_a_credentials_endpoint_outage_mid_stream_fails_no_file(
         before = payloads("lean", prefix="before")
         upload(sp, "cs", bucket, before)
         endpoint.available = False
+        time.sleep(LIFETIME + 0.5)  # every key handed out has expired: none is left to sign with
         during = payloads(path, prefix="during")
         for key, data in during.items():
             sp.drop("cs", bucket, key, data)
@@ -780,7 +748,6 @@ def test_a_credentials_endpoint_outage_mid_stream_fails_no_file(
         sp.close()
 
 
-@pytest.mark.xfail(strict=True, reason=FETCH_PER_REQUEST)
 def test_container_keys_are_fetched_when_due_not_before_every_request(
     tmp_path: Path, seaweed: Seaweed, relays: Any, credserver: Any
 ) -> None:
@@ -809,7 +776,7 @@ def test_container_keys_are_fetched_when_due_not_before_every_request(
 @pytest.mark.parametrize(
     "source",
     [
-        pytest.param("EcsContainer", marks=pytest.mark.xfail(strict=True, reason=DOCTOR_DOWN)),
+        "EcsContainer",
         "Ec2InstanceMetadata",
     ],
 )

@@ -159,9 +159,11 @@ class Endings:
         if following > self.settings.max_retries:
             if outage and not records.answered_since_first_failure(self.profile, p.record_id):
                 # Its retries are spent, but the server has answered nothing since its first
-                # failure: an outage, not this file's fault. The profile waits, and the file.
+                # failure: an outage, not this file's fault. The profile waits, and the file;
+                # this last attempt is the outage's, not counted: it comes back as the same
+                # retry, so no file ever gets more than --max-retries.
                 self.holds.pause("", Reason.UNREACHABLE, error)
-                return self.held(p, error, now, spent=True)
+                return self.held(p, error, now, spent=False)
             return self.fail(p, verdict.reason, error)
         wait = retry.delay(following, self.settings.retry_base, self.settings.retry_max_delay)
         due = now + wait

@@ -19,11 +19,17 @@ from implementations import KINDS, S3Implementation
 from motoserver import MotoServer
 from postgres import Postgres, describe_unavailable
 from prometheus import Prometheus, unavailable
-from spool import Spool, new_bucket
+from spool import Spool, new_bucket, stop_all
 from tinyproxy import TinyProxy, find_tinyproxy
 from tlsca import CertAuthority, HttpsS3
 
 from flood.testing.localserver import LocalS3, ServerTLS
+
+
+@pytest.fixture(autouse=True)
+def _no_supervisor_outlives_its_test() -> Iterator[None]:
+    yield
+    stop_all()
 
 
 @pytest.fixture(scope="session")

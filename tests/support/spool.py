@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from flood.testing.localserver import die_with_parent
+
 STATES = ("incoming_tmp", "incoming", "processing", "failed", "completed")
 BIN = Path(sys.executable).parent
 
@@ -38,8 +40,20 @@ def wait_for(
         delay = min(delay * 1.5, 0.25)
 
 
+# Every supervisor a test started, stopped after the test whatever it did (tests/conftest.py):
+# one left running would hold memory and CPU for the rest of the session and beyond.
+LIVE: list[Supervisor] = []
+
+
+def stop_all() -> None:
+    """Stop every supervisor still running (the end of a test)."""
+    while LIVE:
+        LIVE.pop().stop()
+
+
 class Supervisor:
-    """A flood-supervisor subprocess in its own session; stopped TERM, then KILL."""
+    """A flood-supervisor subprocess in its own session; stopped TERM, then KILL. It dies
+    with the test process (SIGKILL on the parent's death), and after its test (LIVE)."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
@@ -53,7 +67,9 @@ class Supervisor:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=log_path.parent,
+            preexec_fn=die_with_parent(),
         )
+        LIVE.append(self)
 
     @property
     def pid(self) -> int:
@@ -72,6 +88,8 @@ class Supervisor:
         self.proc.wait(10)
 
     def stop(self) -> None:
+        if self.handle.closed:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -289,19 +289,9 @@ def _sourced(
     answer raises CredentialRetrievalError then: the profile waits (flood.verdict)."""
     env = os.environ if environ is None else environ
     name = profile.credential_source
-    if name == "Environment":
-        found = EnvProvider(environ=dict(env)).load()
-        if found is None:
-            raise ConfigError(
-                f"profile {profile.name!r}: credential_source Environment, but "
-                "$AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY are not both set"
-            )
+    found = check_source(profile, env)
+    if found is not None:
         return found
-    if name == "EcsContainer" and not any(k in env for k in _CONTAINER_VARIABLES):
-        raise ConfigError(
-            f"profile {profile.name!r}: credential_source EcsContainer, but neither "
-            f"{' nor '.join('$' + k for k in _CONTAINER_VARIABLES)} is set"
-        )
     sourcer = CanonicalNameCredentialSourcer(
         [
             ContainerProvider(environ=dict(env)),
@@ -344,6 +334,27 @@ def _sourced(
         }
 
     return _Rotating(refresh_using=fetch, method=f"flood:{name}")
+
+
+def check_source(profile: Profile, environ: Mapping[str, str] | None = None) -> Any:
+    """What can be known of a credential_source without the network: the environment's keys
+    (returned), or a container endpoint's variable being set. ConfigError when not."""
+    env = os.environ if environ is None else environ
+    name = profile.credential_source
+    if name == "Environment":
+        found = EnvProvider(environ=dict(env)).load()
+        if found is None:
+            raise ConfigError(
+                f"profile {profile.name!r}: credential_source Environment, but "
+                "$AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY are not both set"
+            )
+        return found
+    if name == "EcsContainer" and not any(k in env for k in _CONTAINER_VARIABLES):
+        raise ConfigError(
+            f"profile {profile.name!r}: credential_source EcsContainer, but neither "
+            f"{' nor '.join('$' + k for k in _CONTAINER_VARIABLES)} is set"
+        )
+    return None
 
 
 _CONTAINER_VARIABLES = (

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from flood import crashpoints, records
-from flood.connection import endpoint_of, proxy_for
+from flood.connection import check_source, endpoint_of, proxy_for
 from flood.credentials import INSECURE, Profile
 from flood.errors import AlreadyRunning, LayoutError
 from flood.jobs import FileRef
@@ -161,6 +161,8 @@ def check_connections(profiles: Mapping[str, Profile]) -> None:
     $HTTP_PROXY or a profile's proxy key: ConfigError naming it)."""
     for profile in profiles.values():
         proxy_for(profile, endpoint_of(profile))
+        if profile.credential_source:
+            check_source(profile)
 
 
 class Caution(NamedTuple):

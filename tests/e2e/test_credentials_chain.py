@@ -514,6 +514,14 @@ BAD_PROFILES = {
         "[r]\nprovider = amazon\naws_region = us-east-1\ncredential_source = Ec2\n",
         "credential_source 'Ec2' is not one of",
     ),
+    "a container source outside a container": (
+        "[r]\nprovider = amazon\naws_region = us-east-1\ncredential_source = EcsContainer\n",
+        "credential_source EcsContainer, but neither $AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    ),
+    "the environment's keys without keys in the environment": (
+        "[r]\nprovider = amazon\naws_region = us-east-1\ncredential_source = Environment\n",
+        "credential_source Environment, but $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY",
+    ),
 }
 
 

@@ -26,6 +26,9 @@ BUSY_WAIT = 0.5  # the same path is still in processing/: look again this much l
 ERROR_WAIT = 5.0  # an unexpected error: leave the file where it is, look again later
 MAX_CRASHES = 3  # ...this many times for one file, then it goes to failed/
 IDLE_WAIT = 0.2
+# While files wait for a retry, the records are asked this often whether any was made due
+# sooner (flood-requeue --waiting): one small query, only while something waits.
+DUE_CHECK = 1.0
 
 
 class UploaderRole:
@@ -57,6 +60,7 @@ class UploaderRole:
         self.metrics = metrics.Recorder()
         self.heartbeat = Heartbeat(conn)
         self.bandwidth = bandwidth
+        self.next_due_check = 0.0
 
     def setup(self) -> None:
         self.log = logs.configure(
@@ -98,6 +102,9 @@ class UploaderRole:
     def loop(self, now: float) -> None:
         """One pass: the next job and whatever else is queued already, up to a batch."""
         self.heartbeat.beat()
+        if self.waiting and now >= self.next_due_check:
+            self.next_due_check = now + DUE_CHECK
+            self.take_up_made_due(now)
         job = self.next_job(now)
         if job is None:
             return
@@ -118,6 +125,23 @@ class UploaderRole:
         self.waiting_keys.clear()
         for _, _, job in waiting:
             self.push(now, job)
+
+    def take_up_made_due(self, now: float) -> None:
+        """Retries the records say are due now though this process has them for later
+        (flood-requeue --waiting wrote so): due now here too."""
+        later = [w for w in self.waiting if w[0] > now]
+        if not later:
+            return
+        due = records.due_keys(self.profile)
+        if not due:
+            return
+        changed = False
+        for index, (at, counter, job) in enumerate(self.waiting):
+            if at > now and (job.bucket, records.text(job.key)) in due:
+                self.waiting[index] = (now, counter, job)
+                changed = True
+        if changed:
+            heapq.heapify(self.waiting)
 
     def gather(self, first: Job) -> list[Job]:
         """The first job and whatever other jobs are queued already (up to a batch). A file in

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from flood import records
 from flood.commands import common
@@ -110,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_waiting(args: argparse.Namespace) -> int:
-    """Retries due now: the records first, then the supervisor told (its uploaders keep their
-    own schedule; restarted by a reload, they read the due times from the records)."""
+    """Retries due now: written in the records, which the uploaders of a running supervisor
+    look at every second while files wait (nothing is restarted)."""
     root = common.server_dir(args.server_dir)
     records.open_db(common.records_db(PROG, args.db, root, create=False))
     now = records.utcnow()
@@ -130,34 +127,9 @@ def run_waiting(args: argparse.Namespace) -> int:
     note = f" [made due at {utc_text(now)} by flood-requeue --waiting]"
     changed = records.make_due([w.id for w in waiting], note, now)
     print(f"made {changed} waiting {'file' if changed == 1 else 'files'} due now")
-    return 0 if nudge(root) else 1
-
-
-def nudge(root: Path) -> bool:
-    """Ask the supervisor holding the server dir to reload; False if it cannot be asked."""
     state = supervisor_state(root)
-    pid = state["pid"]
     if state["running"] is False:
         print("no flood-supervisor runs: they go up when one starts")
-        return True
-    if not state["running"] or not isinstance(pid, int):
-        print(
-            f"{PROG}: cannot tell which flood-supervisor holds {root}; reload it "
-            "(systemctl reload flood-supervisor) for the files to go at once",
-            file=sys.stderr,
-        )
-        return False
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except OSError as exc:
-        print(
-            f"{PROG}: cannot signal flood-supervisor (pid {pid}): {exc.strerror}; reload it "
-            "(systemctl reload flood-supervisor) for the files to go at once",
-            file=sys.stderr,
-        )
-        return False
-    print(
-        f"asked flood-supervisor (pid {pid}) to reload: its uploaders take them up at once "
-        "(uploads in flight finish first)"
-    )
-    return True
+    else:
+        print("flood-supervisor's uploaders take them up within a second")
+    return 0

@@ -21,16 +21,16 @@ running supervisor uploads them at once; a stopped one at its next start). Each 
 a new record linked to its failed one (requeued_from). Choose the files with --reason,
 --profile and --bucket, or take every failed file with --all.
 With --waiting: files in processing/ waiting for a retry are made due now instead (their
-retry count kept, a note added to their record's error), and a running supervisor is asked to
-reload (SIGHUP) so that its uploaders, restarted, take them up at once."""
+retry count kept, a note added to their record's error): a running supervisor's uploaders take
+them up within a second."""
 EPILOG = """\
 Older failures of the same key, kept in failed/ as KEY.~N~, are moved only with --all, under
 their key, oldest first, one per key and run: only one file of a name can wait in incoming/,
 and uploading them in the order they failed leaves the newest bytes in the bucket. Run
 flood-requeue --all again once the first is uploaded to move the next. A name already waiting
 in incoming/ is never overwritten: that file is skipped and reported.
-exit status: 0 every chosen file moved (or would be, with --dry-run); 1 some were skipped, or
-the supervisor could not be signalled; 2 bad usage; 78 configuration error."""
+exit status: 0 every chosen file moved or made due (or would be, with --dry-run); 1 some were
+skipped; 2 bad usage; 78 configuration error."""
 
 
 def parser() -> common.Parser:

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from flood import records, retry
+from flood import crashpoints, logs, records, retry
 from flood.config import Hooks
 from flood.records import Due
 from flood.settings import Settings
@@ -24,7 +24,8 @@ AT_ONCE = 4  # hooks running at the same time (each is a process)
 OUTPUT_KEPT = 2000  # characters of a failing hook's stderr kept in its error
 # Secrets the daemon may have in its environment that a hook has no business with.
 WITHHELD = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "PGPASSWORD")
-INTERNAL = "FLOOD_SUPERVISOR_PID"  # the crash points' own variable
+# The supervisor's own variables for its children (crash points, log format): not the hook's.
+INTERNAL = (crashpoints.SUPERVISOR_PID_ENV, logs.FORMAT_ENV, logs.SUCCESSES_ENV)
 
 
 def receipt(due: Due) -> dict[str, Any]:
@@ -125,7 +126,7 @@ class HookRunner(threading.Thread):
 
     def call(self, command: tuple[str, ...], due: Due) -> str | None:
         """Run the hook; None when it exited 0 within the timeout, else why not."""
-        env = {k: v for k, v in os.environ.items() if k not in WITHHELD and k != INTERNAL}
+        env = {k: v for k, v in os.environ.items() if k not in WITHHELD and k not in INTERNAL}
         env.update(
             FLOOD_EVENT=due.event,
             FLOOD_PROFILE=due.profile,

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -575,7 +576,7 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
 def test_deploy_examples_are_usable(tmp_path: Path) -> None:
     """The example credentials parse into profiles and are installed mode 0600 (git keeps no
     mode, so the install line must); the cron line names flood-copy; the logrotate config
-    copies and truncates the file the unit writes."""
+    copies and truncates the file the unit's config file names."""
     example = DEPLOY / "credentials.example"
     loaded = credentials.load(str(example), {"HOME": str(tmp_path)})
     assert sorted(loaded.profiles) == ["archive", "backup", "offsite"]
@@ -583,7 +584,8 @@ def test_deploy_examples_are_usable(tmp_path: Path) -> None:
     assert "flood-copy" in (DEPLOY / "flood-copy.cron").read_text()
     rotate = (DEPLOY / "flood.logrotate").read_text()
     unit = (DEPLOY / "flood-supervisor.service").read_text()
-    log_file = re.search(r"--log-file (\S+)", unit).group(1)  # type: ignore[union-attr]
+    installed = re.search(r"--config /etc/flood/(\S+)", unit).group(1)  # type: ignore[union-attr]
+    log_file = tomllib.loads((DEPLOY / installed).read_text())["supervisor"]["log_file"]
     assert log_file + " {" in rotate and "copytruncate" in rotate.split("{", 1)[1]
     assert log_file in (DEPLOY / "filebeat.yml").read_text()
 

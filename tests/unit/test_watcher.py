@@ -112,3 +112,21 @@ def test_failed_watches_switch_to_frequent_rescans(tmp_path: Path) -> None:
     watcher.add_watch(str(tmp_path / "incoming" / "p" / "bkt"), rec=True)
     assert watcher.watch_failed
     assert watcher.log.events("watch_failed")
+
+
+def test_the_start_up_drain_sends_processing_before_incoming(tmp_path: Path) -> None:
+    """Files a crash left claimed are queued before the files that waited in incoming/."""
+    watcher, queues = role(tmp_path, workers=1)
+    claimed = tmp_path / "processing" / "p/bkt/was/claimed.bin"
+    claimed.parent.mkdir(parents=True)
+    claimed.write_bytes(b"x")
+    put(tmp_path, "p/bkt/queued.txt")
+    sent: list[Any] = []
+    watcher.conn = type("Conn", (), {"send": lambda self, message: sent.append(message)})()
+    watcher.drain()
+    jobs = [queues[0].get_nowait() for _ in range(queues[0].qsize())]
+    assert jobs == [
+        Job("processing", "bkt", "was/claimed.bin"),
+        Job("incoming", "bkt", "queued.txt"),
+    ]
+    assert [m.files for m in sent] == [2]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
 import difflib
+import ipaddress
 import os
+import re
 import stat
 import urllib.parse
 from collections.abc import Mapping
@@ -229,7 +232,7 @@ def _profile(name: str, section: Mapping[str, str]) -> Profile:
         provider=provider,
         access_key_id=values.get("aws_access_key_id", ""),
         secret_access_key=values.get("aws_secret_access_key", ""),
-        region=values["aws_region"],
+        region=_region(name, values["aws_region"]),
         endpoint=_endpoint(name, values.get("aws_endpoint")),
         session_token=values.get("aws_session_token") or None,
         ca_bundle=_ca_bundle(name, values.get("ca_bundle")),
@@ -314,6 +317,19 @@ def _sources(profiles: Mapping[str, Profile]) -> list[str]:
     return problems
 
 
+# A region name as botocore accepts one ("eu-west-1", "auto", "us-west-004").
+_REGION = re.compile(r"[a-z\d](?:[a-z\d-]{0,61}[a-z\d])?", re.IGNORECASE)
+
+
+def _region(name: str, value: str) -> str:
+    if not _REGION.fullmatch(value):
+        raise ConfigError(
+            f"profile {name!r}: aws_region {value!r} is not a region name "
+            "(letters, digits and inner hyphens, such as eu-west-1 or auto)"
+        )
+    return value
+
+
 def _endpoint(name: str, value: str | None) -> str | None:
     if not value:
         return None
@@ -327,7 +343,24 @@ def _endpoint(name: str, value: str | None) -> str | None:
         url.port  # noqa: B018 - raises for a port that is not a number
     except ValueError:
         raise ConfigError(f"profile {name!r}: aws_endpoint {value!r} has a bad port") from None
+    if not _host_ok(url.hostname):
+        raise ConfigError(
+            f"profile {name!r}: aws_endpoint {value!r}: {url.hostname!r} is not a host name "
+            "or IP address (letters, digits and hyphens between dots)"
+        )
     return value.rstrip("/")
+
+
+# A DNS name as botocore checks an endpoint's (labels of letters, digits and inner hyphens).
+_LABEL = re.compile(r"(?!-)[a-z\d-]{1,63}(?<!-)", re.IGNORECASE)
+
+
+def _host_ok(host: str) -> bool:
+    """A name botocore will take as an endpoint's host, or an IP address."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return True
+    return len(host) <= 255 and all(_LABEL.fullmatch(p) for p in host.rstrip(".").split("."))
 
 
 def _ca_bundle(name: str, value: str | None) -> str | None:

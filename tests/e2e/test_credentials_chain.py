@@ -522,6 +522,12 @@ BAD_PROFILES = {
         "[r]\nprovider = amazon\naws_region = us-east-1\ncredential_source = Environment\n",
         "credential_source Environment, but $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY",
     ),
+    "an endpoint whose host is a placeholder": (
+        "[r]\nprovider = cloudflare\naws_region = auto\naws_access_key_id = AK\n"
+        "aws_secret_access_key = never-shown-secret\n"
+        "aws_endpoint = https://ACCOUNT_ID.r2.cloudflarestorage.com\n",
+        "'account_id.r2.cloudflarestorage.com' is not a host name",
+    ),
 }
 
 

@@ -64,6 +64,15 @@ def test_a_role_needs_no_keys_of_its_own(tmp_path: Path) -> None:
     [
         (f"[p]\n{BASE}aws_endpont = https://x\n", ["unknown key aws_endpont", "aws_endpoint?"]),
         (f"[p]\n{BASE}aws_endpoint = s3.example.com\n", ["'p'", "aws_endpoint"]),
+        (
+            "[p]\nprovider = backblaze\naws_access_key_id = a\naws_secret_access_key = s\n"
+            "aws_region = eu west/1\naws_endpoint = https://b\n",
+            ["'p'", "aws_region 'eu west/1' is not a region name"],
+        ),
+        (
+            f"[p]\n{BASE}aws_endpoint = https://ACCOUNT_ID.r2.cloudflarestorage.com\n",
+            ["'p'", "aws_endpoint", "'account_id.r2.cloudflarestorage.com' is not a host name"],
+        ),
         (f"[p]\n{BASE}proxy = socks5://h:1\n", ["'p'", "proxy", "socks5"]),
         (f"[p]\n{BASE}proxy = http://u:pw@h:notaport\n", ["'p'", "proxy"]),
         (f"[p]\n{BASE}ca_bundle = /nonexistent/ca.pem\n", ["'p'", "ca_bundle", "cannot be read"]),

@@ -182,6 +182,7 @@ def parser() -> common.Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     common.printable_output()
+    common.quiet_when_the_reader_goes()
     args = parser().parse_args(argv)
     try:
         return run(args)

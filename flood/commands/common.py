@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -171,6 +172,12 @@ def printable_output() -> None:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+
+
+def quiet_when_the_reader_goes() -> None:
+    """For the commands that only report (status, audit, doctor): `flood-status | head` ends
+    quietly when head has read enough, as Unix tools do, not with a BrokenPipeError."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def fail(prog: str, message: str, code: int) -> int:

@@ -482,6 +482,7 @@ def parse_targets(p: common.Parser, targets: Sequence[str]) -> dict[str, set[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     common.printable_output()
+    common.quiet_when_the_reader_goes()
     p = parser()
     args = p.parse_args(argv)
     args.wanted = parse_targets(p, args.targets)

@@ -421,6 +421,7 @@ def parser() -> common.Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     common.printable_output()
+    common.quiet_when_the_reader_goes()
     p = parser()
     args = p.parse_args(argv)
     target = list(args.target)

@@ -506,6 +506,31 @@ def test_status_names_misplaced_files_and_profiles_without_credentials(spool: Sp
     ) in table.stdout
 
 
+@pytest.mark.parametrize("command", ["flood-status", "flood-doctor"])
+def test_a_report_piped_into_a_reader_that_is_gone_ends_quietly(spool: Spool, command: str) -> None:
+    """`flood-status | head -1`: the reader has gone before the command writes; the command
+    ends by SIGPIPE as Unix tools do, with no traceback on stderr."""
+    spool.start()
+    wait_for(lambda: spool.events("startup_drain_queued"), 30, "the start-up drain")
+    where = ("--server-dir", str(spool.dir), "--credentials", str(spool.credentials))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [str(BIN / command), *where],
+            env=spool.env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == -signal.SIGPIPE, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 # -- flood-requeue --waiting -------------------------------------------------------------------
 @pytest.fixture
 def proxy(s3: Any) -> Iterator[FaultProxy]:

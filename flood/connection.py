@@ -213,7 +213,7 @@ class Connection:
         self.url = endpoint_of(profile)
         self.verify = verify_for(profile, environ)
         self.proxy = proxy_for(profile, self.url, environ)
-        self.session = botocore.session.Session()
+        self.session = _session()
         self.credentials = _shared_credentials(profile, profiles or {}, self.session, environ)
         self.session.register_component(
             "credential_provider", CredentialResolver([_Fixed(self.credentials)])
@@ -229,6 +229,23 @@ class Connection:
     def proxies(self) -> dict[str, str]:
         """boto3's proxies setting: exactly the lean client's choice, never its own lookup."""
         return {"http": self.proxy, "https": self.proxy} if self.proxy else {}
+
+
+# botocore parses a service's model (S3's, with its endpoint rules: about 13 MiB once parsed)
+# into its session's loader, again for every session. One loader per process parses it once
+# for all of the process's sessions; filled in the forkserver (flood.workers.preload), it is
+# shared by every child forked from there.
+_LOADER: list[Any] = []
+
+
+def _session() -> botocore.session.Session:
+    """A botocore session on the process's one data loader (its first session's, so set up as
+    botocore would: $AWS_DATA_PATH and the config file's data_path)."""
+    session = botocore.session.Session()
+    if not _LOADER:
+        _LOADER.append(session.get_component("data_loader"))
+    session.register_component("data_loader", _LOADER[0])
+    return session
 
 
 # One credentials object per profile and process: the uploader's clients, the hold checker's
@@ -250,7 +267,7 @@ def _shared_credentials(
     found = _BY_PROFILE.get(key)
     if found is None:
         # A session of the credentials' own: STS clients are made from it under their lock.
-        own = botocore.session.Session()
+        own = _session()
         found = _BY_PROFILE[key] = credentials_for(profile, profiles, own)
     return found
 

@@ -37,17 +37,9 @@ RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a generation that lived this long resets the restart backoff
 EXTEND_EVERY = 10.0  # before READY=1, push systemd's start timeout on this often...
 EXTEND_BY_USEC = 60_000_000  # ...by this much, while the children make progress
-PRELOAD = [
-    "boto3",
-    "botocore.session",
-    "botocore.client",
-    "peewee",
-    "structlog",
-    "pyinotify",
-    "flood.upload",
-    "flood.workers.uploader",
-    "flood.workers.watcher",
-]
+# The forkserver imports what every child needs once (flood.workers.preload): its pages are
+# shared by the children forked from it.
+PRELOAD = ["flood.workers.preload"]
 
 
 @dataclass

@@ -1,0 +1,44 @@
+"""What the forkserver holds for every child it forks: the heavy imports, botocore's S3 model
+parsed once, and its objects kept out of the children's garbage collections."""
+
+from __future__ import annotations
+
+import gc
+
+from flood import drivers
+
+drivers.keep_out_unused()  # before peewee is imported below
+
+# Imported for what they load: here once, in pages every child shares.
+import boto3  # noqa: E402, F401
+import botocore.client  # noqa: E402, F401
+import peewee  # noqa: E402, F401
+import pyinotify  # noqa: E402, F401
+import structlog  # noqa: E402, F401
+
+from flood import upload  # noqa: E402, F401
+from flood.connection import Connection  # noqa: E402
+from flood.credentials import Profile  # noqa: E402
+from flood.s3 import client_for  # noqa: E402
+from flood.workers import uploader, watcher  # noqa: E402, F401
+
+
+def fill_loader() -> None:
+    """Make one S3 client (never used: no request, no socket) so that the process's data
+    loader holds the parsed model, endpoint rules and defaults every child's clients need."""
+    profile = Profile(
+        name="preload",
+        provider="amazon",
+        access_key_id="preload",
+        secret_access_key="preload",  # a placeholder: this client sends nothing
+        region="us-east-1",
+        endpoint="http://127.0.0.1:9",
+    )
+    client_for(Connection(profile))
+
+
+fill_loader()
+# Everything made so far lives as long as the forkserver: a child's collections need not
+# visit it, and visiting would write to (and so copy) the shared pages that hold it.
+gc.collect()
+gc.freeze()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,24 @@ def client_for(connection: Connection, *, pool: int = 10) -> Any:
     # not relay it (tinyproxy) turns that into a second per file. S3 needs no such wait.
     client.meta.events.unregister("before-call.s3", add_expect_header)
     return client
+
+
+class LazyClient:
+    """A boto3 client made when it is first used (parts, a verifying HEAD, a bucket's check):
+    an uploader whose files all go by the lean client never builds one (4 MiB a process,
+    most of it copies of the forkserver's shared pages)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._client: Any = None
+        self._lock = threading.Lock()  # a multipart upload's parts go from several threads
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make()
+        return getattr(self._client, name)
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.config import Config
@@ -12,19 +11,18 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.handlers import add_expect_header
 
 from flood import __version__
+from flood.checks import CREDENTIALS as CREDENTIALS
+from flood.checks import MISSING as MISSING
+from flood.checks import OK as OK
+from flood.checks import REJECTED as REJECTED
+from flood.checks import TLS as TLS
+from flood.checks import UNREACHABLE as UNREACHABLE
+from flood.checks import ProfileCheck as ProfileCheck
 from flood.connection import Connection
 from flood.credentials import Profile
 from flood.lean import CONNECT_TIMEOUT, READ_TIMEOUT
 from flood.verdict import Kind, Scope, classify, describe
 
-# Bucket verdicts of a check.
-OK = "ok"
-MISSING = "missing"
-# Profile verdicts of a check.
-REJECTED = "rejected"
-UNREACHABLE = "unreachable"
-TLS = "tls"
-CREDENTIALS = "credentials"
 # What a profile's check answers for the environment's faults that hold it, by their kind.
 _HELD_KINDS = {Kind.TLS: TLS, Kind.CREDENTIALS: CREDENTIALS}
 
@@ -94,15 +92,6 @@ class LazyClient:
                 if self._client is None:
                     self._client = self._make()
         return getattr(self._client, name)
-
-
-@dataclass
-class ProfileCheck:
-    """The outcome of checking a profile: its own verdict, and one per bucket when it is OK."""
-
-    status: str
-    detail: str = ""
-    buckets: dict[str, str] = field(default_factory=dict)
 
 
 def check_profile(client: Any, buckets: Iterable[str]) -> ProfileCheck:

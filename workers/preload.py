@@ -20,7 +20,7 @@ from flood import upload  # noqa: E402, F401
 from flood.connection import Connection  # noqa: E402
 from flood.credentials import Profile  # noqa: E402
 from flood.s3 import client_for  # noqa: E402
-from flood.workers import uploader, watcher  # noqa: E402, F401
+from flood.workers import checker, uploader, watcher  # noqa: E402, F401
 
 
 def fill_loader() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import ctypes.util
 import os
 import select
@@ -28,6 +29,13 @@ class Role(Protocol):
     def loop(self, now: float) -> None: ...
     def stop(self) -> None: ...
     def teardown(self) -> None: ...
+
+
+def run(module: str, *args: Any) -> None:
+    """Every child's entry point: the main() of role flood.workers.<module>, imported here in
+    the child (preloaded by the forkserver), so that the supervisor never imports a role's
+    dependencies (boto3, for the uploader and the checker) to name its entry point."""
+    importlib.import_module(f"flood.workers.{module}").main(*args)
 
 
 def die_with_supervisor(supervisor_pid: int) -> None:

@@ -6,6 +6,7 @@ container role, or a role assumed with STS)."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import os
 import ssl
@@ -17,6 +18,7 @@ from typing import Any
 import boto3
 import botocore.session
 from botocore.config import Config
+from botocore.configloader import load_config
 from botocore.credentials import (
     AssumeRoleCredentialFetcher,
     CanonicalNameCredentialSourcer,
@@ -81,9 +83,17 @@ def system_store() -> str:
 
 
 def _aws_config_value(name: str) -> Any:
-    """A setting of the AWS config file (~/.aws/config, $AWS_CONFIG_FILE), as boto3 reads it."""
+    """A setting of the AWS config file (~/.aws/config, $AWS_CONFIG_FILE) for the profile
+    boto3 would use ($AWS_DEFAULT_PROFILE, $AWS_PROFILE, else default), read by botocore's
+    own parser. Not through a botocore Session: making one registers its hundreds of handlers,
+    which copies 2 MiB of the forkserver's shared pages into an uploader that needs none."""
+    env = os.environ
+    path = os.path.expanduser(env.get("AWS_CONFIG_FILE") or "~/.aws/config")
+    profile = env.get("AWS_DEFAULT_PROFILE") or env.get("AWS_PROFILE") or "default"
     try:
-        return botocore.session.Session().get_config_variable(name)
+        if not os.path.isfile(path):
+            return None
+        return load_config(path).get("profiles", {}).get(profile, {}).get(name)
     except Exception:  # a broken AWS config file is boto3's business, not a reason to stop
         return None
 
@@ -150,11 +160,18 @@ class Connection:
         self.url = endpoint_of(profile)
         self.verify = verify_for(profile, environ)
         self.proxy = proxy_for(profile, self.url, environ)
-        self.session = _session()
-        self.credentials = _shared_credentials(profile, profiles or {}, self.session, environ)
-        self.session.register_component(
+        self.credentials = _shared_credentials(profile, profiles or {}, environ)
+
+    @functools.cached_property
+    def session(self) -> botocore.session.Session:
+        """The botocore session of boto3's clients, made when the first is (an uploader whose
+        files all go by the lean client never makes one: 2 MiB of pages copied after the
+        fork)."""
+        session = _session()
+        session.register_component(
             "credential_provider", CredentialResolver([_Fixed(self.credentials)])
         )
+        return session
 
     def frozen(self) -> ReadOnlyCredentials:
         """The keys to sign the next request with (refreshed first when they are due)."""
@@ -192,17 +209,18 @@ _BY_PROFILE: dict[tuple[int, Profile, Profile | None], Any] = {}
 
 
 def _shared_credentials(
-    profile: Profile,
-    profiles: Mapping[str, Profile],
-    session: botocore.session.Session,
-    environ: Mapping[str, str] | None,
+    profile: Profile, profiles: Mapping[str, Profile], environ: Mapping[str, str] | None
 ) -> Any:
     if environ is not None:  # an environment of the caller's own: not the process's keys
-        return credentials_for(profile, profiles, session, environ)
+        return credentials_for(profile, profiles, _session(), environ)
     source = profiles.get(profile.source_profile) if profile.source_profile else None
     key = (os.getpid(), profile, source)
     found = _BY_PROFILE.get(key)
-    if found is None:
+    if found is None and profile.static_keys:  # keys in the file: no session needed
+        found = _BY_PROFILE[key] = Credentials(
+            profile.access_key_id, profile.secret_access_key, profile.session_token
+        )
+    elif found is None:
         # A session of the credentials' own: STS clients are made from it under their lock.
         own = _session()
         found = _BY_PROFILE[key] = credentials_for(profile, profiles, own)

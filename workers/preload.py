@@ -12,11 +12,10 @@ drivers.keep_out_unused()  # before peewee is imported below
 # Imported for what they load: here once, in pages every child shares.
 import boto3  # noqa: E402, F401
 import botocore.client  # noqa: E402, F401
-import peewee  # noqa: E402, F401
 import pyinotify  # noqa: E402, F401
 import structlog  # noqa: E402, F401
 
-from flood import upload  # noqa: E402, F401
+from flood import records, upload  # noqa: E402, F401 - records: peewee
 from flood.connection import Connection  # noqa: E402
 from flood.credentials import Profile  # noqa: E402
 from flood.s3 import client_for  # noqa: E402

@@ -10,6 +10,10 @@ from flood import drivers
 drivers.keep_out_unused()  # before peewee is imported below
 
 # Imported for what they load: here once, in pages every child shares.
+import encodings.idna  # noqa: E402, F401 - host names, on the first connection
+import pkgutil  # noqa: E402, F401 - with runpy: multiprocessing runs the main script there
+import runpy  # noqa: E402, F401
+
 import boto3  # noqa: E402, F401
 import botocore.client  # noqa: E402, F401
 import pyinotify  # noqa: E402, F401

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
-import ctypes.util
 import os
 import select
 import signal
@@ -45,7 +44,8 @@ def die_with_supervisor(supervisor_pid: int) -> None:
     exits once every child has closed its inherited "alive" pipe, which ours never would. So a
     thread also waits on a pidfd of the supervisor itself."""
     parent = os.getppid()
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The process's own symbols hold libc's: find_library would run ldconfig in a subprocess.
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the request was in place
         os._exit(1)

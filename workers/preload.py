@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import sys
 
 from flood import drivers
 
@@ -18,8 +19,18 @@ import multiprocessing.synchronize  # noqa: E402, F401
 import pkgutil  # noqa: E402, F401 - with runpy: multiprocessing runs the main script there
 import runpy  # noqa: E402, F401
 
+# botocore imports awscrt whenever it is installed (the crt extra) to offer what Flood never
+# asks of it (SigV4a, computing a body's CRC32C: Flood sends its checksums' values itself);
+# resident, the library holds 4 MiB of the forkserver. Hidden while botocore loads, awscrt is
+# still there for flood.checksums, which imports it for a profile that wants CRC32C.
+_hidden = "awscrt" not in sys.modules
+if _hidden:
+    sys.modules["awscrt"] = None  # type: ignore[assignment]  # None: "not importable"
 import boto3  # noqa: E402, F401
 import botocore.client  # noqa: E402, F401
+
+if _hidden:
+    del sys.modules["awscrt"]
 import pyinotify  # noqa: E402, F401
 import structlog  # noqa: E402, F401
 

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import ipaddress
 import json
 import os
 import ssl
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 

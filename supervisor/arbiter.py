@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from flood import config, crashpoints, credentials, logs, records
 from flood.bandwidth import Bandwidth
+from flood.checks import MISSING, OK, UNREACHABLE, ProfileCheck
 from flood.errors import EX_SOFTWARE, FloodError
 from flood.jobs import Drained, Ready, Rescan
 from flood.layout import Layout
 from flood.notify import Notifier, Watchdog
-from flood.checks import MISSING, OK, UNREACHABLE, ProfileCheck
 from flood.settings import Settings
 from flood.states import Reason
 from flood.supervisor import startup

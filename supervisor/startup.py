@@ -11,10 +11,10 @@ from typing import Any, NamedTuple, Protocol
 from flood import crashpoints, records
 from flood.checks import CREDENTIALS, MISSING, OK, REJECTED, TLS, ProfileCheck
 from flood.credentials import INSECURE, Profile
+from flood.endpoints import endpoint_of, proxy_for
 from flood.errors import AlreadyRunning, LayoutError
 from flood.jobs import FileRef
 from flood.layout import DB_RECORD_NAME, LOCK_NAME, Layout
-from flood.endpoints import endpoint_of, proxy_for
 from flood.settings import Settings
 from flood.states import Reason, State
 

@@ -44,9 +44,7 @@ def sweep_orphans(
     try:
         for bucket in buckets:
             try:
-                swept[bucket] = orphans.sweep(
-                    client, bucket, settings.abandon_multipart_after, now
-                )
+                swept[bucket] = orphans.sweep(client, bucket, settings.abandon_multipart_after, now)
             except (ClientError, BotoCoreError) as exc:
                 swept[bucket] = describe(exc)
     finally:

@@ -13,8 +13,8 @@ drivers.keep_out_unused()  # before peewee is imported below
 
 # Imported for what they load: here once, in pages every child shares.
 import encodings.idna  # noqa: E402, F401 - host names, on the first connection
-import multiprocessing.popen_forkserver  # noqa: E402, F401 - to unpickle a child: its process,
-import multiprocessing.queues  # noqa: E402, F401 - its queues and locks
+import multiprocessing.popen_forkserver  # noqa: E402 - to unpickle a child: its process,
+import multiprocessing.queues  # noqa: E402 - its queues and locks
 import multiprocessing.synchronize  # noqa: E402, F401
 import pkgutil  # noqa: E402, F401 - with runpy: multiprocessing runs the main script there
 import runpy  # noqa: E402, F401

@@ -105,8 +105,7 @@ def upload_and_measure(spool: Spool, profiles: list[str], bucket: str) -> Peak:
     def done() -> bool:
         peak.sample()
         return all(
-            len(list((spool.dir / "completed" / p / bucket).rglob("f*"))) == FILES
-            for p in profiles
+            len(list((spool.dir / "completed" / p / bucket).rglob("f*"))) == FILES for p in profiles
         )
 
     wait_for(done, 120, lambda: f"the uploads (left: {spool.pending_summary()})")
@@ -132,6 +131,4 @@ def test_all_processes_fit_the_memory_budget(profiles: Any, s3: Any) -> None:
     peak = upload_and_measure(spool, wanted, new_bucket(s3))
     budget = FIRST_PROFILE + EACH_FURTHER_PROFILE * (len(wanted) - 1)
     print(peak.table(spool))
-    assert peak.total <= budget, (
-        f"over the budget of {budget / MiB:.0f} MiB\n{peak.table(spool)}"
-    )
+    assert peak.total <= budget, f"over the budget of {budget / MiB:.0f} MiB\n{peak.table(spool)}"

@@ -81,7 +81,7 @@ class Arbiter:
         self.check_first = checked is None  # the buckets are checked as run() starts
         self.log = log
         # forkserver: children start clean (no inherited threads, clients or db handles) but
-        # share the already-imported boto3 pages (about 11 MiB a child instead of 50 MiB).
+        # share what flood.workers.preload loaded there (an uploader holds 8-11 MiB of its own).
         os.environ[crashpoints.SUPERVISOR_PID_ENV] = str(os.getpid())  # inherited by children
         # The forkserver starts as `python -c`, which would put the working directory first on
         # its sys.path: run from a directory holding a `flood/` folder (a spool named flood, a

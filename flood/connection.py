@@ -6,17 +6,17 @@ container role, or a role assumed with STS)."""
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
+import functools
+import json
 import os
 import ssl
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
 import boto3
 import botocore.session
 from botocore.config import Config
+from botocore.configloader import load_config
 from botocore.credentials import (
     AssumeRoleCredentialFetcher,
     CanonicalNameCredentialSourcer,
@@ -33,8 +33,14 @@ from botocore.credentials import (
 )
 from botocore.exceptions import CredentialRetrievalError
 from botocore.httpsession import get_cert_path
+from botocore.loaders import JSONFileLoader
 
-from flood.credentials import INSECURE, Profile, proxy_url
+from flood.credentials import INSECURE, Profile
+from flood.endpoints import amazon_host as amazon_host
+from flood.endpoints import bypassed as bypassed
+from flood.endpoints import endpoint_of as endpoint_of
+from flood.endpoints import proxy_for as proxy_for
+from flood.endpoints import shown_url as shown_url
 from flood.errors import ConfigError
 
 # Refreshing credentials are renewed when a quarter of their life is left, at most this long
@@ -44,16 +50,6 @@ from flood.errors import ConfigError
 ADVISORY_REFRESH = 300.0
 MANDATORY_REFRESH = 60.0
 DEFAULT_ROLE_SESSION = "flood"
-
-
-def amazon_host(region: str) -> str:
-    """Amazon S3's regional host."""
-    return f"s3.{region}.amazonaws.com"
-
-
-def endpoint_of(profile: Profile) -> str:
-    """The URL a profile's requests go to: its aws_endpoint, else Amazon's regional host."""
-    return profile.endpoint or f"https://{amazon_host(profile.region)}"
 
 
 # -- TLS -------------------------------------------------------------------------------------
@@ -86,9 +82,17 @@ def system_store() -> str:
 
 
 def _aws_config_value(name: str) -> Any:
-    """A setting of the AWS config file (~/.aws/config, $AWS_CONFIG_FILE), as boto3 reads it."""
+    """A setting of the AWS config file (~/.aws/config, $AWS_CONFIG_FILE) for the profile
+    boto3 would use ($AWS_DEFAULT_PROFILE, $AWS_PROFILE, else default), read by botocore's
+    own parser. Not through a botocore Session: making one registers its hundreds of handlers,
+    which copies 2 MiB of the forkserver's shared pages into an uploader that needs none."""
+    env = os.environ
+    path = os.path.expanduser(env.get("AWS_CONFIG_FILE") or "~/.aws/config")
+    profile = env.get("AWS_DEFAULT_PROFILE") or env.get("AWS_PROFILE") or "default"
     try:
-        return botocore.session.Session().get_config_variable(name)
+        if not os.path.isfile(path):
+            return None
+        return load_config(path).get("profiles", {}).get(profile, {}).get(name)
     except Exception:  # a broken AWS config file is boto3's business, not a reason to stop
         return None
 
@@ -101,64 +105,6 @@ def ssl_context(verify: str | bool) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
         return context
     return ssl.create_default_context(cafile=str(verify))
-
-
-# -- proxies -----------------------------------------------------------------------------------
-def proxy_for(profile: Profile, url: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """The proxy a request to `url` goes through: the profile's `proxy` key, else
-    $HTTPS_PROXY or $HTTP_PROXY by the URL's scheme (lower case first, as curl and botocore
-    read them), unless $NO_PROXY names the host. ConfigError for a proxy that is not a URL."""
-    if profile.proxy:
-        return profile.proxy
-    env = os.environ if environ is None else environ
-    scheme = urllib.parse.urlsplit(url).scheme
-    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"):
-        if env.get(name):
-            found = proxy_url(env[name], f"${name}")
-            break
-    else:
-        return None
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if bypassed(host, env.get("no_proxy") or env.get("NO_PROXY") or ""):
-        return None
-    return found
-
-
-def bypassed(host: str, no_proxy: str) -> bool:
-    """Whether $NO_PROXY names this host: `*`, the host itself, a domain it is in (with or
-    without a leading dot), or for an IP address the address or a network (10.0.0.0/8)."""
-    host = host.strip("[]").lower().rstrip(".")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    for entry in (e.strip().lower() for e in no_proxy.replace(" ", ",").split(",")):
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        if address is not None:
-            try:
-                if address in ipaddress.ip_network(entry.strip("[]"), strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        name = entry.lstrip(".").split(":")[0].rstrip(".")
-        if host == name or host.endswith("." + name):
-            return True
-    return False
-
-
-def shown_url(url: str) -> str:
-    """A URL without the user and password it may carry, for logs and messages."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 # -- credentials -------------------------------------------------------------------------------
@@ -213,11 +159,18 @@ class Connection:
         self.url = endpoint_of(profile)
         self.verify = verify_for(profile, environ)
         self.proxy = proxy_for(profile, self.url, environ)
-        self.session = botocore.session.Session()
-        self.credentials = _shared_credentials(profile, profiles or {}, self.session, environ)
-        self.session.register_component(
+        self.credentials = _shared_credentials(profile, profiles or {}, environ)
+
+    @functools.cached_property
+    def session(self) -> botocore.session.Session:
+        """The botocore session of boto3's clients, made when the first is (an uploader whose
+        files all go by the lean client never makes one: 2 MiB of pages copied after the
+        fork)."""
+        session = _session()
+        session.register_component(
             "credential_provider", CredentialResolver([_Fixed(self.credentials)])
         )
+        return session
 
     def frozen(self) -> ReadOnlyCredentials:
         """The keys to sign the next request with (refreshed first when they are due)."""
@@ -231,6 +184,42 @@ class Connection:
         return {"http": self.proxy, "https": self.proxy} if self.proxy else {}
 
 
+# botocore parses a service's model (S3's, with its endpoint rules: about 13 MiB once parsed)
+# into its session's loader, again for every session. One loader per process parses it once
+# for all of the process's sessions; filled in the forkserver (flood.workers.preload), it is
+# shared by every child forked from there.
+_LOADER: list[Any] = []
+
+
+def _session() -> botocore.session.Session:
+    """A botocore session on the process's one data loader (its first session's, so set up as
+    botocore would: $AWS_DATA_PATH and the config file's data_path)."""
+    session = botocore.session.Session()
+    if not _LOADER:
+        loader = session.get_component("data_loader")
+        loader.file_loader = _Undocumented()
+        _LOADER.append(loader)
+    session.register_component("data_loader", _LOADER[0])
+    return session
+
+
+class _Undocumented(JSONFileLoader):  # type: ignore[misc]  # botocore is untyped
+    """botocore's model files without their API documentation, which nothing of Flood shows,
+    in plain dicts (botocore's are OrderedDicts): S3's parsed model holds 9 MiB, not 14."""
+
+    def _load_file(self, full_path: str, open_method: Any) -> Any:  # botocore's, minus docs
+        if not os.path.isfile(full_path):
+            return None
+        with open_method(full_path, "rb") as fp:
+            payload = fp.read().decode("utf-8")
+        return json.loads(payload, object_pairs_hook=_undocumented)
+
+
+def _undocumented(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Emptied, not dropped: botocore reads some (clientContextParams') with [].
+    return {key: "" if key == "documentation" else value for key, value in pairs}
+
+
 # One credentials object per profile and process: the uploader's clients, the hold checker's
 # and the janitor's share keys fetched once, and renew them once (botocore's refresh takes a
 # lock, so threads may share it; a session they may not, so each Connection has its own).
@@ -238,19 +227,20 @@ _BY_PROFILE: dict[tuple[int, Profile, Profile | None], Any] = {}
 
 
 def _shared_credentials(
-    profile: Profile,
-    profiles: Mapping[str, Profile],
-    session: botocore.session.Session,
-    environ: Mapping[str, str] | None,
+    profile: Profile, profiles: Mapping[str, Profile], environ: Mapping[str, str] | None
 ) -> Any:
     if environ is not None:  # an environment of the caller's own: not the process's keys
-        return credentials_for(profile, profiles, session, environ)
+        return credentials_for(profile, profiles, _session(), environ)
     source = profiles.get(profile.source_profile) if profile.source_profile else None
     key = (os.getpid(), profile, source)
     found = _BY_PROFILE.get(key)
-    if found is None:
+    if found is None and profile.static_keys:  # keys in the file: no session needed
+        found = _BY_PROFILE[key] = Credentials(
+            profile.access_key_id, profile.secret_access_key, profile.session_token
+        )
+    elif found is None:
         # A session of the credentials' own: STS clients are made from it under their lock.
-        own = botocore.session.Session()
+        own = _session()
         found = _BY_PROFILE[key] = credentials_for(profile, profiles, own)
     return found
 

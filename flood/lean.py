@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import http.client
 import re
 import socket
@@ -85,11 +86,16 @@ class LeanClient:
         self.profile = connection.profile
         self.signer = SigV4()
         self.user_agent = f"flood/{__version__}"
-        self.context = ssl_context(connection.verify)
         self.proxy = _proxy(connection.proxy)
         self.regions: dict[str, str] = {}  # buckets found in another region than the profile's
         self.routes: dict[str, Route] = {}
         self.free: dict[tuple[str, int], list[socket.socket]] = {}
+
+    @functools.cached_property
+    def context(self) -> ssl.SSLContext:
+        """The TLS context, made for the first https connection (loading a CA bundle: about
+        1 MiB a process, which an uploader of an http:// endpoint never needs)."""
+        return ssl_context(self.connection.verify)
 
     # -- addressing ------------------------------------------------------------------------
     def route(self, bucket: str) -> Route:

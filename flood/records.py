@@ -292,18 +292,21 @@ def _version_of(con: sqlite3.Connection, names: set[str]) -> int:
     return 1 if names >= _RELEASE_1_TABLES else -1
 
 
-def open_db(path: str) -> None:
+def open_db(path: str, *, checked: bool = False) -> None:
     """Open this process's one connection (WAL, busy timeout), create the schema or migrate it
-    to this code's version. ConfigError for a database that is not Flood's or is newer."""
-    check_db(path)
+    to this code's version. ConfigError for a database that is not Flood's or is newer.
+    checked=True: a child of the supervisor, which has done both before starting it (the
+    checks cost a child 1.6 MiB of memory for good)."""
+    if not checked:
+        check_db(path)
     try:
-        _open(path)
+        _open(path, migrate=not checked)
     except (OSError, pw.PeeweeException) as exc:
         close_db()
         raise ConfigError(f"cannot open the records database {path}: {exc}") from None
 
 
-def _open(path: str) -> None:
+def _open(path: str, *, migrate: bool = True) -> None:
     if path != ":memory:" and not os.path.exists(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     db.init(
@@ -318,8 +321,9 @@ def _open(path: str) -> None:
         },
     )
     db.connect(reuse_if_open=True)
-    with write():
-        _migrate()
+    if migrate:
+        with write():
+            _migrate()
 
 
 def _migrate() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from botocore.config import Config
@@ -11,19 +11,18 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.handlers import add_expect_header
 
 from flood import __version__
+from flood.checks import CREDENTIALS as CREDENTIALS
+from flood.checks import MISSING as MISSING
+from flood.checks import OK as OK
+from flood.checks import REJECTED as REJECTED
+from flood.checks import TLS as TLS
+from flood.checks import UNREACHABLE as UNREACHABLE
+from flood.checks import ProfileCheck as ProfileCheck
 from flood.connection import Connection
 from flood.credentials import Profile
 from flood.lean import CONNECT_TIMEOUT, READ_TIMEOUT
 from flood.verdict import Kind, Scope, classify, describe
 
-# Bucket verdicts of a check.
-OK = "ok"
-MISSING = "missing"
-# Profile verdicts of a check.
-REJECTED = "rejected"
-UNREACHABLE = "unreachable"
-TLS = "tls"
-CREDENTIALS = "credentials"
 # What a profile's check answers for the environment's faults that hold it, by their kind.
 _HELD_KINDS = {Kind.TLS: TLS, Kind.CREDENTIALS: CREDENTIALS}
 
@@ -77,13 +76,22 @@ def client_for(connection: Connection, *, pool: int = 10) -> Any:
     return client
 
 
-@dataclass
-class ProfileCheck:
-    """The outcome of checking a profile: its own verdict, and one per bucket when it is OK."""
+class LazyClient:
+    """A boto3 client made when it is first used (parts, a verifying HEAD, a bucket's check):
+    an uploader whose files all go by the lean client never builds one (4 MiB a process,
+    most of it copies of the forkserver's shared pages)."""
 
-    status: str
-    detail: str = ""
-    buckets: dict[str, str] = field(default_factory=dict)
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._client: Any = None
+        self._lock = threading.Lock()  # a multipart upload's parts go from several threads
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make()
+        return getattr(self._client, name)
 
 
 def check_profile(client: Any, buckets: Iterable[str]) -> ProfileCheck:

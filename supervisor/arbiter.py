@@ -13,23 +13,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flood import config, crashpoints, credentials, logs, records
 from flood.bandwidth import Bandwidth
+from flood.checks import MISSING, OK, UNREACHABLE, ProfileCheck
 from flood.errors import EX_SOFTWARE, FloodError
 from flood.jobs import Drained, Ready, Rescan
 from flood.layout import Layout
 from flood.notify import Notifier, Watchdog
-from flood.s3 import MISSING, OK, check_bucket, make_client
 from flood.settings import Settings
 from flood.states import Reason
 from flood.supervisor import startup
-from flood.supervisor.audit import PeriodicAudit
 from flood.supervisor.hooks import HookRunner
-from flood.supervisor.janitor import Janitor
 from flood.supervisor.sweeper import Sweeper
-from flood.workers import uploader, watcher
+from flood.workers import role
+
+if TYPE_CHECKING:
+    from flood.supervisor.audit import PeriodicAudit
+    from flood.supervisor.janitor import Janitor
 
 QUEUE_SIZE = 10_000  # jobs per uploader queue: bounded memory, back-pressure on scans
 RECHECK_MAX = 600.0  # seconds between checks of a hold that wants a person, at most
@@ -37,17 +39,10 @@ RESTART_BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a generation that lived this long resets the restart backoff
 EXTEND_EVERY = 10.0  # before READY=1, push systemd's start timeout on this often...
 EXTEND_BY_USEC = 60_000_000  # ...by this much, while the children make progress
-PRELOAD = [
-    "boto3",
-    "botocore.session",
-    "botocore.client",
-    "peewee",
-    "structlog",
-    "pyinotify",
-    "flood.upload",
-    "flood.workers.uploader",
-    "flood.workers.watcher",
-]
+# The forkserver imports what every child needs once (flood.workers.preload): its pages are
+# shared by the children forked from it.
+PRELOAD = ["flood.workers.preload"]
+ASK_TIMEOUT = 600.0  # a checker child that has not answered by then has failed
 
 
 @dataclass
@@ -74,14 +69,19 @@ class Generation:
 
 class Arbiter:
     def __init__(
-        self, settings: Settings, layout: Layout, checked: dict[str, set[str]], log: Any
+        self,
+        settings: Settings,
+        layout: Layout,
+        checked: dict[str, set[str]] | None,
+        log: Any,
     ) -> None:
         self.settings = settings
         self.layout = layout
-        self.checked = checked
+        self.checked = checked or {}
+        self.check_first = checked is None  # the buckets are checked as run() starts
         self.log = log
         # forkserver: children start clean (no inherited threads, clients or db handles) but
-        # share the already-imported boto3 pages (about 11 MiB a child instead of 50 MiB).
+        # share what flood.workers.preload loaded there (an uploader holds 8-11 MiB of its own).
         os.environ[crashpoints.SUPERVISOR_PID_ENV] = str(os.getpid())  # inherited by children
         # The forkserver starts as `python -c`, which would put the working directory first on
         # its sys.path: run from a directory holding a `flood/` folder (a spool named flood, a
@@ -97,11 +97,20 @@ class Arbiter:
         self.restarts = 0
         self.signals: list[int] = []
         self.releases: queue.Queue[str] = queue.Queue()
-        self.checker = HoldChecker(settings, layout, log, self.releases)
+        self.checker = HoldChecker(settings, layout, log, self.releases, self.probe)
         self.sweeper = Sweeper(settings, layout, log)
         self.hooks = HookRunner(settings, log)
-        self.janitor = Janitor(settings, layout, log) if settings.janitor_interval else None
-        self.auditor = PeriodicAudit(settings, layout, log) if settings.audit_interval else None
+        self.janitor: Janitor | None = None
+        self.auditor: PeriodicAudit | None = None
+        # Imported only when they are on: they call S3 from the supervisor (boto3, 30 MiB).
+        if settings.janitor_interval:
+            from flood.supervisor.janitor import Janitor
+
+            self.janitor = Janitor(settings, layout, log, self.ask)
+        if settings.audit_interval:
+            from flood.supervisor.audit import PeriodicAudit
+
+            self.auditor = PeriodicAudit(settings, layout, log)
         self.watcher_conn: Connection | None = None
         # systemd: READY=1 once the watcher's start-up drain is queued, WATCHDOG=1 only while
         # every child reports progress. Children must not inherit the socket.
@@ -121,12 +130,22 @@ class Arbiter:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda n, _: self.signals.append(n))
         try:
+            if self.check_first:
+                # Here, not before: the forkserver that runs the checks must start with the
+                # environment set up above (and by the metrics) for every child.
+                self.checked = startup.check_buckets(
+                    self.settings, self.layout, self.log, self.probe
+                )
             self.start_generation()
             for thread in self.threads():
                 thread.start()  # the hooks also finish deliveries due from before a restart
             while not self.stopping:
                 self.tick(wake_r)
             self.notifier.stopping("stopping: in-flight uploads get the grace period")
+        except FloodError as exc:  # the start-up check's records could not be written
+            self.log.error("startup_failed", error=str(exc))
+            print(f"flood-supervisor: {exc}", file=sys.stderr, flush=True)
+            self.exit_code = exc.exit_code
         except Exception:
             self.log.exception("supervisor_crashed")
             self.exit_code = EX_SOFTWARE
@@ -311,7 +330,7 @@ class Arbiter:
         self.settings = settings
         for thread in self.threads():
             thread.settings = settings
-        self.checked = startup.check_buckets(settings, self.layout, self.log)
+        self.checked = startup.check_buckets(settings, self.layout, self.log, self.probe)
         self.ready_pending = True
         self.start_generation()
 
@@ -335,11 +354,11 @@ class Arbiter:
                 gen.children.append(
                     self.spawn(
                         f"uploader-{profile}-{slot}",
-                        uploader.main,
+                        "uploader",
                         (self.settings, profile, slot, jobs, checked, bandwidth),
                     )
                 )
-        child = self.spawn("watcher", watcher.main, (self.settings, queues))
+        child = self.spawn("watcher", "watcher", (self.settings, queues))
         gen.children.append(child)
         self.watcher_conn = child.conn
         self.generation = gen
@@ -347,10 +366,13 @@ class Arbiter:
             "children_started", count=len(gen.children), pids=[c.process.pid for c in gen.children]
         )
 
-    def spawn(self, name: str, target: Any, args: tuple[Any, ...]) -> Child:
-        """Start one child; its entry point takes `args`, its end of a duplex pipe, our pid."""
+    def spawn(self, name: str, module: str, args: tuple[Any, ...]) -> Child:
+        """Start one child of role `module` (flood.workers.<module>); its entry point takes
+        `args`, its end of a duplex pipe, our pid."""
         mine, theirs = self.ctx.Pipe(duplex=True)
-        process = self.ctx.Process(target=target, name=name, args=(*args, theirs, os.getpid()))
+        process = self.ctx.Process(
+            target=role.run, name=name, args=(module, *args, theirs, os.getpid())
+        )
         process.start()
         theirs.close()
         return Child(name, process, mine)
@@ -377,6 +399,38 @@ class Arbiter:
         gen.queues = []
         gen.limits = []
 
+    def ask(self, task: str, *args: Any) -> Any:
+        """Run a task of flood.workers.checker (a server's check, the janitor's sweep) in a
+        child and return its answer: boto3 and S3's model stay in the forkserver's children,
+        out of the supervisor. RuntimeError when the child gives no answer."""
+        mine, theirs = self.ctx.Pipe(duplex=False)
+        process = self.ctx.Process(
+            target=role.run,
+            name=f"checker-{task}",
+            args=("checker", task, args, theirs, os.getpid()),
+        )
+        process.start()
+        theirs.close()
+        try:
+            if mine.poll(ASK_TIMEOUT):
+                return mine.recv()
+        except (EOFError, OSError):
+            pass  # it died without an answer: below
+        finally:
+            mine.close()
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+        raise RuntimeError(f"the checker's {task} gave no answer (exit {process.exitcode})")
+
+    def probe(self, profile: str, buckets: list[str], whole: bool = True) -> ProfileCheck:
+        """Ask the profile's server about its buckets (startup.Probe), from a child."""
+        try:
+            answer: ProfileCheck = self.ask("probe", self.settings, profile, buckets, whole)
+        except RuntimeError as exc:
+            return ProfileCheck(UNREACHABLE, str(exc))
+        return answer
+
     def forward_releases(self) -> None:
         while True:
             try:
@@ -391,8 +445,16 @@ class Arbiter:
 class HoldChecker(threading.Thread):
     """Checks held profiles and buckets again, with backoff; a release triggers a rescan."""
 
-    def __init__(self, settings: Settings, layout: Layout, log: Any, releases: queue.Queue[str]):
+    def __init__(
+        self,
+        settings: Settings,
+        layout: Layout,
+        log: Any,
+        releases: queue.Queue[str],
+        probe: startup.Probe,
+    ):
         super().__init__(name="hold-checker", daemon=True)
+        self.probe = probe
         self.settings = settings
         self.layout = layout
         self.log = log
@@ -438,14 +500,13 @@ class HoldChecker(threading.Thread):
 
     def check(self, profile: str, bucket: str) -> bool:
         if not bucket:
-            ok = startup.check_one(self.settings, self.layout, profile, self.log)
+            ok = startup.check_one(self.settings, self.layout, profile, self.log, self.probe)
             held = records.holds()
             if (profile, "") not in held:
                 self.log.info("profile_resumed", profile=profile, buckets=sorted(ok))
                 return True
             return False
-        client = make_client(self.settings.profiles[profile], self.settings.profiles)
-        result = check_bucket(client, bucket)
+        result = self.probe(profile, [bucket], False)
         if result.status == OK and result.detail != MISSING:
             records.release(profile, bucket)
             self.log.info("bucket_resumed", profile=profile, bucket=bucket)

@@ -365,11 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The lock comes first: a second supervisor must not wipe the first one's incoming_tmp.
         startup.lock(settings.server_dir)
         layout = startup.prepare(settings, log)
-        checked = startup.check_buckets(settings, layout, log)
     except FloodError as exc:
         log.error("startup_failed", error=str(exc))
         return common.fail("flood-supervisor", str(exc), exc.exit_code)
-    return run_arbiter(args, settings, layout, checked, log)
+    return run_arbiter(args, settings, layout, log)
 
 
 def from_file(p: argparse.ArgumentParser, table: Mapping[str, Any], path: Path) -> None:
@@ -411,17 +410,16 @@ def run_arbiter(
     args: argparse.Namespace,
     settings: Settings,
     layout: Layout,
-    checked: dict[str, set[str]],
     log: Any,
 ) -> int:
     """The arbiter until it stops, with metrics only when --metrics-port asks: the multiprocess
     dir must be in the environment before prometheus_client loads and the first child starts."""
     if args.metrics_port is None:
         metrics.disable()
-        return int(Arbiter(settings, layout, checked, log).run())
+        return int(Arbiter(settings, layout, None, log).run())
     path = metrics.prepare_dir()
     try:
-        arbiter = Arbiter(settings, layout, checked, log)
+        arbiter = Arbiter(settings, layout, None, log)
         try:
             server = metrics.serve(
                 args.metrics_port,

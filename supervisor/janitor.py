@@ -6,21 +6,20 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from flood import metrics, orphans, records
-from flood.errors import ConfigError
+from flood import metrics, orphans
 from flood.layout import Layout
-from flood.s3 import make_client
 from flood.settings import Settings
-from flood.verdict import describe
 
 
 class Janitor(threading.Thread):
-    def __init__(self, settings: Settings, layout: Layout, log: Any) -> None:
+    def __init__(
+        self, settings: Settings, layout: Layout, log: Any, ask: Callable[..., Any]
+    ) -> None:
         super().__init__(name="janitor", daemon=True)
+        self.ask = ask  # Arbiter.ask: the listing and the aborts run in a child (boto3's)
         self.settings = settings
         self.layout = layout
         self.log = log
@@ -38,8 +37,6 @@ class Janitor(threading.Thread):
                 self.round()
             except Exception:
                 self.log.exception("janitor_crashed")
-            finally:
-                records.close_db()
             self.halted.wait(self.settings.janitor_interval)
 
     def round(self, now: dt.datetime | None = None) -> dict[tuple[str, str], orphans.Sweep]:
@@ -50,15 +47,14 @@ class Janitor(threading.Thread):
             if not buckets:
                 continue
             self.metrics.janitor_buckets((profile, b) for b in buckets)
-            try:
-                client = make_client(self.settings.profiles[profile], self.settings.profiles)
-            except ConfigError as exc:
-                self.log.warning("orphan_list_failed", profile=profile, error=str(exc))
+            if self.halted.is_set():
+                return swept
+            failed, answers = self.ask("orphans", self.settings, profile, buckets, now)
+            if failed is not None:
+                self.log.warning("orphan_list_failed", profile=profile, error=failed)
                 continue
-            for bucket in buckets:
-                if self.halted.is_set():
-                    return swept
-                result = self.sweep(client, profile, bucket, now)
+            for bucket, answer in answers.items():
+                result = self.sweep(profile, bucket, answer, now)
                 if result is not None:
                     swept[(profile, bucket)] = result
         self.found = {where: result.found for where, result in swept.items()}
@@ -66,14 +62,11 @@ class Janitor(threading.Thread):
         return swept
 
     def sweep(
-        self, client: Any, profile: str, bucket: str, now: dt.datetime | None
+        self, profile: str, bucket: str, result: orphans.Sweep | str, now: dt.datetime | None
     ) -> orphans.Sweep | None:
-        try:
-            result = orphans.sweep(client, bucket, self.settings.abandon_multipart_after, now)
-        except (ClientError, BotoCoreError) as exc:
-            self.log.warning(
-                "orphan_list_failed", profile=profile, bucket=bucket, error=describe(exc)
-            )
+        """Log one bucket's sweep (done in the child), or why its listing failed."""
+        if isinstance(result, str):
+            self.log.warning("orphan_list_failed", profile=profile, bucket=bucket, error=result)
             return None
         now = now or dt.datetime.now(dt.UTC)
         for orphan in result.aborted:

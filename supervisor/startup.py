@@ -6,17 +6,24 @@ import fcntl
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from flood import crashpoints, records
-from flood.connection import check_source, endpoint_of, proxy_for
+from flood.checks import CREDENTIALS, MISSING, OK, REJECTED, TLS, ProfileCheck
 from flood.credentials import INSECURE, Profile
+from flood.endpoints import endpoint_of, proxy_for
 from flood.errors import AlreadyRunning, LayoutError
 from flood.jobs import FileRef
 from flood.layout import DB_RECORD_NAME, LOCK_NAME, Layout
-from flood.s3 import CREDENTIALS, MISSING, OK, REJECTED, TLS, check_profile, make_client
 from flood.settings import Settings
 from flood.states import Reason, State
+
+
+class Probe(Protocol):
+    """Asks a profile's server about buckets, in a child (Arbiter.probe): the profile's
+    check, or with whole=False one bucket's HeadBucket."""
+
+    def __call__(self, profile: str, buckets: list[str], whole: bool = True) -> ProfileCheck: ...
 
 
 def lock(server_dir: Path) -> int:
@@ -109,12 +116,14 @@ def _where(layout: Layout, stored: FileRef, recorded: State) -> State | None:
     return None
 
 
-def check_buckets(settings: Settings, layout: Layout, log: Any) -> dict[str, set[str]]:
+def check_buckets(
+    settings: Settings, layout: Layout, log: Any, probe: Probe
+) -> dict[str, set[str]]:
     """Check every profile's buckets on its server; hold what fails. The buckets found OK."""
     records.release_all()
     checked: dict[str, set[str]] = {}
     for name in sorted(settings.profiles):
-        checked[name] = check_one(settings, layout, name, log)
+        checked[name] = check_one(settings, layout, name, log, probe)
     for name in sorted(layout.profiles_present() - set(settings.profiles)):
         log.warning(
             "profile_unknown",
@@ -127,10 +136,9 @@ def check_buckets(settings: Settings, layout: Layout, log: Any) -> dict[str, set
 _HOLD_REASONS = {REJECTED: Reason.KEY_REJECTED, TLS: Reason.TLS, CREDENTIALS: Reason.CREDENTIALS}
 
 
-def check_one(settings: Settings, layout: Layout, name: str, log: Any) -> set[str]:
+def check_one(settings: Settings, layout: Layout, name: str, log: Any, probe: Probe) -> set[str]:
     """Check one profile now; record holds for it or its buckets; the buckets that are OK."""
-    buckets = sorted(layout.buckets_present(name))
-    result = check_profile(make_client(settings.profiles[name], settings.profiles), buckets)
+    result = probe(name, sorted(layout.buckets_present(name)))
     if result.status != OK:
         reason = _HOLD_REASONS.get(result.status, Reason.UNREACHABLE)
         if records.hold(name, "", reason, result.detail):
@@ -162,6 +170,9 @@ def check_connections(profiles: Mapping[str, Profile]) -> None:
     for profile in profiles.values():
         proxy_for(profile, endpoint_of(profile))
         if profile.credential_source:
+            # botocore's credential providers: imported only for a profile that names one.
+            from flood.connection import check_source
+
             check_source(profile)
 
 

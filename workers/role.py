@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import importlib
 import os
 import select
 import signal
@@ -30,6 +30,13 @@ class Role(Protocol):
     def teardown(self) -> None: ...
 
 
+def run(module: str, *args: Any) -> None:
+    """Every child's entry point: the main() of role flood.workers.<module>, imported here in
+    the child (preloaded by the forkserver), so that the supervisor never imports a role's
+    dependencies (boto3, for the uploader and the checker) to name its entry point."""
+    importlib.import_module(f"flood.workers.{module}").main(*args)
+
+
 def die_with_supervisor(supervisor_pid: int) -> None:
     """SIGKILL this process as soon as the supervisor dies, so no orphan keeps uploading.
 
@@ -37,7 +44,8 @@ def die_with_supervisor(supervisor_pid: int) -> None:
     exits once every child has closed its inherited "alive" pipe, which ours never would. So a
     thread also waits on a pidfd of the supervisor itself."""
     parent = os.getppid()
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The process's own symbols hold libc's: find_library would run ldconfig in a subprocess.
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the request was in place
         os._exit(1)

@@ -14,7 +14,7 @@ from flood.connection import Connection
 from flood.jobs import SHUTDOWN, FileRef, Job
 from flood.notify import Heartbeat
 from flood.passage import Result
-from flood.s3 import client_for
+from flood.s3 import LazyClient, client_for
 from flood.settings import Settings
 from flood.states import State, Step
 from flood.transfer import sender_for
@@ -66,18 +66,15 @@ class UploaderRole:
         self.log = logs.configure(
             "uploader", self.settings.log_level, self.settings.log_file, self.settings.secrets()
         )
-        records.open_db(self.settings.db_path)
+        records.open_db(self.settings.db_path, checked=True)  # by the supervisor
         connection = Connection(self.settings.profiles[self.profile], self.settings.profiles)
         account = self.settings.profiles[self.profile]
         in_flight = account.parts_in_flight or self.settings.parts_in_flight
-        client = client_for(connection, pool=max(10, in_flight + 2))
-        # Every S3 call that returns is progress, even within one long multipart upload.
-        for event in ("after-call.s3", "after-call-error.s3"):
-            client.meta.events.register(event, self.heartbeat.beat)
+        pool = max(10, in_flight + 2)
+        client = LazyClient(lambda: self.boto3_client(connection, pool))
         self.metrics = metrics.recorder()
         if self.bandwidth is not None:
             self.bandwidth.tick = self.heartbeat.beat  # waiting for the limit is no stall
-            self.bandwidth.attach(client)
         self.uploads = Uploads(
             self.settings,
             self.profile,
@@ -87,6 +84,16 @@ class UploaderRole:
             checked_buckets=self.checked_buckets,
         )
         self.log.info("uploader_started", profile=self.profile, slot=self.slot)
+
+    def boto3_client(self, connection: Connection, pool: int) -> Any:
+        """The boto3 client, made at its first use (LazyClient)."""
+        client = client_for(connection, pool=pool)
+        # Every S3 call that returns is progress, even within one long multipart upload.
+        for event in ("after-call.s3", "after-call-error.s3"):
+            client.meta.events.register(event, self.heartbeat.beat)
+        if self.bandwidth is not None:
+            self.bandwidth.attach(client)
+        return client
 
     def stop(self) -> None:
         self.alive = False

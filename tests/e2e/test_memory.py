@@ -96,6 +96,11 @@ def upload_and_measure(spool: Spool, profiles: list[str], bucket: str) -> Peak:
         spool.path("incoming", profile, bucket, "x").parent.mkdir(parents=True)
     sup = spool.start(workers=4)
     wait_for(lambda: spool.events("startup_drain_queued"), 60, "the start-up drain")
+    # The bucket checks and the janitor's round (at start, then hourly) run in short-lived
+    # checker children (boto3's); the budget is the daemon's own, once they have exited.
+    # The supervisor, the forkserver, its resource tracker, the watcher, 4 uploaders a profile.
+    wait_for(lambda: spool.events("janitor_finished"), 60, "the janitor's first round")
+    wait_for(lambda: len(tree(sup.pid)) == 4 + 4 * len(profiles), 30, "the checkers to exit")
     peak = Peak(sup.pid, profiles)
     keys = [f"d{i % 10}/f{i:04d}" for i in range(FILES)]
     for profile in profiles:

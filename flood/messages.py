@@ -28,6 +28,7 @@ MESSAGES = {
     "credentials_loaded": "credentials read from {path} ({reason})",
     "credentials_reloaded": "credentials read again from {path}",
     "db_recorded": "records in {path}, as the server dir now says",
+    "node_recorded": "rows written as node {node}, as the server dir now says",
     "directories_ready": "the server dir's directories are ready",
     "failure_injection_on": "failure injection is on: {reason}",
     "file_claimed": "claimed {key} for {profile}/{bucket}",

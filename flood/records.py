@@ -1,5 +1,6 @@
-"""The records (SQLite through peewee), the only door to the database: the schema and its
-migrations, and every query as a named function. A row per passage of a file."""
+"""The records (SQLite, or PostgreSQL for a fleet, through peewee), the only door to the
+database: the schema and its migrations, and every query as a named function. A row per
+passage of a file, each row marked with the node (host) that wrote it."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any, NamedTuple
 
 import peewee as pw
 from playhouse.migrate import SchemaMigrator, migrate
-from playhouse.sqlite_ext import AutoIncrementField
+from playhouse.pool import PooledPostgresqlDatabase
 
+from flood import dburl
 from flood.errors import ConfigError
 from flood.jobs import FileRef
 from flood.states import OPEN, Outcome, Reason, State
@@ -27,10 +29,34 @@ DatabaseError = pw.PeeweeException  # what a failed query raises, for callers to
 # an index for requeue's look-up of linked passages. 3: endpoints (when each profile's server
 # last answered, its current run of failures) and file_records.first_failed_at. 4: multipart
 # uploads and their parts as they finish (resume), file_records.checksum. 5: the object
-# options and version id of a passage, hook deliveries, and the spool's removals.
-SCHEMA_VERSION = 5
+# options and version id of a passage, hook deliveries, and the spool's removals. 6: the node
+# (host) of every row; holds and endpoints keyed by node too.
+SCHEMA_VERSION = 6
+# Held inside the transaction that creates or migrates the schema on PostgreSQL, so supervisors
+# starting at once on an empty database take turns ("flood" in ASCII).
+MIGRATION_LOCK = 0x666C6F6F64
+POOL_CONNECTIONS = 4  # per process: one in use, a few to spare across reconnects
+POOL_STALE_SECONDS = 600
 
-db = pw.SqliteDatabase(None)
+# SQLite or PostgreSQL, whichever open_db() chose; the models are bound to this proxy.
+db = pw.DatabaseProxy()
+_backend = {"postgresql": False}
+_node = {"name": os.uname().nodename}
+
+
+def default_node() -> str:
+    """The node a process writes as unless told: the host name."""
+    return os.uname().nodename
+
+
+def node() -> str:
+    """The node this process writes as, and whose rows its repair, holds and requeue touch."""
+    return _node["name"]
+
+
+def postgresql() -> bool:
+    """Whether the open records are PostgreSQL's."""
+    return _backend["postgresql"]
 
 
 def text(value: str | None) -> str | None:
@@ -67,10 +93,24 @@ class _Model(pw.Model):
         database = db
 
 
+class _Serial(pw.BigAutoField):
+    """An id never given out twice: AUTOINCREMENT on SQLite (INTEGER PRIMARY KEY, as before),
+    BIGSERIAL on PostgreSQL (whose sequences never reuse a value anyway)."""
+
+    def ddl(self, ctx: Any) -> Any:
+        node_list = super().ddl(ctx)
+        return node_list if postgresql() else pw.NodeList((node_list, pw.SQL("AUTOINCREMENT")))
+
+
+def _node_field() -> pw.TextField:
+    """The node column: '' as the SQL default (what migration 6 adds), the node on insert."""
+    return pw.TextField(default=node, constraints=[pw.SQL("DEFAULT ''")])
+
+
 class FileRecord(_Model):
     """One passage of one file through the spool."""
 
-    id = AutoIncrementField()  # SQLite AUTOINCREMENT: an id is never given out twice
+    id = _Serial()
     profile = pw.TextField()
     bucket = pw.TextField()
     filepath = pw.TextField()
@@ -78,17 +118,18 @@ class FileRecord(_Model):
     current_state = pw.TextField()
     last_updated = pw.DateTimeField(default=utcnow)
     upload_outcome = pw.TextField(null=True)
-    size = pw.IntegerField(null=True)
+    size = pw.BigIntegerField(null=True)
     etag = pw.TextField(null=True)
     reason = pw.TextField(null=True)
     error = pw.TextField(null=True)
     retry_count = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(null=True)
-    requeued_from = pw.IntegerField(null=True, index=True)
+    requeued_from = pw.BigIntegerField(null=True, index=True)
     first_failed_at = pw.DateTimeField(null=True)  # the passage's first failed attempt
     checksum = pw.TextField(null=True)  # "crc32c:<base64>[-N]" of a completed object
     options = pw.TextField(null=True)  # the object options it was uploaded with (JSON)
     version_id = pw.TextField(null=True)  # the object's version, where the bucket keeps them
+    node = _node_field()
 
     class Meta:
         table_name = "file_records"
@@ -98,12 +139,13 @@ class FileRecord(_Model):
 class RetryAttempt(_Model):
     """One retry of one passage (the first upload is not a retry)."""
 
-    id = AutoIncrementField()
-    file_record_id = pw.IntegerField(index=True)
+    id = _Serial()
+    file_record_id = pw.BigIntegerField(index=True)
     attempt = pw.IntegerField()
     attempted_at = pw.DateTimeField(default=utcnow)
     outcome = pw.TextField()
     error = pw.TextField(null=True)
+    node = _node_field()
 
     class Meta:
         table_name = "retry_attempts"
@@ -117,41 +159,45 @@ class Hold(_Model):
     reason = pw.TextField()
     detail = pw.TextField(null=True)
     since = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "holds"
-        primary_key = pw.CompositeKey("profile", "bucket")
+        primary_key = pw.CompositeKey("node", "profile", "bucket")
 
 
 class Endpoint(_Model):
     """A profile's server as the uploads see it: when it last answered (an upload proven or a
     check passed), and the run of transient failures since (none: failures = 0)."""
 
-    profile = pw.TextField(primary_key=True)
+    profile = pw.TextField()
     last_success_at = pw.DateTimeField(null=True)
     failing_since = pw.DateTimeField(null=True)
     failures = pw.IntegerField(default=0)
     failing_keys = pw.IntegerField(default=0)  # how many times the failing key changed, + 1
     last_failed_key = pw.TextField(null=True)
+    node = _node_field()
 
     class Meta:
         table_name = "endpoints"
+        primary_key = pw.CompositeKey("node", "profile")
 
 
 class MultipartUpload(_Model):
     """A passage's multipart upload on the server, and the file it was started for: a
     restart continues it only while the file is still that file."""
 
-    record_id = pw.IntegerField(primary_key=True)
+    record_id = pw.BigIntegerField(primary_key=True)
     bucket = pw.TextField()
     key = pw.TextField()
     upload_id = pw.TextField()
-    part_size = pw.IntegerField()
-    file_size = pw.IntegerField()
-    mtime_ns = pw.IntegerField()
-    inode = pw.IntegerField()
+    part_size = pw.BigIntegerField()
+    file_size = pw.BigIntegerField()
+    mtime_ns = pw.BigIntegerField()
+    inode = pw.BigIntegerField()
     checksum = pw.TextField()  # the algorithm the parts carry (md5: Content-MD5 only)
     started_at = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "multipart_uploads"
@@ -160,12 +206,13 @@ class MultipartUpload(_Model):
 class MultipartPart(_Model):
     """One part the server has acknowledged."""
 
-    record_id = pw.IntegerField()
+    record_id = pw.BigIntegerField()
     number = pw.IntegerField()
-    size = pw.IntegerField()
+    size = pw.BigIntegerField()
     etag = pw.TextField()
     checksum = pw.TextField(null=True)
     done_at = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "multipart_parts"
@@ -176,14 +223,15 @@ class Delivery(_Model):
     """A hook to run for a passage that ended (at least once: pending until it succeeds or
     its retries are spent)."""
 
-    id = AutoIncrementField()
-    record_id = pw.IntegerField(index=True)
+    id = _Serial()
+    record_id = pw.BigIntegerField(index=True)
     event = pw.TextField()  # complete | failure
     state = pw.TextField(default="pending", index=True)  # pending | done | failed
     attempts = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(default=utcnow)
     error = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "deliveries"
@@ -192,11 +240,12 @@ class Delivery(_Model):
 class Removal(_Model):
     """A file the spool's lifecycle removed from completed/ (nothing in failed/ ever is)."""
 
-    id = AutoIncrementField()
-    record_id = pw.IntegerField(null=True, index=True)
+    id = _Serial()
+    record_id = pw.BigIntegerField(null=True, index=True)
     path = pw.TextField()  # below completed/
     reason = pw.TextField()  # on_success | keep_completed
     removed_at = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "removals"
@@ -250,75 +299,162 @@ def _to_v5(migrator: SchemaMigrator) -> None:
     )
 
 
+def _to_v6(migrator: SchemaMigrator) -> None:
+    """The node of every row: rows written before are this node's (a database of release 5
+    and earlier was one host's), holds and endpoints rebuilt with the node in their key.
+    Tables the earlier steps just made from today's models have the column already."""
+    for model in MODELS:
+        table = model._meta.table_name
+        if model is SchemaVersion or "node" in {c.name for c in db.get_columns(table)}:
+            continue
+        if model in (Hold, Endpoint):
+            _rebuild_with_node(model)
+            continue
+        _sql(f'ALTER TABLE "{table}" ADD COLUMN "node" TEXT NOT NULL DEFAULT \'\'', ())
+        _sql(f'UPDATE "{table}" SET "node" = ?', (node(),))
+
+
+def _rebuild_with_node(model: type[_Model]) -> None:
+    table = model._meta.table_name
+    columns = ", ".join(f'"{c.name}"' for c in db.get_columns(table))
+    _sql(f'ALTER TABLE "{table}" RENAME TO "{table}_v5"', ())
+    db.create_tables([model])
+    _sql(
+        f'INSERT INTO "{table}" ({columns}, "node") SELECT {columns}, ? FROM "{table}_v5"',
+        (node(),),
+    )
+    _sql(f'DROP TABLE "{table}_v5"', ())
+
+
 # version -> the step that brings the schema from version - 1 to it
-MIGRATIONS = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5}
+MIGRATIONS = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6}
 
 
 # -- opening ---------------------------------------------------------------------------------
 def check_db(path: str) -> int:
-    """The schema version of the database at `path` (0: none yet), read without changing the
-    file; ConfigError for a file that is not a Flood database or is newer than this code."""
-    if path == ":memory:" or not os.path.exists(path) or os.path.getsize(path) == 0:
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-        try:
-            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            version = _version_of(con, names)
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
-        raise ConfigError(f"records database {path} cannot be read: {exc}") from None
+    """The schema version of the database at `path` (0: none yet), read without changing it;
+    ConfigError for a database that is not Flood's, is newer than this code, or (PostgreSQL)
+    cannot be reached."""
+    if dburl.is_url(path):
+        names, version = _pg_version(path)
+    else:
+        if path == ":memory:" or not os.path.exists(path) or os.path.getsize(path) == 0:
+            return 0
+        names, version = _sqlite_version(path)
+    shown = dburl.shown(path)
     if version < 0:
-        shown = ", ".join(sorted(names)[:5])
+        listed = ", ".join(sorted(names)[:5])
         raise ConfigError(
-            f"{path} is not a Flood records database (its tables: {shown}); give another --db"
+            f"{shown} is not a Flood records database (its tables: {listed}); give another --db"
         )
     if version > SCHEMA_VERSION:
         raise ConfigError(
-            f"records database {path} has schema version {version}, newer than this Flood "
+            f"records database {shown} has schema version {version}, newer than this Flood "
             f"knows ({SCHEMA_VERSION}): it was written by a newer release; upgrade Flood"
         )
     return version
 
 
-def _version_of(con: sqlite3.Connection, names: set[str]) -> int:
+def _sqlite_version(path: str) -> tuple[set[str], int]:
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            return names, _version_of(names, lambda q: con.execute(q).fetchone())
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"records database {path} cannot be read: {exc}") from None
+
+
+def _pg_version(url: str) -> tuple[set[str], int]:
+    """The tables and schema version of a PostgreSQL database, on a connection of its own."""
+    probe = pw.PostgresqlDatabase(url)
+    try:
+        probe.connect()
+        try:
+            names = set(probe.get_tables())
+            return names, _version_of(names, lambda q: probe.execute_sql(q).fetchone())  # type: ignore[no-untyped-call]
+        finally:
+            probe.close()
+    except pw.PeeweeException as exc:
+        raise ConfigError(unreachable(url, exc)) from None
+
+
+def unreachable(url: str, exc: BaseException) -> str:
+    """One line for a PostgreSQL database that cannot be used, its password masked."""
+    cause = " ".join(str(exc).split()) or type(exc).__name__
+    return dburl.scrub(f"cannot use the records database {dburl.shown(url)}: {cause}", url)
+
+
+def _version_of(names: set[str], one: Any) -> int:
     """-1: not Flood's; 0: empty; 1: release 0.1.0; else the recorded version."""
     if not names:
         return 0
     if "flood_schema" in names:
-        row = con.execute("SELECT MAX(version) FROM flood_schema").fetchone()
+        row = one("SELECT MAX(version) FROM flood_schema")
         return int(row[0] or 0)
     return 1 if names >= _RELEASE_1_TABLES else -1
 
 
-def open_db(path: str) -> None:
-    """Open this process's one connection (WAL, busy timeout), create the schema or migrate it
-    to this code's version. ConfigError for a database that is not Flood's or is newer."""
+def open_db(path: str, node_name: str | None = None) -> None:
+    """Open this process's connection (SQLite: WAL, busy timeout; PostgreSQL: a small pool),
+    create the schema or migrate it to this code's version; rows are written as `node_name`
+    (default: the host name). ConfigError for a database that is not Flood's or is newer."""
+    _node["name"] = node_name or default_node()
     check_db(path)
     try:
-        _open(path)
+        if dburl.is_url(path):
+            _open_pg(path)
+        else:
+            _open(path)
     except (OSError, pw.PeeweeException) as exc:
         close_db()
+        if dburl.is_url(path):
+            raise ConfigError(unreachable(path, exc)) from None
         raise ConfigError(f"cannot open the records database {path}: {exc}") from None
+
+
+def _use(database: pw.Database) -> None:
+    close_db()
+    _backend["postgresql"] = isinstance(database, pw.PostgresqlDatabase)
+    db.initialize(database)
 
 
 def _open(path: str) -> None:
     if path != ":memory:" and not os.path.exists(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    db.init(
-        path,
-        pragmas={
-            "journal_mode": "wal",
-            "busy_timeout": BUSY_TIMEOUT_MS,
-            # The directories are the truth and records are repaired from them at start-up, so
-            # a commit lost to power failure (not to a crash) costs a repair, never a file.
-            "synchronous": "normal",
-            "foreign_keys": 0,
-        },
+    _use(
+        pw.SqliteDatabase(
+            path,
+            pragmas={
+                "journal_mode": "wal",
+                "busy_timeout": BUSY_TIMEOUT_MS,
+                # The directories are the truth and records are repaired from them at start-up,
+                # so a commit lost to power failure (not to a crash) costs a repair, never a file.
+                "synchronous": "normal",
+                "foreign_keys": 0,
+            },
+        )
     )
     db.connect(reuse_if_open=True)
     with write():
+        _migrate()
+
+
+def _open_pg(url: str) -> None:
+    # The URL goes to libpq as it is (its query holds libpq's parameters: sslmode, ...); the
+    # password comes from it or from ~/.pgpass, $PGPASSFILE, $PGPASSWORD, as libpq finds it.
+    _use(
+        PooledPostgresqlDatabase(
+            url, max_connections=POOL_CONNECTIONS, stale_timeout=POOL_STALE_SECONDS
+        )
+    )
+    db.connect(reuse_if_open=True)
+    with write():
+        # Supervisors starting at once on an empty database: one creates the schema, the
+        # others wait here and then find it made (DDL is transactional in PostgreSQL).
+        _sql("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
         _migrate()
 
 
@@ -339,7 +475,7 @@ def _migrate() -> None:
             f"records database has schema version {version}, newer than "
             f"this Flood knows ({SCHEMA_VERSION}); upgrade Flood"
         )
-    migrator = SchemaMigrator.from_database(db)
+    migrator = SchemaMigrator.from_database(db.obj)
     for step in range(version + 1, SCHEMA_VERSION + 1):
         MIGRATIONS[step](migrator)
     if version < SCHEMA_VERSION:
@@ -348,44 +484,68 @@ def _migrate() -> None:
 
 
 def close_db() -> None:
+    if db.obj is None:
+        return
     if not db.is_closed():
         db.close()
+    if isinstance(db.obj, PooledPostgresqlDatabase):
+        db.obj.close_all()
 
 
 @contextlib.contextmanager
 def write() -> Iterator[None]:
-    """A write transaction that takes the lock up front (BEGIN IMMEDIATE). When SQLite has
-    already rolled back itself (disk full), the original error is what propagates."""
-    transaction = db.atomic("IMMEDIATE")
+    """A write transaction that takes the lock up front (SQLite: BEGIN IMMEDIATE; PostgreSQL
+    takes row locks as it goes). When the database has already rolled back itself (disk
+    full, a lost connection), the original error is what propagates."""
+    transaction = db.atomic() if postgresql() else db.atomic("IMMEDIATE")
     transaction.__enter__()
     try:
         yield
     except BaseException as exc:
-        with contextlib.suppress(pw.OperationalError):
+        with contextlib.suppress(pw.OperationalError, pw.InterfaceError):
             transaction.__exit__(type(exc), exc, exc.__traceback__)
         raise
     transaction.__exit__(None, None, None)
 
 
-def open_readonly(path: str) -> None:
+class _ReadOnlyPostgresql(pw.PostgresqlDatabase):
+    """A PostgreSQL connection whose transactions cannot write."""
+
+    def _connect(self) -> Any:
+        conn = super()._connect()  # type: ignore[misc]  # untyped in the stubs
+        conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        return conn
+
+
+def open_readonly(path: str, node_name: str | None = None) -> None:
     """Open this process's connection to an existing database for reading only (flood-audit,
     flood-doctor: commands that change nothing). ConfigError for no database, one that is not
     Flood's, or one an earlier release wrote (a supervisor or flood-status migrates it)."""
+    _node["name"] = node_name or default_node()
     version = check_db(path)
+    shown = dburl.shown(path)
     if version == 0:
-        raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else ./flood.db)")
+        raise ConfigError(f"no records database at {shown} (--db, else $FLOOD_DB, else ./flood.db)")
     if version != SCHEMA_VERSION:
         raise ConfigError(
-            f"records database {path} has schema version {version}, older than this Flood's "
+            f"records database {shown} has schema version {version}, older than this Flood's "
             f"({SCHEMA_VERSION}): start flood-supervisor or run flood-status once to migrate it"
         )
-    uri = f"file:{urllib.parse.quote(path)}?mode=ro"
     try:
-        db.init(uri, uri=True, pragmas={"busy_timeout": BUSY_TIMEOUT_MS, "query_only": 1})
+        if dburl.is_url(path):
+            _use(_ReadOnlyPostgresql(path))
+        else:
+            uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+            pragmas = {"busy_timeout": BUSY_TIMEOUT_MS, "query_only": 1}
+            _use(pw.SqliteDatabase(uri, uri=True, pragmas=pragmas))
         db.connect(reuse_if_open=True)
     except pw.PeeweeException as exc:
         close_db()
-        raise ConfigError(f"cannot open the records database {path}: {exc}") from None
+        raise ConfigError(
+            unreachable(path, exc)
+            if dburl.is_url(path)
+            else (f"cannot open the records database {path}: {exc}")
+        ) from None
 
 
 # -- fixed SQL for the per-file writes ---------------------------------------------------------
@@ -393,7 +553,7 @@ def open_readonly(path: str) -> None:
 # than the SQLite work itself (tests/benchmarks/hotpath.py: 1.34 ms against 0.05 ms).
 _OPEN_PASSAGE = (
     "SELECT id FROM file_records WHERE profile = ? AND bucket = ? AND filepath = ?"
-    " AND current_state = ? ORDER BY id DESC LIMIT 1"
+    " AND current_state = ? AND node = ? ORDER BY id DESC LIMIT 1"
 )
 _CONTINUE = (
     "UPDATE file_records SET current_state = 'processing', last_updated = ?, size = ?,"
@@ -401,8 +561,8 @@ _CONTINUE = (
 )
 _START = (
     "INSERT INTO file_records (profile, bucket, filepath, file_creation_date,"
-    " current_state, last_updated, size, retry_count)"
-    " VALUES (?, ?, ?, ?, 'processing', ?, ?, 0)"
+    " current_state, last_updated, size, retry_count, node)"
+    " VALUES (?, ?, ?, ?, 'processing', ?, ?, 0, ?)"
 )
 _COMPLETE = (
     "UPDATE file_records SET current_state = 'completed', upload_outcome = 'success',"
@@ -410,26 +570,42 @@ _COMPLETE = (
     " error = NULL, retry_count = 0, next_attempt_at = NULL, last_updated = ? WHERE id = ?"
 )
 _DELIVER = "INSERT INTO deliveries (record_id, event, state, attempts, next_attempt_at,"
-_DELIVER += " created_at) VALUES (?, ?, 'pending', 0, ?, ?)"
+_DELIVER += " created_at, node) VALUES (?, ?, 'pending', 0, ?, ?, ?)"
+# The same SQL in PostgreSQL's placeholders, made once per statement.
+_PG_SQL: dict[str, str] = {}
 
 
 def _sql(query: str, params: tuple[Any, ...]) -> Any:
-    """Run fixed SQL on this process's connection (peewee's execute_sql is untyped)."""
-    return db.execute_sql(query, params)  # type: ignore[no-untyped-call]
+    """Run fixed SQL on this process's connection, written with SQLite's placeholders
+    (PostgreSQL's driver takes %s)."""
+    if postgresql():
+        query = _PG_SQL.get(query) or _PG_SQL.setdefault(query, query.replace("?", "%s"))
+    return db.execute_sql(query, params)
 
 
-def _stamp(value: dt.datetime | None) -> str | None:
-    """A datetime as peewee's DateTimeField stores it in SQLite."""
-    return None if value is None else str(value)
+def _insert(query: str, params: tuple[Any, ...]) -> int:
+    """Fixed SQL that inserts one row: its id (SQLite: lastrowid; PostgreSQL: RETURNING)."""
+    if postgresql():
+        return int(_sql(query + " RETURNING id", params).fetchone()[0])
+    return int(_sql(query, params).lastrowid)
 
 
-def _of(ref: FileRef) -> Any:
-    """The condition that selects the passages of one key."""
-    return (
+def _stamp(value: dt.datetime | None) -> Any:
+    """A datetime as peewee's DateTimeField stores it: text in SQLite, the datetime itself
+    for PostgreSQL's timestamp columns."""
+    if value is None or postgresql():
+        return value
+    return str(value)
+
+
+def _of(ref: FileRef, mine: bool = True) -> Any:
+    """The condition that selects the passages of one key (`mine`: of this node only)."""
+    where = (
         (FileRecord.profile == ref.profile)
         & (FileRecord.bucket == ref.bucket)
         & (FileRecord.filepath == text(ref.key))
     )
+    return where & (FileRecord.node == node()) if mine else where
 
 
 # -- a producer's copy (flood-copy, flood-requeue) ---------------------------------------------
@@ -566,14 +742,15 @@ def record_claims(claims: Sequence[Claim]) -> list[int]:
     return ids
 
 
-def _claim(ref: FileRef, key: str | None, created: str | None, size: int, now: str | None) -> int:
+def _claim(ref: FileRef, key: str | None, created: Any, size: int, now: Any) -> int:
     # The passage that reached incoming/ first; a newer copy may still be in incoming_tmp.
+    me = node()
     for state in (State.INCOMING, State.INCOMING_TMP):
-        found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, str(state))).fetchone()
+        found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, str(state), me)).fetchone()
         if found is not None:
             _sql(_CONTINUE, (now, size, created, found[0]))
             return int(found[0])
-    return int(_sql(_START, (ref.profile, ref.bucket, key, created, now, size)).lastrowid)
+    return _insert(_START, (ref.profile, ref.bucket, key, created, now, size, me))
 
 
 class Resumed(NamedTuple):
@@ -614,8 +791,9 @@ class Completion(NamedTuple):
 
 
 _ANSWERED = (
-    "INSERT INTO endpoints (profile, last_success_at, failures, failing_keys) VALUES (?, ?, 0, 0)"
-    " ON CONFLICT (profile) DO UPDATE SET last_success_at = excluded.last_success_at,"
+    "INSERT INTO endpoints (node, profile, last_success_at, failures, failing_keys)"
+    " VALUES (?, ?, ?, 0, 0) ON CONFLICT (node, profile) DO UPDATE"
+    " SET last_success_at = excluded.last_success_at,"
     " failing_since = NULL, failures = 0, failing_keys = 0, last_failed_key = NULL"
 )
 
@@ -628,11 +806,11 @@ def record_completions(
     now = _stamp(utcnow())
     with write():
         if profile is not None and done:
-            _sql(_ANSWERED, (profile, now))
+            _sql(_ANSWERED, (node(), profile, now))
         for record_id, size, etag, attempt, checksum, options, version_id in done:
             _sql(_COMPLETE, (size, etag, checksum, options, version_id, now, record_id))
             if deliver:
-                _sql(_DELIVER, (record_id, "complete", now, now))
+                _sql(_DELIVER, (record_id, "complete", now, now, node()))
             if attempt > 0:
                 RetryAttempt.create(
                     file_record_id=record_id, attempt=attempt, outcome=Outcome.SUCCESS
@@ -651,7 +829,7 @@ def record_failed(
         MultipartUpload.delete().where(MultipartUpload.record_id == record_id).execute()
         if deliver:
             now = _stamp(utcnow())
-            _sql(_DELIVER, (record_id, "failure", now, now))
+            _sql(_DELIVER, (record_id, "failure", now, now, node()))
         FileRecord.update(
             current_state=State.FAILED,
             upload_outcome=Outcome.FAILURE,
@@ -742,6 +920,7 @@ def waiting_passages(
         (FileRecord.current_state == State.PROCESSING)
         & FileRecord.next_attempt_at.is_null(False)
         & (FileRecord.next_attempt_at > (now or utcnow()))
+        & (FileRecord.node == node())
     )
     if profile is not None:
         query = query.where(FileRecord.profile == profile)
@@ -786,6 +965,7 @@ def due_keys(profile: str, now: dt.datetime | None = None) -> set[tuple[str, str
         & (FileRecord.current_state == State.PROCESSING)
         & FileRecord.next_attempt_at.is_null(False)
         & (FileRecord.next_attempt_at <= (now or utcnow()))
+        & (FileRecord.node == node())
     )
     return {(bucket, key) for bucket, key in _tuples(query)}
 
@@ -803,7 +983,7 @@ def endpoint_failed(profile: str, key: str) -> Failing:
     """One more transient failure of the profile's server (refused, reset, timed out, 5xx)."""
     now = utcnow()
     with write():
-        row = Endpoint.get_or_none(Endpoint.profile == profile)
+        row = Endpoint.get_or_none((Endpoint.profile == profile) & (Endpoint.node == node()))
         if row is None:
             row = Endpoint.create(profile=profile, failures=0, failing_keys=0)
         row.failures = int(row.failures or 0) + 1
@@ -818,13 +998,17 @@ def endpoint_failed(profile: str, key: str) -> Failing:
 def endpoint_answered(profile: str) -> None:
     """The profile's server answered (a check passed): its run of failures is over."""
     with write():
-        _sql(_ANSWERED, (profile, _stamp(utcnow())))
+        _sql(_ANSWERED, (node(), profile, _stamp(utcnow())))
 
 
 def answered_since_first_failure(profile: str, record_id: int) -> bool:
     """Whether the profile's server answered since this passage's first failed attempt."""
     first = FileRecord.select(FileRecord.first_failed_at).where(FileRecord.id == record_id).scalar()
-    last = Endpoint.select(Endpoint.last_success_at).where(Endpoint.profile == profile).scalar()
+    last = (
+        Endpoint.select(Endpoint.last_success_at)
+        .where((Endpoint.profile == profile) & (Endpoint.node == node()))
+        .scalar()
+    )
     first, last = _time(first), _time(last)
     return first is None or (last is not None and last >= first)
 
@@ -874,14 +1058,21 @@ def multipart_started(upload: Upload) -> None:
 
 def part_done(record_id: int, part: Part) -> None:
     """The server acknowledged a part (recorded as soon as its answer is read)."""
+    query = MultipartPart.insert(
+        record_id=record_id,
+        number=part.number,
+        size=part.size,
+        etag=part.etag,
+        checksum=part.checksum,
+    )
+    if postgresql():  # no INSERT OR REPLACE there: the same replacement as an upsert
+        keys = [MultipartPart.record_id, MultipartPart.number]
+        changed = [MultipartPart.size, MultipartPart.etag, MultipartPart.checksum]
+        query = query.on_conflict(conflict_target=keys, preserve=[*changed, MultipartPart.done_at])
+    else:
+        query = query.on_conflict_replace()
     with write():
-        MultipartPart.insert(
-            record_id=record_id,
-            number=part.number,
-            size=part.size,
-            etag=part.etag,
-            checksum=part.checksum,
-        ).on_conflict_replace().execute()
+        query.execute()
 
 
 def multipart_of(record_id: int) -> Upload | None:
@@ -950,7 +1141,11 @@ def due_deliveries(now: dt.datetime, limit: int = 64) -> list[Due]:
     """Pending hook deliveries whose time has come, oldest first."""
     pending = list(
         Delivery.select()
-        .where((Delivery.state == "pending") & (Delivery.next_attempt_at <= now))
+        .where(
+            (Delivery.state == "pending")
+            & (Delivery.next_attempt_at <= now)
+            & (Delivery.node == node())
+        )
         .order_by(Delivery.id)
         .limit(limit)
     )
@@ -1051,8 +1246,10 @@ def set_state(record_id: int, state: State, reason: str | None = None) -> None:
         ).execute()
 
 
-def _newest(ref: FileRef, states: tuple[State, ...] | None = None) -> FileRecord | None:
-    query = FileRecord.select().where(_of(ref))
+def _newest(
+    ref: FileRef, states: tuple[State, ...] | None = None, mine: bool = True
+) -> FileRecord | None:
+    query = FileRecord.select().where(_of(ref, mine))
     if states is not None:
         query = query.where(FileRecord.current_state.in_(states))
     return query.order_by(FileRecord.id.desc()).first()  # type: ignore[no-any-return]
@@ -1075,7 +1272,7 @@ def open_passages() -> Iterator[OpenPassage]:
         FileRecord.bucket,
         FileRecord.filepath,
         FileRecord.current_state,
-    ).where(FileRecord.current_state.in_(OPEN))
+    ).where(FileRecord.current_state.in_(OPEN) & (FileRecord.node == node()))
     for row in query.iterator():
         ref = FileRef(row.profile, row.bucket, row.filepath)
         yield OpenPassage(int(row.id), ref, State(row.current_state))
@@ -1100,7 +1297,7 @@ def repair(record_id: int, state: State) -> None:
 def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
     """Put a profile (bucket '') or bucket on hold; True if it was not held already. An
     outage hold gives way to a more telling reason found meanwhile (a certificate, a key)."""
-    where = (Hold.profile == profile) & (Hold.bucket == bucket)
+    where = (Hold.profile == profile) & (Hold.bucket == bucket) & (Hold.node == node())
     with write():
         old = Hold.get_or_none(where)
         if old is None:
@@ -1114,18 +1311,22 @@ def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
 
 def release(profile: str, bucket: str) -> bool:
     with write():
-        deleted = Hold.delete().where((Hold.profile == profile) & (Hold.bucket == bucket)).execute()
+        deleted = (
+            Hold.delete()
+            .where((Hold.profile == profile) & (Hold.bucket == bucket) & (Hold.node == node()))
+            .execute()
+        )
     return bool(deleted)
 
 
 def release_all() -> None:
-    """Every hold lifted: start-up checks each profile and bucket afresh."""
+    """Every hold of this node lifted: start-up checks each profile and bucket afresh."""
     with write():
-        Hold.delete().execute()
+        Hold.delete().where(Hold.node == node()).execute()
 
 
 def holds() -> dict[tuple[str, str], str]:
-    return {(h.profile, h.bucket): h.reason for h in Hold.select()}
+    return {(h.profile, h.bucket): h.reason for h in Hold.select().where(Hold.node == node())}
 
 
 @dataclass(frozen=True)
@@ -1138,7 +1339,7 @@ class HoldRecord:
 
 
 def hold_records() -> list[HoldRecord]:
-    query = Hold.select().order_by(Hold.profile, Hold.bucket)
+    query = Hold.select().where(Hold.node == node()).order_by(Hold.profile, Hold.bucket)
     return [HoldRecord(h.profile, h.bucket, h.reason, h.detail, _time(h.since)) for h in query]
 
 
@@ -1155,6 +1356,7 @@ def waiting_retries() -> dict[tuple[str, str], tuple[int, dt.datetime | None]]:
         .where(
             (FileRecord.current_state == State.PROCESSING)
             & FileRecord.next_attempt_at.is_null(False)
+            & (FileRecord.node == node())
         )
         .group_by(FileRecord.profile, FileRecord.bucket)
     )
@@ -1167,7 +1369,11 @@ def completed_since(when: dt.datetime) -> dict[tuple[str, str], int]:
         FileRecord.select(
             FileRecord.profile, FileRecord.bucket, pw.fn.COUNT(FileRecord.id).alias("n")
         )
-        .where((FileRecord.current_state == State.COMPLETED) & (FileRecord.last_updated >= when))
+        .where(
+            (FileRecord.current_state == State.COMPLETED)
+            & (FileRecord.last_updated >= when)
+            & (FileRecord.node == node())
+        )
         .group_by(FileRecord.profile, FileRecord.bucket)
     )
     return {(p, b): int(n) for p, b, n in _tuples(query)}
@@ -1188,10 +1394,14 @@ class Problem:
 def problems_since(when: dt.datetime) -> Iterator[Problem]:
     """Passages failed since `when`, then every passage now waiting for a retry, oldest first."""
     failed = FileRecord.select().where(
-        (FileRecord.current_state == State.FAILED) & (FileRecord.last_updated >= when)
+        (FileRecord.current_state == State.FAILED)
+        & (FileRecord.last_updated >= when)
+        & (FileRecord.node == node())
     )
     waiting = FileRecord.select().where(
-        (FileRecord.current_state == State.PROCESSING) & FileRecord.next_attempt_at.is_null(False)
+        (FileRecord.current_state == State.PROCESSING)
+        & FileRecord.next_attempt_at.is_null(False)
+        & (FileRecord.node == node())
     )
     for state, query in (("failed", failed), ("retrying", waiting)):
         for row in query.order_by(FileRecord.id).iterator():
@@ -1226,7 +1436,7 @@ def completed_passages(
         .where(FileRecord.current_state == State.COMPLETED)
         .group_by(FileRecord.profile, FileRecord.bucket, FileRecord.filepath)
     )
-    query = FileRecord.select().where(FileRecord.id.in_(newest))
+    query = FileRecord.select().where(FileRecord.id.in_(newest) & (FileRecord.node == node()))
     if since is not None:
         query = query.where(FileRecord.last_updated >= since)
     if profile is not None:
@@ -1258,8 +1468,8 @@ def buckets_with_key(key: str) -> list[tuple[str, str]]:
 
 
 def known(ref: FileRef) -> bool:
-    """Whether any passage of this key is on record."""
-    return _newest(ref) is not None
+    """Whether any passage of this key is on record, on any node."""
+    return _newest(ref, mine=False) is not None
 
 
 @dataclass(frozen=True)
@@ -1292,11 +1502,12 @@ class PassageRecord:
     version_id: str | None = None
     deliveries: list[tuple[str, str, int, str | None]] = field(default_factory=list)
     removed: list[tuple[str, dt.datetime | None]] = field(default_factory=list)  # (reason, at)
+    node: str = ""  # the node whose spool the passage went through
 
 
 def passages(ref: FileRef) -> list[PassageRecord]:
     """Every passage of one key, oldest first, each with its retries."""
-    rows = list(FileRecord.select().where(_of(ref)).order_by(FileRecord.id))
+    rows = list(FileRecord.select().where(_of(ref, mine=False)).order_by(FileRecord.id))
     tries: dict[int, list[AttemptRecord]] = {}
     if rows:
         query = (
@@ -1326,6 +1537,7 @@ def passages(ref: FileRef) -> list[PassageRecord]:
             checksum=r.checksum,
             options=r.options,
             version_id=r.version_id,
+            node=r.node,
             deliveries=deliveries_of(int(r.id)),
             removed=[
                 (m.reason, _time(m.removed_at))
@@ -1372,6 +1584,7 @@ def completed_page(
         (FileRecord.current_state == State.COMPLETED)
         & (FileRecord.id > after)
         & ~pw.fn.EXISTS(replaced)
+        & (FileRecord.node == node())
     )
     if since is not None:
         query = query.where(FileRecord.last_updated >= since)
@@ -1410,3 +1623,70 @@ def superseded(done: Completed) -> bool:
         )
         .exists()
     )
+
+
+# -- the fleet: every node's passages, for flood-status ------------------------------------------
+@dataclass
+class NodeBucket:
+    """One node's profile and bucket as its records tell it (flood-status reads the directories
+    of its own node only: another node's spool lies on another host)."""
+
+    node: str
+    profile: str
+    bucket: str
+    incoming: int = 0
+    processing: int = 0  # in processing/, waiting for a retry or not
+    waiting_retry: int = 0
+    next_retry_at: dt.datetime | None = None
+    failed: int = 0  # keys whose newest passage failed
+    completed_today: int = 0
+
+
+def nodes() -> list[str]:
+    """Every node with a row in the records, sorted."""
+    query = FileRecord.select(FileRecord.node).distinct().order_by(FileRecord.node)
+    return [str(n) for (n,) in _tuples(query)]
+
+
+def node_buckets(since: dt.datetime) -> dict[tuple[str, str, str], NodeBucket]:
+    """Per (node, profile, bucket): open passages, retries waiting, failed keys, and passages
+    completed at or after `since`."""
+    found: dict[tuple[str, str, str], NodeBucket] = {}
+
+    def entry(n: str, p: str, b: str) -> NodeBucket:
+        return found.setdefault((n, p, b), NodeBucket(n, p, b))
+
+    where = FileRecord.node, FileRecord.profile, FileRecord.bucket
+    open_query = (
+        FileRecord.select(
+            *where,
+            FileRecord.current_state,
+            pw.fn.COUNT(FileRecord.id),
+            pw.fn.COUNT(FileRecord.next_attempt_at),
+            pw.fn.MIN(FileRecord.next_attempt_at),
+        )
+        .where(FileRecord.current_state.in_((State.INCOMING, State.PROCESSING)))
+        .group_by(*where, FileRecord.current_state)
+    )
+    for n, p, b, state, count, waiting, due in _tuples(open_query):
+        e = entry(n, p, b)
+        if state == State.INCOMING:
+            e.incoming = int(count)
+        else:
+            e.processing, e.waiting_retry, e.next_retry_at = int(count), int(waiting), _time(due)
+    done = (
+        FileRecord.select(*where, pw.fn.COUNT(FileRecord.id))
+        .where((FileRecord.current_state == State.COMPLETED) & (FileRecord.last_updated >= since))
+        .group_by(*where)
+    )
+    for n, p, b, count in _tuples(done):
+        entry(n, p, b).completed_today = int(count)
+    newest = FileRecord.select(pw.fn.MAX(FileRecord.id)).group_by(*where, FileRecord.filepath)
+    failed = (
+        FileRecord.select(*where, pw.fn.COUNT(FileRecord.id))
+        .where((FileRecord.current_state == State.FAILED) & FileRecord.id.in_(newest))
+        .group_by(*where)
+    )
+    for n, p, b, count in _tuples(failed):
+        entry(n, p, b).failed = int(count)
+    return found

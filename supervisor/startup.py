@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from flood import crashpoints, records
+from flood import crashpoints, dburl, records
 from flood.connection import check_source, endpoint_of, proxy_for
 from flood.credentials import INSECURE, Profile
 from flood.errors import AlreadyRunning, LayoutError
@@ -44,8 +44,9 @@ def prepare(settings: Settings, log: Any) -> Layout:
     layout = Layout(settings.server_dir)
     if not layout.root.is_dir():
         raise LayoutError(f"server directory {layout.root} does not exist or is not a directory")
-    records.open_db(settings.db_path)
+    records.open_db(settings.db_path, settings.node)
     record_db(layout, settings.db_path, log)
+    record_node(layout, records.node(), log)
     os.makedirs(layout.state_dir(State.INCOMING_TMP), mode=0o750, exist_ok=True)
     wiped = layout.wipe_incoming_tmp()
     log.info("incoming_tmp_wiped", path=layout.state_dir(State.INCOMING_TMP), entries=wiped)
@@ -61,13 +62,24 @@ def record_db(layout: Layout, db_path: str, log: Any) -> None:
     """Say in the server dir which records this supervisor writes (it holds the lock), so the
     commands find them from any directory instead of guessing ./flood.db."""
     before = layout.recorded_db()
+    db_path = dburl.without_password(db_path)  # the file is world-readable; libpq has pgpass
     try:
         layout.record_db(db_path)
     except OSError as exc:
         raise LayoutError(
             f"cannot record the database's path in {layout.root / DB_RECORD_NAME}: {exc.strerror}"
         ) from None
-    log.info("db_recorded", path=db_path, previous=before if before != db_path else None)
+    previous = dburl.shown(before) if before is not None and before != db_path else None
+    log.info("db_recorded", path=dburl.shown(db_path), previous=previous)
+
+
+def record_node(layout: Layout, node: str, log: Any) -> None:
+    """Say in the server dir which node this supervisor writes as (the commands act as it)."""
+    try:
+        layout.record_node(node)
+    except OSError as exc:
+        raise LayoutError(f"cannot record the node in {layout.root}: {exc.strerror}") from None
+    log.info("node_recorded", node=node)
 
 
 def repair(layout: Layout, log: Any) -> int:

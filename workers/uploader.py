@@ -66,7 +66,7 @@ class UploaderRole:
         self.log = logs.configure(
             "uploader", self.settings.log_level, self.settings.log_file, self.settings.secrets()
         )
-        records.open_db(self.settings.db_path)
+        records.open_db(self.settings.db_path, self.settings.node)
         connection = Connection(self.settings.profiles[self.profile], self.settings.profiles)
         account = self.settings.profiles[self.profile]
         in_flight = account.parts_in_flight or self.settings.parts_in_flight

@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import os
 import re
 import sqlite3
+import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import peewee as pw
 from playhouse.migrate import SchemaMigrator, migrate
 from playhouse.pool import PooledPostgresqlDatabase
 
 from flood import dburl
-from flood.errors import ConfigError
+from flood.errors import ConfigError, DatabaseUnreachable
 from flood.jobs import FileRef
 from flood.states import OPEN, Outcome, Reason, State
 
@@ -380,7 +382,7 @@ def _pg_version(url: str) -> tuple[set[str], int]:
         finally:
             probe.close()
     except pw.PeeweeException as exc:
-        raise ConfigError(unreachable(url, exc)) from None
+        raise DatabaseUnreachable(unreachable(url, exc)) from None
 
 
 def unreachable(url: str, exc: BaseException) -> str:
@@ -413,12 +415,14 @@ def open_db(path: str, node_name: str | None = None) -> None:
     except (OSError, pw.PeeweeException) as exc:
         close_db()
         if dburl.is_url(path):
-            raise ConfigError(unreachable(path, exc)) from None
+            raise DatabaseUnreachable(unreachable(path, exc)) from None
         raise ConfigError(f"cannot open the records database {path}: {exc}") from None
 
 
 def _use(database: pw.Database) -> None:
     close_db()
+    if isinstance(db.obj, PooledPostgresqlDatabase):
+        db.obj.close_all()  # a database opened again: the old pool's connections go
     _backend["postgresql"] = isinstance(database, pw.PostgresqlDatabase)
     _backend["database"] = database
     db.initialize(database)
@@ -487,12 +491,14 @@ def _migrate() -> None:
 
 
 def close_db() -> None:
+    """Close this thread's connection (to the pool, for PostgreSQL: other threads keep theirs)."""
     if db.obj is None:
         return
-    if not db.is_closed():
-        db.close()
-    if isinstance(db.obj, PooledPostgresqlDatabase):
-        db.obj.close_all()
+    try:
+        if not db.is_closed():
+            db.close()
+    except (pw.OperationalError, pw.InterfaceError):  # a connection PostgreSQL cut off
+        _drop_connection()
 
 
 @contextlib.contextmanager
@@ -549,6 +555,121 @@ def open_readonly(path: str, node_name: str | None = None) -> None:
             if dburl.is_url(path)
             else (f"cannot open the records database {path}: {exc}")
         ) from None
+
+
+# -- PostgreSQL away: a lost connection ---------------------------------------------------------
+RECONNECT_EVERY = 1.0  # seconds between attempts while the database is away
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+# Server-side codes of a connection going away: connection exceptions, and the shutdowns of
+# an administrator, a crash, or a server not yet accepting connections.
+_GONE_CODES = ("57P01", "57P02", "57P03")
+
+
+@dataclass
+class Outages:
+    """What this process does when PostgreSQL goes away: `down(message)` once per outage,
+    `up(seconds)` once it is back; with `wait`, a call blocks (calling `tick` every second,
+    while `alive()`) until the database is back and then runs again; without, it raises
+    DatabaseUnreachable at once (the next call tries to connect afresh)."""
+
+    down: Callable[[str], None] = lambda message: None
+    up: Callable[[float], None] = lambda seconds: None
+    wait: bool = False
+    tick: Callable[[], None] = lambda: None
+    alive: Callable[[], bool] = lambda: True
+    since: float | None = None  # monotonic start of the current outage
+
+
+_outages = {"now": Outages()}
+
+
+def watch_outages(outages: Outages) -> None:
+    """How this process meets a PostgreSQL outage (the default: raise, say nothing)."""
+    _outages["now"] = outages
+
+
+def database_up() -> bool:
+    """False while this process has found the database away and not yet back."""
+    return _outages["now"].since is None
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether a PostgreSQL error means the connection (or the server) went away."""
+    cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+    code = getattr(cause, "sqlstate", None) or ""
+    if code.startswith("08") or code in _GONE_CODES:
+        return True
+    database = _backend["database"]
+    conn = getattr(getattr(database, "_state", None), "conn", None)
+    return conn is None or bool(conn.closed) or bool(getattr(conn, "broken", False))
+
+
+def _drop_connection() -> None:
+    """Forget this thread's connection (and the pool's idle ones: they died with it), so the
+    next query connects afresh."""
+    database = _backend["database"]
+    state = database._state
+    conn, _ = state.conn, state.reset()
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+    if isinstance(database, PooledPostgresqlDatabase):
+        if conn is not None:
+            database._in_use.pop(database.conn_key(conn), None)
+        with contextlib.suppress(Exception):
+            database.close_idle()
+
+
+def _back() -> None:
+    """A query succeeded: an outage this process saw is over."""
+    outages = _outages["now"]
+    if outages.since is not None:
+        seconds, outages.since = time.monotonic() - outages.since, None
+        outages.up(seconds)
+
+
+def _away(exc: BaseException) -> None:
+    """The connection went away: say so once, then raise or wait until it is back."""
+    _drop_connection()
+    outages = _outages["now"]
+    if outages.since is None:
+        outages.since = time.monotonic()
+        outages.down(" ".join(str(exc).split()) or type(exc).__name__)
+    if not outages.wait:
+        raise DatabaseUnreachable(f"the records database is unreachable: {exc}") from None
+    while outages.alive():
+        outages.tick()
+        time.sleep(RECONNECT_EVERY)
+        try:
+            db.connect(reuse_if_open=True)
+            _sql("SELECT 1", ())
+            return
+        except (pw.OperationalError, pw.InterfaceError):
+            _drop_connection()
+    raise DatabaseUnreachable(f"the records database is unreachable: {exc}") from None
+
+
+def _resilient(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A records function that meets a PostgreSQL outage as this process asked (Outages). A
+    transaction cut off is rolled back by the server, so running the call again is safe;
+    SQLite's errors pass through as they always did."""
+
+    @functools.wraps(fn)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except (pw.OperationalError, pw.InterfaceError) as exc:
+                if not _backend["postgresql"] or not _connection_lost(exc):
+                    raise
+                _away(exc)
+                continue
+            if _outages["now"].since is not None:
+                _back()
+            return result
+
+    return call
 
 
 # -- fixed SQL for the per-file writes ---------------------------------------------------------
@@ -612,6 +733,7 @@ def _of(ref: FileRef, mine: bool = True) -> Any:
 
 
 # -- a producer's copy (flood-copy, flood-requeue) ---------------------------------------------
+@_resilient
 def record_queued(
     ref: FileRef,
     state: State,
@@ -639,6 +761,7 @@ def record_queued(
         return int(row.id)
 
 
+@_resilient
 def record_requeued(ref: FileRef, from_id: int | None, size: int) -> int:
     """A failed file on its way back to incoming/: a new passage in incoming_tmp, linked to
     the failed one and keeping its creation date."""
@@ -656,6 +779,7 @@ def record_requeued(ref: FileRef, from_id: int | None, size: int) -> int:
     return int(row.id)
 
 
+@_resilient
 def abandon(record_id: int, reason: Reason) -> None:
     """A copy that will not reach incoming/ (after all, or only if it has not yet)."""
     with write():
@@ -666,6 +790,7 @@ def abandon(record_id: int, reason: Reason) -> None:
         ).execute()
 
 
+@_resilient
 def supersede_waiting(ref: FileRef, newer_id: int | None) -> None:
     """A newer copy of a key replaced one that waited in incoming/: close the older passages."""
     with write():
@@ -685,6 +810,7 @@ class Ending(NamedTuple):
     retry_at: dt.datetime | None = None  # in processing/, waiting for this retry
 
 
+@_resilient
 def endings(ids: Sequence[int]) -> dict[int, Ending]:
     """The state of each of these passages (a deleted one is absent)."""
     found: dict[int, Ending] = {}
@@ -710,6 +836,7 @@ class Failure(NamedTuple):
     reason: str | None
 
 
+@_resilient
 def unrequeued_failures(ref: FileRef) -> list[Failure]:
     """Failed passages of this key that no later passage was requeued from, newest first."""
     requeued = FileRecord.select(FileRecord.requeued_from).where(
@@ -734,6 +861,7 @@ class Claim(NamedTuple):
     size: int
 
 
+@_resilient
 def record_claims(claims: Sequence[Claim]) -> list[int]:
     """Files just moved into processing/, in one transaction: each continues its producer's
     passage or starts a new one. Their record ids, in order."""
@@ -764,6 +892,7 @@ class Resumed(NamedTuple):
     due: dt.datetime | None  # when the next one is due, if one is scheduled
 
 
+@_resilient
 def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> Resumed:
     """A file found in processing/ (after a restart, or a retry come due): its open passage,
     or a new one."""
@@ -801,6 +930,7 @@ _ANSWERED = (
 )
 
 
+@_resilient
 def record_completions(
     done: Sequence[Completion], profile: str | None = None, deliver: bool = False
 ) -> None:
@@ -820,6 +950,7 @@ def record_completions(
                 )
 
 
+@_resilient
 def record_failed(
     record_id: int, reason: str, error: str, attempt: int, deliver: bool = False
 ) -> None:
@@ -850,6 +981,7 @@ def record_failed(
             )
 
 
+@_resilient
 def fail_open_passage(ref: FileRef, reason: str, error: str) -> None:
     """The passage in processing/ of a file whose handling keeps crashing: failed."""
     row = _newest(ref, (State.PROCESSING,))
@@ -857,6 +989,7 @@ def fail_open_passage(ref: FileRef, reason: str, error: str) -> None:
         record_failed(int(row.id), reason, error, 0)
 
 
+@_resilient
 def record_retry_scheduled(
     record_id: int, attempt: int, due: dt.datetime, error: str, failed_attempt: int
 ) -> None:
@@ -879,6 +1012,7 @@ def record_retry_scheduled(
             )
 
 
+@_resilient
 def record_held(
     record_id: int, due: dt.datetime, error: str, failed_attempt: int | None, next_attempt: int
 ) -> None:
@@ -915,6 +1049,7 @@ class Waiting:
     error: str | None
 
 
+@_resilient
 def waiting_passages(
     profile: str | None = None, bucket: str | None = None, now: dt.datetime | None = None
 ) -> list[Waiting]:
@@ -948,6 +1083,7 @@ _MAKE_DUE = (
 )
 
 
+@_resilient
 def make_due(ids: Sequence[int], note: str, now: dt.datetime | None = None) -> int:
     """Retries due now instead of later: each passage still waiting gets next_attempt_at =
     now and `note` after its error (the retry count and retry_attempts are left as they are:
@@ -960,6 +1096,7 @@ def make_due(ids: Sequence[int], note: str, now: dt.datetime | None = None) -> i
     return changed
 
 
+@_resilient
 def due_keys(profile: str, now: dt.datetime | None = None) -> set[tuple[str, str]]:
     """(bucket, key as stored) of the profile's passages in processing/ whose retry is due by
     now: what an uploader whose own schedule says later may take up at once."""
@@ -982,6 +1119,7 @@ class Failing(NamedTuple):
     since: dt.datetime | None
 
 
+@_resilient
 def endpoint_failed(profile: str, key: str) -> Failing:
     """One more transient failure of the profile's server (refused, reset, timed out, 5xx)."""
     now = utcnow()
@@ -998,12 +1136,14 @@ def endpoint_failed(profile: str, key: str) -> Failing:
     return Failing(row.failures, row.failing_keys, _time(row.failing_since))
 
 
+@_resilient
 def endpoint_answered(profile: str) -> None:
     """The profile's server answered (a check passed): its run of failures is over."""
     with write():
         _sql(_ANSWERED, (node(), profile, _stamp(utcnow())))
 
 
+@_resilient
 def answered_since_first_failure(profile: str, record_id: int) -> bool:
     """Whether the profile's server answered since this passage's first failed attempt."""
     first = FileRecord.select(FileRecord.first_failed_at).where(FileRecord.id == record_id).scalar()
@@ -1041,6 +1181,7 @@ class Upload:
     started_at: dt.datetime | None = None
 
 
+@_resilient
 def multipart_started(upload: Upload) -> None:
     """A new multipart upload of a passage (any earlier one of it is forgotten)."""
     with write():
@@ -1059,6 +1200,7 @@ def multipart_started(upload: Upload) -> None:
         )
 
 
+@_resilient
 def part_done(record_id: int, part: Part) -> None:
     """The server acknowledged a part (recorded as soon as its answer is read)."""
     query = MultipartPart.insert(
@@ -1078,6 +1220,7 @@ def part_done(record_id: int, part: Part) -> None:
         query.execute()
 
 
+@_resilient
 def multipart_of(record_id: int) -> Upload | None:
     """The passage's multipart upload on record, with its parts, if it has one."""
     row = MultipartUpload.get_or_none(MultipartUpload.record_id == record_id)
@@ -1102,6 +1245,7 @@ def multipart_of(record_id: int) -> Upload | None:
     )
 
 
+@_resilient
 def multipart_forget(record_id: int) -> None:
     """The passage's multipart upload is over (completed, aborted, or gone from the server)."""
     with write():
@@ -1109,6 +1253,7 @@ def multipart_forget(record_id: int) -> None:
         MultipartUpload.delete().where(MultipartUpload.record_id == record_id).execute()
 
 
+@_resilient
 def upload_ids(bucket: str | None = None) -> set[str]:
     """The multipart uploads Flood's records know (the janitor leaves these alone)."""
     query = MultipartUpload.select(MultipartUpload.upload_id)
@@ -1140,6 +1285,7 @@ class Due:
     ended: dt.datetime | None
 
 
+@_resilient
 def due_deliveries(now: dt.datetime, limit: int = 64) -> list[Due]:
     """Pending hook deliveries whose time has come, oldest first."""
     pending = list(
@@ -1184,6 +1330,7 @@ def due_deliveries(now: dt.datetime, limit: int = 64) -> list[Due]:
     return found
 
 
+@_resilient
 def delivered(delivery_id: int) -> None:
     with write():
         Delivery.update(state="done", attempts=Delivery.attempts + 1, error=None).where(
@@ -1191,6 +1338,7 @@ def delivered(delivery_id: int) -> None:
         ).execute()
 
 
+@_resilient
 def delivery_failed(delivery_id: int, error: str, due: dt.datetime | None) -> None:
     """One attempt failed: try again at `due`, or (None) its retries are spent."""
     with write():
@@ -1202,6 +1350,7 @@ def delivery_failed(delivery_id: int, error: str, due: dt.datetime | None) -> No
         ).where(Delivery.id == delivery_id).execute()
 
 
+@_resilient
 def deliveries_of(record_id: int) -> list[tuple[str, str, int, str | None]]:
     """A passage's hook deliveries: (event, state, attempts, last error)."""
     query = Delivery.select().where(Delivery.record_id == record_id).order_by(Delivery.id)
@@ -1209,12 +1358,14 @@ def deliveries_of(record_id: int) -> list[tuple[str, str, int, str | None]]:
 
 
 # -- the spool's lifecycle ---------------------------------------------------------------------
+@_resilient
 def record_removed(path: str, reason: str, record_id: int | None) -> None:
     """The lifecycle removed a file from completed/ (recorded, then logged)."""
     with write():
         Removal.create(record_id=record_id, path=text(path), reason=reason)
 
 
+@_resilient
 def completed_id(ref: FileRef) -> int | None:
     """The newest completed passage of a key (the one a file in completed/ stands for)."""
     row = _newest(ref, (State.COMPLETED,))
@@ -1230,6 +1381,7 @@ class Failed(NamedTuple):
     requeues: int
 
 
+@_resilient
 def newest_failure(ref: FileRef) -> Failed | None:
     """The key's newest passage if it failed, with the length of its chain of requeues."""
     row = _newest(ref)
@@ -1242,6 +1394,7 @@ def newest_failure(ref: FileRef) -> Failed | None:
     return Failed(int(row.id), row.reason, _time(row.last_updated), requeues)
 
 
+@_resilient
 def set_state(record_id: int, state: State, reason: str | None = None) -> None:
     with write():
         FileRecord.update(current_state=state, reason=reason, last_updated=utcnow()).where(
@@ -1281,6 +1434,7 @@ def open_passages() -> Iterator[OpenPassage]:
         yield OpenPassage(int(row.id), ref, State(row.current_state))
 
 
+@_resilient
 def repair(record_id: int, state: State) -> None:
     """Make an open passage agree with where its file is: a copy wiped from incoming_tmp is
     abandoned, a file found in completed/ was uploaded."""
@@ -1297,6 +1451,7 @@ def repair(record_id: int, state: State) -> None:
 
 
 # -- holds -------------------------------------------------------------------------------------
+@_resilient
 def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
     """Put a profile (bucket '') or bucket on hold; True if it was not held already. An
     outage hold gives way to a more telling reason found meanwhile (a certificate, a key)."""
@@ -1312,6 +1467,7 @@ def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
         return True
 
 
+@_resilient
 def release(profile: str, bucket: str) -> bool:
     with write():
         deleted = (
@@ -1322,12 +1478,14 @@ def release(profile: str, bucket: str) -> bool:
     return bool(deleted)
 
 
+@_resilient
 def release_all() -> None:
     """Every hold of this node lifted: start-up checks each profile and bucket afresh."""
     with write():
         Hold.delete().where(Hold.node == node()).execute()
 
 
+@_resilient
 def holds() -> dict[tuple[str, str], str]:
     return {(h.profile, h.bucket): h.reason for h in Hold.select().where(Hold.node == node())}
 
@@ -1341,12 +1499,14 @@ class HoldRecord:
     since: dt.datetime | None
 
 
+@_resilient
 def hold_records() -> list[HoldRecord]:
     query = Hold.select().where(Hold.node == node()).order_by(Hold.profile, Hold.bucket)
     return [HoldRecord(h.profile, h.bucket, h.reason, h.detail, _time(h.since)) for h in query]
 
 
 # -- what flood-status and the metrics read ----------------------------------------------------
+@_resilient
 def waiting_retries() -> dict[tuple[str, str], tuple[int, dt.datetime | None]]:
     """Per profile and bucket: passages in processing/ waiting for a retry, and the next due."""
     query = (
@@ -1366,6 +1526,7 @@ def waiting_retries() -> dict[tuple[str, str], tuple[int, dt.datetime | None]]:
     return {(p, b): (int(n), _time(due)) for p, b, n, due in _tuples(query)}
 
 
+@_resilient
 def completed_since(when: dt.datetime) -> dict[tuple[str, str], int]:
     """Per profile and bucket: passages completed at or after `when`."""
     query = (
@@ -1459,6 +1620,7 @@ def completed_passages(
         )
 
 
+@_resilient
 def buckets_with_key(key: str) -> list[tuple[str, str]]:
     """Every (profile, bucket) with a passage of this key."""
     query = (
@@ -1470,6 +1632,7 @@ def buckets_with_key(key: str) -> list[tuple[str, str]]:
     return [(r.profile, r.bucket) for r in query]
 
 
+@_resilient
 def known(ref: FileRef) -> bool:
     """Whether any passage of this key is on record, on any node."""
     return _newest(ref, mine=False) is not None
@@ -1508,6 +1671,7 @@ class PassageRecord:
     node: str = ""  # the node whose spool the passage went through
 
 
+@_resilient
 def passages(ref: FileRef) -> list[PassageRecord]:
     """Every passage of one key, oldest first, each with its retries."""
     rows = list(FileRecord.select().where(_of(ref, mine=False)).order_by(FileRecord.id))
@@ -1564,6 +1728,7 @@ def _time(value: Any) -> dt.datetime | None:
 
 
 # -- what the audit reads ----------------------------------------------------------------------
+@_resilient
 def completed_page(
     after: int,
     limit: int,
@@ -1612,6 +1777,7 @@ def completed_page(
     ]
 
 
+@_resilient
 def superseded(done: Completed) -> bool:
     """Whether a newer passage of the key is under way or completed: its object is being (or
     has been) replaced since, so what the server holds now is not `done`'s to answer for."""
@@ -1645,12 +1811,14 @@ class NodeBucket:
     completed_today: int = 0
 
 
+@_resilient
 def nodes() -> list[str]:
     """Every node with a row in the records, sorted."""
     query = FileRecord.select(FileRecord.node).distinct().order_by(FileRecord.node)
     return [str(n) for (n,) in _tuples(query)]
 
 
+@_resilient
 def node_buckets(since: dt.datetime) -> dict[tuple[str, str, str], NodeBucket]:
     """Per (node, profile, bucket): open passages, retries waiting, failed keys, and passages
     completed at or after `since`."""

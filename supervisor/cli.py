@@ -369,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return common.fail("flood-supervisor", why, 78)
         log.warning("credentials_file_exposed", path=str(creds.path), reason=why)
     try:
-        # A database that is not Flood's, or is newer, is refused before anything is touched.
-        records.check_db(settings.db_path)
+        # A database that is not Flood's, or is newer, is refused before anything is touched;
+        # PostgreSQL not answering yet is waited for.
+        startup.wait_for_database(settings, log)
         # The lock comes first: a second supervisor must not wipe the first one's incoming_tmp.
         startup.lock(settings.server_dir)
         layout = startup.prepare(settings, log)

@@ -11,7 +11,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from flood import metrics, orphans, records
-from flood.errors import ConfigError
+from flood.errors import ConfigError, DatabaseUnreachable
 from flood.layout import Layout
 from flood.s3 import make_client
 from flood.settings import Settings
@@ -36,6 +36,8 @@ class Janitor(threading.Thread):
         while not self.halted.is_set():
             try:
                 self.round()
+            except DatabaseUnreachable:
+                pass  # the records' outage is said once, by the supervisor's watch
             except Exception:
                 self.log.exception("janitor_crashed")
             finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -11,7 +12,7 @@ from typing import Any, NamedTuple
 from flood import crashpoints, dburl, records
 from flood.connection import check_source, endpoint_of, proxy_for
 from flood.credentials import INSECURE, Profile
-from flood.errors import AlreadyRunning, LayoutError
+from flood.errors import AlreadyRunning, DatabaseUnreachable, LayoutError
 from flood.jobs import FileRef
 from flood.layout import DB_RECORD_NAME, LOCK_NAME, Layout
 from flood.s3 import CREDENTIALS, MISSING, OK, REJECTED, TLS, check_profile, make_client
@@ -45,6 +46,12 @@ def prepare(settings: Settings, log: Any) -> Layout:
     if not layout.root.is_dir():
         raise LayoutError(f"server directory {layout.root} does not exist or is not a directory")
     records.open_db(settings.db_path, settings.node)
+    records.watch_outages(
+        records.Outages(
+            down=lambda error: log.error("database_unreachable", error=error),
+            up=lambda seconds: log.info("database_reachable", seconds=round(seconds, 1)),
+        )
+    )
     record_db(layout, settings.db_path, log)
     record_node(layout, records.node(), log)
     os.makedirs(layout.state_dir(State.INCOMING_TMP), mode=0o750, exist_ok=True)
@@ -56,6 +63,25 @@ def prepare(settings: Settings, log: Any) -> Layout:
     repair(layout, log)
     crashpoints.point("after_repair")
     return layout
+
+
+def wait_for_database(settings: Settings, log: Any) -> None:
+    """PostgreSQL records that do not answer at start: the supervisor keeps running, says so
+    once, and goes on (uploading nothing before) once they answer. A database that is not
+    Flood's, or is newer, is refused as ever."""
+    since = None
+    while True:
+        try:
+            records.check_db(settings.db_path)
+        except DatabaseUnreachable as exc:
+            if since is None:
+                since = time.monotonic()
+                log.error("database_unreachable", error=str(exc))
+            time.sleep(records.RECONNECT_EVERY)
+            continue
+        if since is not None:
+            log.info("database_reachable", seconds=round(time.monotonic() - since, 1))
+        return
 
 
 def record_db(layout: Layout, db_path: str, log: Any) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from faultproxy import FaultProxy
 from postgres import Postgres
-from spool import Spool, object_bytes, wait_for
+from spool import Spool, object_bytes, object_keys, wait_for
 
 from flood.testing.localserver import LocalS3
 
@@ -166,7 +167,7 @@ def test_supervisors_starting_at_once_on_an_empty_database_both_come_up(
     b.wait_done("p1", bucket, ["b.txt"])
     assert [r["version"] for r in a.query("SELECT version FROM flood_schema")] == [6]
     for sp in (a, b):
-        assert not [e for e in sp.log_lines() if e.get("log", {}).get("level") == "error"]
+        assert not [e for e in sp.log_lines() if e.get("log.level") == "error"]
 
 
 def test_the_password_in_a_url_is_never_shown(
@@ -234,3 +235,87 @@ def test_many_processes_opening_an_empty_database_at_once(
     results = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [err for _, err in results]
     assert [out.strip() for out, _ in results] == ["6"] * 8
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        return str(answer.read().decode())
+
+
+def _database_up(port: int) -> float | None:
+    for line in _scrape(port).splitlines():
+        if line.startswith("flood_database_up "):
+            return float(line.split()[1])
+    return None
+
+
+def test_postgresql_stopped_mid_stream_loses_nothing_and_uploads_nothing_twice(
+    tmp_path: Path, s3: LocalS3, own_postgres: Postgres, bucket: str, client: Any
+) -> None:
+    """PostgreSQL stopped for 20 s in a stream of uploads, then started: the files that
+    arrived meanwhile are not uploaded while it is away; one error line says so and
+    flood_database_up is 0; afterwards every file is uploaded once, recorded once, completed."""
+    pg = own_postgres
+    sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1")})
+    sp.use_postgres(pg.url, pg.pgpass(tmp_path / "pgpass"))
+    try:
+        sp.start("--metrics-port", "0")
+        _started(sp)
+        wait_for(lambda: sp.events("metrics_serving"), 60, "the metrics server")
+        port = int(sp.events("metrics_serving")[0]["flood"]["port"])
+        before = [f"before/{i:03d}.txt" for i in range(40)]
+        for key in before:
+            sp.drop("p1", bucket, key, key.encode())
+        wait_for(lambda: len(sp.files("completed")) >= 10, 60, "some uploads before the stop")
+        pg.stop()
+        stopped = time.monotonic()
+        during = [f"during/{i:03d}.txt" for i in range(20)]
+        for key in during:
+            sp.drop("p1", bucket, key, key.encode())
+        wait_for(lambda: _database_up(port) == 0.0, 30, "flood_database_up 0")
+        while time.monotonic() - stopped < 20:  # the outage lasts 20 s; watch it meanwhile
+            uploaded = set(object_keys(client, bucket))
+            assert not uploaded & set(during), "a file uploaded while the records were away"
+            time.sleep(0.5)
+        pg.start()
+        keys = before + during
+        sp.wait_done("p1", bucket, keys, timeout=120)
+        wait_for(lambda: _database_up(port) == 1.0, 30, "flood_database_up 1")
+        assert sorted(object_keys(client, bucket)) == sorted(keys)
+        assert all(object_bytes(client, bucket, k) == k.encode() for k in during[:3])
+        rows = sp.query("SELECT filepath, current_state FROM file_records")
+        assert sorted(r["filepath"] for r in rows) == sorted(keys)  # one passage each
+        assert {r["current_state"] for r in rows} == {"completed"}
+        succeeded = [e["flood"]["key"] for e in sp.events("upload_succeeded")]
+        assert sorted(succeeded) == sorted(keys)  # none uploaded twice
+        errors = [e for e in sp.log_lines() if e.get("log.level") == "error"]
+        assert [e["event"]["action"] for e in errors] == ["database_unreachable"]
+        assert sp.events("database_reachable")
+    finally:
+        sp.close()
+
+
+def test_postgresql_down_at_start_waits_then_uploads(
+    tmp_path: Path, s3: LocalS3, own_postgres: Postgres, bucket: str
+) -> None:
+    """The records unreachable when the supervisor starts: it keeps running, says so once,
+    uploads nothing, and starts uploading once PostgreSQL is up."""
+    pg = own_postgres
+    sp = Spool(tmp_path, s3, {"p1": s3.credentials_ini("p1")})
+    sp.use_postgres(pg.url, pg.pgpass(tmp_path / "pgpass"))
+    try:
+        pg.stop()
+        sp.drop("p1", bucket, "early.txt", b"early")
+        sup = sp.start()
+        wait_for(lambda: sp.events("database_unreachable"), 60, "the one error line")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # it keeps running and uploads nothing
+            assert sup.proc.poll() is None
+            assert sp.where("p1", bucket, "early.txt") == ["incoming"]
+            time.sleep(0.25)
+        pg.start()
+        sp.wait_done("p1", bucket, ["early.txt"], timeout=90)
+        assert len(sp.events("database_unreachable")) == 1
+        assert sp.events("database_reachable")
+    finally:
+        sp.close()

@@ -193,9 +193,16 @@ def test_the_password_in_a_url_is_never_shown(
             sp.run("flood-audit", *where, "--db", secret_url),
             sp.run("flood-status", *where, "--db", secret_url + "x"),
         ]
+        source = tmp_path / "copied.txt"
+        source.write_bytes(b"copied")
+        outputs.append(sp.run("flood-copy", *where, "--wait", str(source), f"s3://p1/{bucket}/"))
         assert outputs[0].returncode == 0, outputs[0].stderr
         assert "postgresql://flood:***@" in outputs[0].stdout
-        assert outputs[-1].returncode == 78  # no such database: refused, password masked
+        assert "schema version 6, read only" in outputs[3].stdout, outputs[3].stdout
+        assert outputs[4].returncode == 0, outputs[4].stdout + outputs[4].stderr
+        assert outputs[6].returncode == 0, outputs[6].stdout + outputs[6].stderr
+        assert sp.where("p1", bucket, "copied.txt") == ["completed"]
+        assert outputs[5].returncode == 78  # no such database: refused, password masked
         recorded = (sp.dir / ".flood.db-path").read_text()
         assert recorded.strip() == url
         seen = [sp.log.read_text(), sp.log.with_suffix(".stderr").read_text(), recorded]

@@ -868,9 +868,60 @@ def record_claims(claims: Sequence[Claim]) -> list[int]:
     now = _stamp(utcnow())
     ids = []
     with write():
+        if _backend["postgresql"]:
+            return _claims_pg(claims, now)
         for ref, created, size in claims:
             ids.append(_claim(ref, text(ref.key), _stamp(created), size, now))
     return ids
+
+
+# PostgreSQL: one statement a claim (the same choice as _claim: the passage that reached
+# incoming/ first, else a newer copy's in incoming_tmp, else a new one), the batch's statements
+# sent in one pipeline: a round trip for the whole batch instead of three a file.
+_CLAIM_PG = (
+    "WITH found AS (SELECT id FROM file_records WHERE profile = %(profile)s"
+    " AND bucket = %(bucket)s AND filepath = %(key)s AND node = %(node)s"
+    " AND current_state IN ('incoming', 'incoming_tmp')"
+    " ORDER BY current_state = 'incoming' DESC, id DESC LIMIT 1),"
+    " continued AS (UPDATE file_records SET current_state = 'processing',"
+    " last_updated = %(now)s, size = %(size)s,"
+    " file_creation_date = COALESCE(file_creation_date, %(created)s)"
+    " WHERE id IN (SELECT id FROM found) RETURNING id),"
+    " started AS (INSERT INTO file_records (profile, bucket, filepath, file_creation_date,"
+    " current_state, last_updated, size, retry_count, node)"
+    " SELECT %(profile)s, %(bucket)s, %(key)s, %(created)s, 'processing', %(now)s, %(size)s, 0,"
+    " %(node)s WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING id)"
+    " SELECT id FROM continued UNION ALL SELECT id FROM started"
+)
+
+
+# The driver's errors raised as peewee's (what execute_sql does), for the raw cursors below.
+_AS_PEEWEE: Any = pw.__dict__["__exception_wrapper__"]
+
+
+def _claims_pg(claims: Sequence[Claim], now: Any) -> list[int]:
+    me = node()
+    rows = [
+        {
+            "profile": ref.profile,
+            "bucket": ref.bucket,
+            "key": text(ref.key),
+            "node": me,
+            "now": now,
+            "size": size,
+            "created": created,
+        }
+        for ref, created, size in claims
+    ]
+    database = _backend["database"]
+    ids = []
+    with _AS_PEEWEE:
+        cursor = database.cursor()
+        cursor.executemany(_CLAIM_PG, rows, returning=True)
+        while True:
+            ids.append(int(cursor.fetchone()[0]))
+            if not cursor.nextset():
+                return ids
 
 
 def _claim(ref: FileRef, key: str | None, created: Any, size: int, now: Any) -> int:
@@ -940,6 +991,9 @@ def record_completions(
     with write():
         if profile is not None and done:
             _sql(_ANSWERED, (node(), profile, now))
+        if _backend["postgresql"]:  # the batch's updates in one pipeline: one round trip
+            _completions_pg(done, now, deliver)
+            return
         for record_id, size, etag, attempt, checksum, options, version_id in done:
             _sql(_COMPLETE, (size, etag, checksum, options, version_id, now, record_id))
             if deliver:
@@ -948,6 +1002,25 @@ def record_completions(
                 RetryAttempt.create(
                     file_record_id=record_id, attempt=attempt, outcome=Outcome.SUCCESS
                 )
+
+
+def _completions_pg(done: Sequence[Completion], now: Any, deliver: bool) -> None:
+    database = _backend["database"]
+    complete = _PG_SQL.get(_COMPLETE) or _PG_SQL.setdefault(_COMPLETE, _COMPLETE.replace("?", "%s"))
+    rows = [(d.size, d.etag, d.checksum, d.options, d.version_id, now, d.record_id) for d in done]
+    with _AS_PEEWEE:
+        cursor = database.cursor()
+        cursor.executemany(complete, rows)
+        if deliver:
+            hook = _PG_SQL.get(_DELIVER) or _PG_SQL.setdefault(
+                _DELIVER, _DELIVER.replace("?", "%s")
+            )
+            cursor.executemany(hook, [(d.record_id, "complete", now, now, node()) for d in done])
+    for d in done:
+        if d.attempt > 0:
+            RetryAttempt.create(
+                file_record_id=d.record_id, attempt=d.attempt, outcome=Outcome.SUCCESS
+            )
 
 
 @_resilient

@@ -373,7 +373,7 @@ def _sqlite_version(path: str) -> tuple[set[str], int]:
 
 def _pg_version(url: str) -> tuple[set[str], int]:
     """The tables and schema version of a PostgreSQL database, on a connection of its own."""
-    probe = pw.PostgresqlDatabase(url)
+    probe = pw.PostgresqlDatabase(url, **_defaults(url))
     try:
         probe.connect()
         try:
@@ -383,6 +383,16 @@ def _pg_version(url: str) -> tuple[set[str], int]:
             probe.close()
     except pw.PeeweeException as exc:
         raise DatabaseUnreachable(unreachable(url, exc)) from None
+
+
+CONNECT_TIMEOUT = 10  # seconds, unless the URL's query says (libpq waits for the OS's TCP timeout)
+
+
+def _defaults(url: str) -> dict[str, Any]:
+    """libpq parameters Flood sets where the URL does not: a connect_timeout, so that a host
+    gone silent is found away in seconds (the URL's own parameters pass unchanged)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT}
 
 
 def unreachable(url: str, exc: BaseException) -> str:
@@ -454,7 +464,10 @@ def _open_pg(url: str) -> None:
     # password comes from it or from ~/.pgpass, $PGPASSFILE, $PGPASSWORD, as libpq finds it.
     _use(
         PooledPostgresqlDatabase(
-            url, max_connections=POOL_CONNECTIONS, stale_timeout=POOL_STALE_SECONDS
+            url,
+            max_connections=POOL_CONNECTIONS,
+            stale_timeout=POOL_STALE_SECONDS,
+            **_defaults(url),
         )
     )
     db.connect(reuse_if_open=True)
@@ -542,7 +555,7 @@ def open_readonly(path: str, node_name: str | None = None) -> None:
         )
     try:
         if dburl.is_url(path):
-            _use(_ReadOnlyPostgresql(path))
+            _use(_ReadOnlyPostgresql(path, **_defaults(path)))
         else:
             uri = f"file:{urllib.parse.quote(path)}?mode=ro"
             pragmas = {"busy_timeout": BUSY_TIMEOUT_MS, "query_only": 1}

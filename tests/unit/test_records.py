@@ -348,3 +348,10 @@ def test_a_url_is_shown_and_recorded_without_its_password() -> None:
     assert dburl.scrub("failed for pw1 at db", query) == "failed for *** at db"
     for plain in ("/var/lib/flood/flood.db", "postgresql://flood@db/flood"):
         assert dburl.shown(plain) == dburl.without_password(plain) == plain
+
+
+def test_a_connect_timeout_is_added_only_where_the_url_has_none() -> None:
+    """libpq waits for the system's TCP timeout by default: Flood asks for 10 s unless the
+    URL's own connect_timeout says otherwise (the URL's parameters are never overridden)."""
+    assert records._defaults("postgresql://flood@db/flood") == {"connect_timeout": 10}
+    assert records._defaults("postgresql://flood@db/flood?connect_timeout=3&sslmode=x") == {}

@@ -17,6 +17,11 @@ class ConfigError(FloodError):
     exit_code = EX_CONFIG
 
 
+class DatabaseUnreachable(ConfigError):
+    """The PostgreSQL records cannot be reached (refused, down, a lost connection): a
+    supervisor waits for them, a command exits 78 naming the cause."""
+
+
 class LayoutError(FloodError):
     """The server directory cannot be used (another filesystem, not a directory, locked)."""
 

@@ -15,6 +15,7 @@ from flood.states import DIRECTORIES, Reason, State
 
 LOCK_NAME = ".flood.lock"  # the supervisor's flock on the server dir
 DB_RECORD_NAME = ".flood.db-path"  # the absolute path of the records the supervisor writes
+NODE_RECORD_NAME = ".flood.node"  # the node the supervisor writes its rows as
 MAX_KEY_BYTES = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -148,16 +149,33 @@ class Layout:
             text = (self.root / DB_RECORD_NAME).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError):
             return None
+        if text.startswith(("postgresql://", "postgres://")):
+            return text
         return text if os.path.isabs(text) else None
 
     def record_db(self, db_path: str) -> None:
         """Say where this server dir's records are (the supervisor, once it holds the lock), so
         that every command finds them from wherever it runs. Written whole or not at all."""
-        final = self.root / DB_RECORD_NAME
-        tmp = self.root / f"{DB_RECORD_NAME}.tmp"
+        self._record(DB_RECORD_NAME, db_path)
+
+    def recorded_node(self) -> str | None:
+        """The node the supervisor of this server dir last said it writes as, if any."""
+        try:
+            text = (self.root / NODE_RECORD_NAME).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text or None
+
+    def record_node(self, node: str) -> None:
+        """Say which node this server dir's rows are written as (commands act as that node)."""
+        self._record(NODE_RECORD_NAME, node)
+
+    def _record(self, name: str, value: str) -> None:
+        final = self.root / name
+        tmp = self.root / f"{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, f"{db_path}\n".encode())
+            os.write(fd, f"{value}\n".encode())
             os.fsync(fd)
         finally:
             os.close(fd)

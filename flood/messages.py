@@ -28,6 +28,12 @@ MESSAGES = {
     "credentials_loaded": "credentials read from {path} ({reason})",
     "credentials_reloaded": "credentials read again from {path}",
     "db_recorded": "records in {path}, as the server dir now says",
+    "node_recorded": "rows written as node {node}, as the server dir now says",
+    "database_unreachable": "the records database is unreachable, nothing is uploaded until "
+    "it is back: {error}",
+    "database_reachable": "the records database is back after {seconds} s",
+    "database_waiting": "waiting for the records database: {error}",
+    "database_back": "the records database is back after {seconds} s; going on",
     "directories_ready": "the server dir's directories are ready",
     "failure_injection_on": "failure injection is on: {reason}",
     "file_claimed": "claimed {key} for {profile}/{bucket}",

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 from typing import Any
 
+from flood.errors import DatabaseUnreachable
 from flood.passage import Result
 from flood.states import Step
 
@@ -275,7 +276,14 @@ class StateCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        snap = self._current()
+        try:
+            snap, up = self._current(), 1
+        except DatabaseUnreachable:  # PostgreSQL away: what the directories hold is not read
+            snap, up = None, 0
+        database = GaugeMetricFamily(
+            "flood_database_up", "1 while the records database answers, 0 while it is away"
+        )
+        database.add_metric([], up)
         files = GaugeMetricFamily(
             "flood_files",
             "Files in each state now (processing: in "
@@ -293,7 +301,7 @@ class StateCollector:
             labels=["profile", "bucket", "reason"],
         )
         now = time.time()
-        for b in snap.buckets.values():
+        for b in snap.buckets.values() if snap is not None else ():
             for state, count in (
                 ("incoming", b.incoming),
                 ("processing", b.in_flight()),
@@ -303,7 +311,7 @@ class StateCollector:
                 files.add_metric([b.profile, b.bucket, state], count)
             if b.oldest_pending is not None:
                 oldest.add_metric([b.profile, b.bucket], max(0.0, now - b.oldest_pending))
-        for h in snap.holds:
+        for h in snap.holds if snap is not None else ():
             paused.add_metric([h["profile"], h["bucket"] or "", h["reason"]], 1)
         restarts = CounterMetricFamily(
             "flood_process_restarts",
@@ -319,7 +327,7 @@ class StateCollector:
         )
         for (profile, bucket), count in sorted(self._orphans().items()):
             orphans.add_metric([profile, bucket], count)
-        yield from (files, oldest, paused, restarts, orphans)
+        yield from (database, files, oldest, paused, restarts, orphans)
 
     def _current(self) -> Any:
         with self._lock:

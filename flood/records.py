@@ -1,23 +1,27 @@
-"""The records (SQLite through peewee), the only door to the database: the schema and its
-migrations, and every query as a named function. A row per passage of a file."""
+"""The records (SQLite, or PostgreSQL for a fleet, through peewee), the only door to the
+database: the schema and its migrations, and every query as a named function. A row per
+passage of a file, each row marked with the node (host) that wrote it."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import os
 import re
 import sqlite3
+import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import peewee as pw
 from playhouse.migrate import SchemaMigrator, migrate
-from playhouse.sqlite_ext import AutoIncrementField
+from playhouse.pool import PooledPostgresqlDatabase
 
-from flood.errors import ConfigError
+from flood import dburl, drivers
+from flood.errors import ConfigError, DatabaseUnreachable
 from flood.jobs import FileRef
 from flood.states import OPEN, Outcome, Reason, State
 
@@ -27,10 +31,36 @@ DatabaseError = pw.PeeweeException  # what a failed query raises, for callers to
 # an index for requeue's look-up of linked passages. 3: endpoints (when each profile's server
 # last answered, its current run of failures) and file_records.first_failed_at. 4: multipart
 # uploads and their parts as they finish (resume), file_records.checksum. 5: the object
-# options and version id of a passage, hook deliveries, and the spool's removals.
-SCHEMA_VERSION = 5
+# options and version id of a passage, hook deliveries, and the spool's removals. 6: the node
+# (host) of every row; holds and endpoints keyed by node too.
+SCHEMA_VERSION = 6
+# Held inside the transaction that creates or migrates the schema on PostgreSQL, so supervisors
+# starting at once on an empty database take turns ("flood" in ASCII).
+MIGRATION_LOCK = 0x666C6F6F64
+POOL_CONNECTIONS = 4  # per process: one in use, a few to spare across reconnects
+POOL_STALE_SECONDS = 600
 
-db = pw.SqliteDatabase(None)
+# SQLite or PostgreSQL, whichever open_db() chose; the models are bound to this proxy, the
+# fixed SQL of the per-file writes goes to the database itself (the proxy's indirection cost
+# a tenth of those writes' CPU).
+db = pw.DatabaseProxy()
+_backend: dict[str, Any] = {"postgresql": False, "database": None}
+_node = {"name": os.uname().nodename}
+
+
+def default_node() -> str:
+    """The node a process writes as unless told: the host name."""
+    return os.uname().nodename
+
+
+def node() -> str:
+    """The node this process writes as, and whose rows its repair, holds and requeue touch."""
+    return _node["name"]
+
+
+def postgresql() -> bool:
+    """Whether the open records are PostgreSQL's."""
+    return bool(_backend["postgresql"])
 
 
 def text(value: str | None) -> str | None:
@@ -67,10 +97,24 @@ class _Model(pw.Model):
         database = db
 
 
+class _Serial(pw.BigAutoField):
+    """An id never given out twice: AUTOINCREMENT on SQLite (INTEGER PRIMARY KEY, as before),
+    BIGSERIAL on PostgreSQL (whose sequences never reuse a value anyway)."""
+
+    def ddl(self, ctx: Any) -> Any:
+        node_list = super().ddl(ctx)
+        return node_list if postgresql() else pw.NodeList((node_list, pw.SQL("AUTOINCREMENT")))
+
+
+def _node_field() -> pw.TextField:
+    """The node column: '' as the SQL default (what migration 6 adds), the node on insert."""
+    return pw.TextField(default=node, constraints=[pw.SQL("DEFAULT ''")])
+
+
 class FileRecord(_Model):
     """One passage of one file through the spool."""
 
-    id = AutoIncrementField()  # SQLite AUTOINCREMENT: an id is never given out twice
+    id = _Serial()
     profile = pw.TextField()
     bucket = pw.TextField()
     filepath = pw.TextField()
@@ -78,17 +122,18 @@ class FileRecord(_Model):
     current_state = pw.TextField()
     last_updated = pw.DateTimeField(default=utcnow)
     upload_outcome = pw.TextField(null=True)
-    size = pw.IntegerField(null=True)
+    size = pw.BigIntegerField(null=True)
     etag = pw.TextField(null=True)
     reason = pw.TextField(null=True)
     error = pw.TextField(null=True)
     retry_count = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(null=True)
-    requeued_from = pw.IntegerField(null=True, index=True)
+    requeued_from = pw.BigIntegerField(null=True, index=True)
     first_failed_at = pw.DateTimeField(null=True)  # the passage's first failed attempt
     checksum = pw.TextField(null=True)  # "crc32c:<base64>[-N]" of a completed object
     options = pw.TextField(null=True)  # the object options it was uploaded with (JSON)
     version_id = pw.TextField(null=True)  # the object's version, where the bucket keeps them
+    node = _node_field()
 
     class Meta:
         table_name = "file_records"
@@ -98,12 +143,13 @@ class FileRecord(_Model):
 class RetryAttempt(_Model):
     """One retry of one passage (the first upload is not a retry)."""
 
-    id = AutoIncrementField()
-    file_record_id = pw.IntegerField(index=True)
+    id = _Serial()
+    file_record_id = pw.BigIntegerField(index=True)
     attempt = pw.IntegerField()
     attempted_at = pw.DateTimeField(default=utcnow)
     outcome = pw.TextField()
     error = pw.TextField(null=True)
+    node = _node_field()
 
     class Meta:
         table_name = "retry_attempts"
@@ -117,41 +163,45 @@ class Hold(_Model):
     reason = pw.TextField()
     detail = pw.TextField(null=True)
     since = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "holds"
-        primary_key = pw.CompositeKey("profile", "bucket")
+        primary_key = pw.CompositeKey("node", "profile", "bucket")
 
 
 class Endpoint(_Model):
     """A profile's server as the uploads see it: when it last answered (an upload proven or a
     check passed), and the run of transient failures since (none: failures = 0)."""
 
-    profile = pw.TextField(primary_key=True)
+    profile = pw.TextField()
     last_success_at = pw.DateTimeField(null=True)
     failing_since = pw.DateTimeField(null=True)
     failures = pw.IntegerField(default=0)
     failing_keys = pw.IntegerField(default=0)  # how many times the failing key changed, + 1
     last_failed_key = pw.TextField(null=True)
+    node = _node_field()
 
     class Meta:
         table_name = "endpoints"
+        primary_key = pw.CompositeKey("node", "profile")
 
 
 class MultipartUpload(_Model):
     """A passage's multipart upload on the server, and the file it was started for: a
     restart continues it only while the file is still that file."""
 
-    record_id = pw.IntegerField(primary_key=True)
+    record_id = pw.BigIntegerField(primary_key=True)
     bucket = pw.TextField()
     key = pw.TextField()
     upload_id = pw.TextField()
-    part_size = pw.IntegerField()
-    file_size = pw.IntegerField()
-    mtime_ns = pw.IntegerField()
-    inode = pw.IntegerField()
+    part_size = pw.BigIntegerField()
+    file_size = pw.BigIntegerField()
+    mtime_ns = pw.BigIntegerField()
+    inode = pw.BigIntegerField()
     checksum = pw.TextField()  # the algorithm the parts carry (md5: Content-MD5 only)
     started_at = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "multipart_uploads"
@@ -160,12 +210,13 @@ class MultipartUpload(_Model):
 class MultipartPart(_Model):
     """One part the server has acknowledged."""
 
-    record_id = pw.IntegerField()
+    record_id = pw.BigIntegerField()
     number = pw.IntegerField()
-    size = pw.IntegerField()
+    size = pw.BigIntegerField()
     etag = pw.TextField()
     checksum = pw.TextField(null=True)
     done_at = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "multipart_parts"
@@ -176,14 +227,15 @@ class Delivery(_Model):
     """A hook to run for a passage that ended (at least once: pending until it succeeds or
     its retries are spent)."""
 
-    id = AutoIncrementField()
-    record_id = pw.IntegerField(index=True)
+    id = _Serial()
+    record_id = pw.BigIntegerField(index=True)
     event = pw.TextField()  # complete | failure
     state = pw.TextField(default="pending", index=True)  # pending | done | failed
     attempts = pw.IntegerField(default=0)
     next_attempt_at = pw.DateTimeField(default=utcnow)
     error = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "deliveries"
@@ -192,11 +244,12 @@ class Delivery(_Model):
 class Removal(_Model):
     """A file the spool's lifecycle removed from completed/ (nothing in failed/ ever is)."""
 
-    id = AutoIncrementField()
-    record_id = pw.IntegerField(null=True, index=True)
+    id = _Serial()
+    record_id = pw.BigIntegerField(null=True, index=True)
     path = pw.TextField()  # below completed/
     reason = pw.TextField()  # on_success | keep_completed
     removed_at = pw.DateTimeField(default=utcnow)
+    node = _node_field()
 
     class Meta:
         table_name = "removals"
@@ -250,80 +303,210 @@ def _to_v5(migrator: SchemaMigrator) -> None:
     )
 
 
+def _to_v6(migrator: SchemaMigrator) -> None:
+    """The node of every row: rows written before are this node's (a database of release 5
+    and earlier was one host's), holds and endpoints rebuilt with the node in their key.
+    Tables the earlier steps just made from today's models have the column already."""
+    for model in MODELS:
+        table = model._meta.table_name
+        if model is SchemaVersion or "node" in {c.name for c in db.get_columns(table)}:
+            continue
+        if model in (Hold, Endpoint):
+            _rebuild_with_node(model)
+            continue
+        _sql(f'ALTER TABLE "{table}" ADD COLUMN "node" TEXT NOT NULL DEFAULT \'\'', ())
+        _sql(f'UPDATE "{table}" SET "node" = ?', (node(),))
+
+
+def _rebuild_with_node(model: type[_Model]) -> None:
+    table = model._meta.table_name
+    columns = ", ".join(f'"{c.name}"' for c in db.get_columns(table))
+    _sql(f'ALTER TABLE "{table}" RENAME TO "{table}_v5"', ())
+    db.create_tables([model])
+    _sql(
+        f'INSERT INTO "{table}" ({columns}, "node") SELECT {columns}, ? FROM "{table}_v5"',
+        (node(),),
+    )
+    _sql(f'DROP TABLE "{table}_v5"', ())
+
+
 # version -> the step that brings the schema from version - 1 to it
-MIGRATIONS = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5}
+MIGRATIONS = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6}
 
 
 # -- opening ---------------------------------------------------------------------------------
 def check_db(path: str) -> int:
-    """The schema version of the database at `path` (0: none yet), read without changing the
-    file; ConfigError for a file that is not a Flood database or is newer than this code."""
-    if path == ":memory:" or not os.path.exists(path) or os.path.getsize(path) == 0:
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-        try:
-            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            version = _version_of(con, names)
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
-        raise ConfigError(f"records database {path} cannot be read: {exc}") from None
+    """The schema version of the database at `path` (0: none yet), read without changing it;
+    ConfigError for a database that is not Flood's, is newer than this code, or (PostgreSQL)
+    cannot be reached."""
+    if dburl.is_url(path):
+        names, version = _pg_version(path)
+    else:
+        if path == ":memory:" or not os.path.exists(path) or os.path.getsize(path) == 0:
+            return 0
+        names, version = _sqlite_version(path)
+    shown = dburl.shown(path)
     if version < 0:
-        shown = ", ".join(sorted(names)[:5])
+        listed = ", ".join(sorted(names)[:5])
         raise ConfigError(
-            f"{path} is not a Flood records database (its tables: {shown}); give another --db"
+            f"{shown} is not a Flood records database (its tables: {listed}); give another --db"
         )
     if version > SCHEMA_VERSION:
         raise ConfigError(
-            f"records database {path} has schema version {version}, newer than this Flood "
+            f"records database {shown} has schema version {version}, newer than this Flood "
             f"knows ({SCHEMA_VERSION}): it was written by a newer release; upgrade Flood"
         )
     return version
 
 
-def _version_of(con: sqlite3.Connection, names: set[str]) -> int:
+def _sqlite_version(path: str) -> tuple[set[str], int]:
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            return names, _version_of(names, lambda q: con.execute(q).fetchone())
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"records database {path} cannot be read: {exc}") from None
+
+
+def _pg_version(url: str) -> tuple[set[str], int]:
+    """The tables and schema version of a PostgreSQL database, on a connection of its own."""
+    _hand_psycopg_to_peewee()
+    probe = pw.PostgresqlDatabase(url, **_defaults(url))
+    try:
+        probe.connect()
+        try:
+            names = set(probe.get_tables())
+            return names, _version_of(names, lambda q: probe.execute_sql(q).fetchone())  # type: ignore[no-untyped-call]
+        finally:
+            probe.close()
+    except pw.PeeweeException as exc:
+        raise DatabaseUnreachable(unreachable(url, exc)) from None
+
+
+def _hand_psycopg_to_peewee() -> None:
+    """peewee looks for psycopg once, when it is imported; Flood's daemons keep the driver out
+    of their memory until a PostgreSQL database is opened (flood.drivers), so here it is let
+    in and given to peewee as its import would have (peewee 4.5's names)."""
+    if pw.psycopg is not None:
+        return
+    drivers.let_in("psycopg")
+    import psycopg
+    from psycopg.pq import TransactionStatus
+    from psycopg.types.json import Json, Jsonb
+
+    pw.psycopg, pw.TransactionStatus, pw.Json_pg3, pw.Jsonb_pg3 = (
+        psycopg,
+        TransactionStatus,
+        Json,
+        Jsonb,
+    )
+    adapter = pw.Psycopg3Adapter
+    adapter.txn_idle = TransactionStatus.IDLE
+    adapter.txn_inerror = TransactionStatus.INERROR
+    adapter.txn_unknown = TransactionStatus.UNKNOWN
+
+
+CONNECT_TIMEOUT = 10  # seconds, unless the URL's query says (libpq waits for the OS's TCP timeout)
+
+
+def _defaults(url: str) -> dict[str, Any]:
+    """libpq parameters Flood sets where the URL does not: a connect_timeout, so that a host
+    gone silent is found away in seconds (the URL's own parameters pass unchanged)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT}
+
+
+def unreachable(url: str, exc: BaseException) -> str:
+    """One line for a PostgreSQL database that cannot be used, its password masked."""
+    cause = " ".join(str(exc).split()) or type(exc).__name__
+    return dburl.scrub(f"cannot use the records database {dburl.shown(url)}: {cause}", url)
+
+
+def _version_of(names: set[str], one: Any) -> int:
     """-1: not Flood's; 0: empty; 1: release 0.1.0; else the recorded version."""
     if not names:
         return 0
     if "flood_schema" in names:
-        row = con.execute("SELECT MAX(version) FROM flood_schema").fetchone()
+        row = one("SELECT MAX(version) FROM flood_schema")
         return int(row[0] or 0)
     return 1 if names >= _RELEASE_1_TABLES else -1
 
 
-def open_db(path: str, *, checked: bool = False) -> None:
-    """Open this process's one connection (WAL, busy timeout), create the schema or migrate it
-    to this code's version. ConfigError for a database that is not Flood's or is newer.
+def open_db(path: str, node_name: str | None = None, *, checked: bool = False) -> None:
+    """Open this process's connection (SQLite: WAL, busy timeout; PostgreSQL: a small pool),
+    create the schema or migrate it to this code's version; rows are written as `node_name`
+    (default: the host name). ConfigError for a database that is not Flood's or is newer.
     checked=True: a child of the supervisor, which has done both before starting it (the
     checks cost a child 1.6 MiB of memory for good)."""
+    _node["name"] = node_name or default_node()
     if not checked:
         check_db(path)
     try:
-        _open(path, migrate=not checked)
+        if dburl.is_url(path):
+            _open_pg(path, migrate=not checked)
+        else:
+            _open(path, migrate=not checked)
     except (OSError, pw.PeeweeException) as exc:
         close_db()
+        if dburl.is_url(path):
+            raise DatabaseUnreachable(unreachable(path, exc)) from None
         raise ConfigError(f"cannot open the records database {path}: {exc}") from None
+
+
+def _use(database: pw.Database) -> None:
+    close_db()
+    if isinstance(db.obj, PooledPostgresqlDatabase):
+        db.obj.close_all()  # a database opened again: the old pool's connections go
+    _backend["postgresql"] = isinstance(database, pw.PostgresqlDatabase)
+    _backend["database"] = database
+    db.initialize(database)
 
 
 def _open(path: str, *, migrate: bool = True) -> None:
     if path != ":memory:" and not os.path.exists(path):
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    db.init(
-        path,
-        pragmas={
-            "journal_mode": "wal",
-            "busy_timeout": BUSY_TIMEOUT_MS,
-            # The directories are the truth and records are repaired from them at start-up, so
-            # a commit lost to power failure (not to a crash) costs a repair, never a file.
-            "synchronous": "normal",
-            "foreign_keys": 0,
-        },
+    _use(
+        pw.SqliteDatabase(
+            path,
+            pragmas={
+                "journal_mode": "wal",
+                "busy_timeout": BUSY_TIMEOUT_MS,
+                # The directories are the truth and records are repaired from them at start-up,
+                # so a commit lost to power failure (not to a crash) costs a repair, never a file.
+                "synchronous": "normal",
+                "foreign_keys": 0,
+            },
+        )
     )
     db.connect(reuse_if_open=True)
     if migrate:
         with write():
             _migrate()
+
+
+def _open_pg(url: str, *, migrate: bool = True) -> None:
+    # The URL goes to libpq as it is (its query holds libpq's parameters: sslmode, ...); the
+    # password comes from it or from ~/.pgpass, $PGPASSFILE, $PGPASSWORD, as libpq finds it.
+    _hand_psycopg_to_peewee()
+    _use(
+        PooledPostgresqlDatabase(
+            url,
+            max_connections=POOL_CONNECTIONS,
+            stale_timeout=POOL_STALE_SECONDS,
+            **_defaults(url),
+        )
+    )
+    db.connect(reuse_if_open=True)
+    if not migrate:
+        return
+    with write():
+        # Supervisors starting at once on an empty database: one creates the schema, the
+        # others wait here and then find it made (DDL is transactional in PostgreSQL).
+        _sql("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+        _migrate()
 
 
 def _migrate() -> None:
@@ -343,7 +526,7 @@ def _migrate() -> None:
             f"records database has schema version {version}, newer than "
             f"this Flood knows ({SCHEMA_VERSION}); upgrade Flood"
         )
-    migrator = SchemaMigrator.from_database(db)
+    migrator = SchemaMigrator.from_database(db.obj)
     for step in range(version + 1, SCHEMA_VERSION + 1):
         MIGRATIONS[step](migrator)
     if version < SCHEMA_VERSION:
@@ -352,44 +535,186 @@ def _migrate() -> None:
 
 
 def close_db() -> None:
-    if not db.is_closed():
-        db.close()
+    """Close this thread's connection (to the pool, for PostgreSQL: other threads keep theirs)."""
+    if db.obj is None:
+        return
+    try:
+        if not db.is_closed():
+            db.close()
+    except (pw.OperationalError, pw.InterfaceError):  # a connection PostgreSQL cut off
+        _drop_connection()
 
 
 @contextlib.contextmanager
 def write() -> Iterator[None]:
-    """A write transaction that takes the lock up front (BEGIN IMMEDIATE). When SQLite has
-    already rolled back itself (disk full), the original error is what propagates."""
-    transaction = db.atomic("IMMEDIATE")
+    """A write transaction that takes the lock up front (SQLite: BEGIN IMMEDIATE; PostgreSQL
+    takes row locks as it goes). When the database has already rolled back itself (disk
+    full, a lost connection), the original error is what propagates."""
+    transaction = db.atomic() if postgresql() else db.atomic("IMMEDIATE")
     transaction.__enter__()
     try:
         yield
     except BaseException as exc:
-        with contextlib.suppress(pw.OperationalError):
+        with contextlib.suppress(pw.OperationalError, pw.InterfaceError):
             transaction.__exit__(type(exc), exc, exc.__traceback__)
         raise
     transaction.__exit__(None, None, None)
 
 
-def open_readonly(path: str) -> None:
+class _ReadOnlyPostgresql(pw.PostgresqlDatabase):
+    """A PostgreSQL connection whose transactions cannot write."""
+
+    def _connect(self) -> Any:
+        conn = super()._connect()  # type: ignore[misc]  # untyped in the stubs
+        conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        return conn
+
+
+def open_readonly(path: str, node_name: str | None = None) -> None:
     """Open this process's connection to an existing database for reading only (flood-audit,
     flood-doctor: commands that change nothing). ConfigError for no database, one that is not
     Flood's, or one an earlier release wrote (a supervisor or flood-status migrates it)."""
+    _node["name"] = node_name or default_node()
     version = check_db(path)
+    shown = dburl.shown(path)
     if version == 0:
-        raise ConfigError(f"no records database at {path} (--db, else $FLOOD_DB, else ./flood.db)")
+        raise ConfigError(f"no records database at {shown} (--db, else $FLOOD_DB, else ./flood.db)")
     if version != SCHEMA_VERSION:
         raise ConfigError(
-            f"records database {path} has schema version {version}, older than this Flood's "
+            f"records database {shown} has schema version {version}, older than this Flood's "
             f"({SCHEMA_VERSION}): start flood-supervisor or run flood-status once to migrate it"
         )
-    uri = f"file:{urllib.parse.quote(path)}?mode=ro"
     try:
-        db.init(uri, uri=True, pragmas={"busy_timeout": BUSY_TIMEOUT_MS, "query_only": 1})
+        if dburl.is_url(path):
+            _hand_psycopg_to_peewee()
+            _use(_ReadOnlyPostgresql(path, **_defaults(path)))
+        else:
+            uri = f"file:{urllib.parse.quote(path)}?mode=ro"
+            pragmas = {"busy_timeout": BUSY_TIMEOUT_MS, "query_only": 1}
+            _use(pw.SqliteDatabase(uri, uri=True, pragmas=pragmas))
         db.connect(reuse_if_open=True)
     except pw.PeeweeException as exc:
         close_db()
-        raise ConfigError(f"cannot open the records database {path}: {exc}") from None
+        raise ConfigError(
+            unreachable(path, exc)
+            if dburl.is_url(path)
+            else (f"cannot open the records database {path}: {exc}")
+        ) from None
+
+
+# -- PostgreSQL away: a lost connection ---------------------------------------------------------
+RECONNECT_EVERY = 1.0  # seconds between attempts while the database is away
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+# Server-side codes of a connection going away: connection exceptions, and the shutdowns of
+# an administrator, a crash, or a server not yet accepting connections.
+_GONE_CODES = ("57P01", "57P02", "57P03")
+
+
+@dataclass
+class Outages:
+    """What this process does when PostgreSQL goes away: `down(message)` once per outage,
+    `up(seconds)` once it is back; with `wait`, a call blocks (calling `tick` every second,
+    while `alive()`) until the database is back and then runs again; without, it raises
+    DatabaseUnreachable at once (the next call tries to connect afresh)."""
+
+    down: Callable[[str], None] = lambda message: None
+    up: Callable[[float], None] = lambda seconds: None
+    wait: bool = False
+    tick: Callable[[], None] = lambda: None
+    alive: Callable[[], bool] = lambda: True
+    since: float | None = None  # monotonic start of the current outage
+
+
+_outages = {"now": Outages()}
+
+
+def watch_outages(outages: Outages) -> None:
+    """How this process meets a PostgreSQL outage (the default: raise, say nothing)."""
+    _outages["now"] = outages
+
+
+def database_up() -> bool:
+    """False while this process has found the database away and not yet back."""
+    return _outages["now"].since is None
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether a PostgreSQL error means the connection (or the server) went away."""
+    cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+    code = getattr(cause, "sqlstate", None) or ""
+    if code.startswith("08") or code in _GONE_CODES:
+        return True
+    database = _backend["database"]
+    conn = getattr(getattr(database, "_state", None), "conn", None)
+    return conn is None or bool(conn.closed) or bool(getattr(conn, "broken", False))
+
+
+def _drop_connection() -> None:
+    """Forget this thread's connection (and the pool's idle ones: they died with it), so the
+    next query connects afresh."""
+    database = _backend["database"]
+    state = database._state
+    conn, _ = state.conn, state.reset()
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+    if isinstance(database, PooledPostgresqlDatabase):
+        if conn is not None:
+            database._in_use.pop(database.conn_key(conn), None)
+        with contextlib.suppress(Exception):
+            database.close_idle()
+
+
+def _back() -> None:
+    """A query succeeded: an outage this process saw is over."""
+    outages = _outages["now"]
+    if outages.since is not None:
+        seconds, outages.since = time.monotonic() - outages.since, None
+        outages.up(seconds)
+
+
+def _away(exc: BaseException) -> None:
+    """The connection went away: say so once, then raise or wait until it is back."""
+    _drop_connection()
+    outages = _outages["now"]
+    if outages.since is None:
+        outages.since = time.monotonic()
+        outages.down(" ".join(str(exc).split()) or type(exc).__name__)
+    if not outages.wait:
+        raise DatabaseUnreachable(f"the records database is unreachable: {exc}") from None
+    while outages.alive():
+        outages.tick()
+        time.sleep(RECONNECT_EVERY)
+        try:
+            db.connect(reuse_if_open=True)
+            _sql("SELECT 1", ())
+            return
+        except (pw.OperationalError, pw.InterfaceError):
+            _drop_connection()
+    raise DatabaseUnreachable(f"the records database is unreachable: {exc}") from None
+
+
+def _resilient(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A records function that meets a PostgreSQL outage as this process asked (Outages). A
+    transaction cut off is rolled back by the server, so running the call again is safe;
+    SQLite's errors pass through as they always did."""
+
+    @functools.wraps(fn)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except (pw.OperationalError, pw.InterfaceError) as exc:
+                if not _backend["postgresql"] or not _connection_lost(exc):
+                    raise
+                _away(exc)
+                continue
+            if _outages["now"].since is not None:
+                _back()
+            return result
+
+    return call
 
 
 # -- fixed SQL for the per-file writes ---------------------------------------------------------
@@ -397,7 +722,7 @@ def open_readonly(path: str) -> None:
 # than the SQLite work itself (tests/benchmarks/hotpath.py: 1.34 ms against 0.05 ms).
 _OPEN_PASSAGE = (
     "SELECT id FROM file_records WHERE profile = ? AND bucket = ? AND filepath = ?"
-    " AND current_state = ? ORDER BY id DESC LIMIT 1"
+    " AND current_state = ? AND node = ? ORDER BY id DESC LIMIT 1"
 )
 _CONTINUE = (
     "UPDATE file_records SET current_state = 'processing', last_updated = ?, size = ?,"
@@ -405,8 +730,8 @@ _CONTINUE = (
 )
 _START = (
     "INSERT INTO file_records (profile, bucket, filepath, file_creation_date,"
-    " current_state, last_updated, size, retry_count)"
-    " VALUES (?, ?, ?, ?, 'processing', ?, ?, 0)"
+    " current_state, last_updated, size, retry_count, node)"
+    " VALUES (?, ?, ?, ?, 'processing', ?, ?, 0, ?)"
 )
 _COMPLETE = (
     "UPDATE file_records SET current_state = 'completed', upload_outcome = 'success',"
@@ -414,29 +739,46 @@ _COMPLETE = (
     " error = NULL, retry_count = 0, next_attempt_at = NULL, last_updated = ? WHERE id = ?"
 )
 _DELIVER = "INSERT INTO deliveries (record_id, event, state, attempts, next_attempt_at,"
-_DELIVER += " created_at) VALUES (?, ?, 'pending', 0, ?, ?)"
+_DELIVER += " created_at, node) VALUES (?, ?, 'pending', 0, ?, ?, ?)"
+# The same SQL in PostgreSQL's placeholders, made once per statement.
+_PG_SQL: dict[str, str] = {}
 
 
 def _sql(query: str, params: tuple[Any, ...]) -> Any:
-    """Run fixed SQL on this process's connection (peewee's execute_sql is untyped)."""
-    return db.execute_sql(query, params)  # type: ignore[no-untyped-call]
+    """Run fixed SQL on this process's connection, written with SQLite's placeholders
+    (PostgreSQL's driver takes %s)."""
+    if _backend["postgresql"]:
+        query = _PG_SQL.get(query) or _PG_SQL.setdefault(query, query.replace("?", "%s"))
+    return _backend["database"].execute_sql(query, params)
 
 
-def _stamp(value: dt.datetime | None) -> str | None:
-    """A datetime as peewee's DateTimeField stores it in SQLite."""
-    return None if value is None else str(value)
+def _insert(query: str, params: tuple[Any, ...]) -> int:
+    """Fixed SQL that inserts one row: its id (SQLite: lastrowid; PostgreSQL: RETURNING)."""
+    if postgresql():
+        return int(_sql(query + " RETURNING id", params).fetchone()[0])
+    return int(_sql(query, params).lastrowid)
 
 
-def _of(ref: FileRef) -> Any:
-    """The condition that selects the passages of one key."""
-    return (
+def _stamp(value: dt.datetime | None) -> Any:
+    """A datetime as peewee's DateTimeField stores it: text in SQLite, the datetime itself
+    for PostgreSQL's timestamp columns."""
+    if value is None or _backend["postgresql"]:
+        return value
+    return str(value)
+
+
+def _of(ref: FileRef, mine: bool = True) -> Any:
+    """The condition that selects the passages of one key (`mine`: of this node only)."""
+    where = (
         (FileRecord.profile == ref.profile)
         & (FileRecord.bucket == ref.bucket)
         & (FileRecord.filepath == text(ref.key))
     )
+    return where & (FileRecord.node == node()) if mine else where
 
 
 # -- a producer's copy (flood-copy, flood-requeue) ---------------------------------------------
+@_resilient
 def record_queued(
     ref: FileRef,
     state: State,
@@ -464,6 +806,7 @@ def record_queued(
         return int(row.id)
 
 
+@_resilient
 def record_requeued(ref: FileRef, from_id: int | None, size: int) -> int:
     """A failed file on its way back to incoming/: a new passage in incoming_tmp, linked to
     the failed one and keeping its creation date."""
@@ -481,6 +824,7 @@ def record_requeued(ref: FileRef, from_id: int | None, size: int) -> int:
     return int(row.id)
 
 
+@_resilient
 def abandon(record_id: int, reason: Reason) -> None:
     """A copy that will not reach incoming/ (after all, or only if it has not yet)."""
     with write():
@@ -491,6 +835,7 @@ def abandon(record_id: int, reason: Reason) -> None:
         ).execute()
 
 
+@_resilient
 def supersede_waiting(ref: FileRef, newer_id: int | None) -> None:
     """A newer copy of a key replaced one that waited in incoming/: close the older passages."""
     with write():
@@ -510,6 +855,7 @@ class Ending(NamedTuple):
     retry_at: dt.datetime | None = None  # in processing/, waiting for this retry
 
 
+@_resilient
 def endings(ids: Sequence[int]) -> dict[int, Ending]:
     """The state of each of these passages (a deleted one is absent)."""
     found: dict[int, Ending] = {}
@@ -535,6 +881,7 @@ class Failure(NamedTuple):
     reason: str | None
 
 
+@_resilient
 def unrequeued_failures(ref: FileRef) -> list[Failure]:
     """Failed passages of this key that no later passage was requeued from, newest first."""
     requeued = FileRecord.select(FileRecord.requeued_from).where(
@@ -559,25 +906,78 @@ class Claim(NamedTuple):
     size: int
 
 
+@_resilient
 def record_claims(claims: Sequence[Claim]) -> list[int]:
     """Files just moved into processing/, in one transaction: each continues its producer's
     passage or starts a new one. Their record ids, in order."""
     now = _stamp(utcnow())
     ids = []
     with write():
+        if _backend["postgresql"]:
+            return _claims_pg(claims, now)
         for ref, created, size in claims:
             ids.append(_claim(ref, text(ref.key), _stamp(created), size, now))
     return ids
 
 
-def _claim(ref: FileRef, key: str | None, created: str | None, size: int, now: str | None) -> int:
+# PostgreSQL: one statement a claim (the same choice as _claim: the passage that reached
+# incoming/ first, else a newer copy's in incoming_tmp, else a new one), the batch's statements
+# sent in one pipeline: a round trip for the whole batch instead of three a file.
+_CLAIM_PG = (
+    "WITH found AS (SELECT id FROM file_records WHERE profile = %(profile)s"
+    " AND bucket = %(bucket)s AND filepath = %(key)s AND node = %(node)s"
+    " AND current_state IN ('incoming', 'incoming_tmp')"
+    " ORDER BY current_state = 'incoming' DESC, id DESC LIMIT 1),"
+    " continued AS (UPDATE file_records SET current_state = 'processing',"
+    " last_updated = %(now)s, size = %(size)s,"
+    " file_creation_date = COALESCE(file_creation_date, %(created)s)"
+    " WHERE id IN (SELECT id FROM found) RETURNING id),"
+    " started AS (INSERT INTO file_records (profile, bucket, filepath, file_creation_date,"
+    " current_state, last_updated, size, retry_count, node)"
+    " SELECT %(profile)s, %(bucket)s, %(key)s, %(created)s, 'processing', %(now)s, %(size)s, 0,"
+    " %(node)s WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING id)"
+    " SELECT id FROM continued UNION ALL SELECT id FROM started"
+)
+
+
+# The driver's errors raised as peewee's (what execute_sql does), for the raw cursors below.
+_AS_PEEWEE: Any = pw.__dict__["__exception_wrapper__"]
+
+
+def _claims_pg(claims: Sequence[Claim], now: Any) -> list[int]:
+    me = node()
+    rows = [
+        {
+            "profile": ref.profile,
+            "bucket": ref.bucket,
+            "key": text(ref.key),
+            "node": me,
+            "now": now,
+            "size": size,
+            "created": created,
+        }
+        for ref, created, size in claims
+    ]
+    database = _backend["database"]
+    ids = []
+    with _AS_PEEWEE:
+        cursor = database.cursor()
+        cursor.executemany(_CLAIM_PG, rows, returning=True)
+        while True:
+            ids.append(int(cursor.fetchone()[0]))
+            if not cursor.nextset():
+                return ids
+
+
+def _claim(ref: FileRef, key: str | None, created: Any, size: int, now: Any) -> int:
     # The passage that reached incoming/ first; a newer copy may still be in incoming_tmp.
+    me = node()
     for state in (State.INCOMING, State.INCOMING_TMP):
-        found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, str(state))).fetchone()
+        found = _sql(_OPEN_PASSAGE, (ref.profile, ref.bucket, key, str(state), me)).fetchone()
         if found is not None:
             _sql(_CONTINUE, (now, size, created, found[0]))
             return int(found[0])
-    return int(_sql(_START, (ref.profile, ref.bucket, key, created, now, size)).lastrowid)
+    return _insert(_START, (ref.profile, ref.bucket, key, created, now, size, me))
 
 
 class Resumed(NamedTuple):
@@ -588,6 +988,7 @@ class Resumed(NamedTuple):
     due: dt.datetime | None  # when the next one is due, if one is scheduled
 
 
+@_resilient
 def record_resumed(ref: FileRef, created: dt.datetime | None, size: int) -> Resumed:
     """A file found in processing/ (after a restart, or a retry come due): its open passage,
     or a new one."""
@@ -618,12 +1019,14 @@ class Completion(NamedTuple):
 
 
 _ANSWERED = (
-    "INSERT INTO endpoints (profile, last_success_at, failures, failing_keys) VALUES (?, ?, 0, 0)"
-    " ON CONFLICT (profile) DO UPDATE SET last_success_at = excluded.last_success_at,"
+    "INSERT INTO endpoints (node, profile, last_success_at, failures, failing_keys)"
+    " VALUES (?, ?, ?, 0, 0) ON CONFLICT (node, profile) DO UPDATE"
+    " SET last_success_at = excluded.last_success_at,"
     " failing_since = NULL, failures = 0, failing_keys = 0, last_failed_key = NULL"
 )
 
 
+@_resilient
 def record_completions(
     done: Sequence[Completion], profile: str | None = None, deliver: bool = False
 ) -> None:
@@ -632,17 +1035,40 @@ def record_completions(
     now = _stamp(utcnow())
     with write():
         if profile is not None and done:
-            _sql(_ANSWERED, (profile, now))
+            _sql(_ANSWERED, (node(), profile, now))
+        if _backend["postgresql"]:  # the batch's updates in one pipeline: one round trip
+            _completions_pg(done, now, deliver)
+            return
         for record_id, size, etag, attempt, checksum, options, version_id in done:
             _sql(_COMPLETE, (size, etag, checksum, options, version_id, now, record_id))
             if deliver:
-                _sql(_DELIVER, (record_id, "complete", now, now))
+                _sql(_DELIVER, (record_id, "complete", now, now, node()))
             if attempt > 0:
                 RetryAttempt.create(
                     file_record_id=record_id, attempt=attempt, outcome=Outcome.SUCCESS
                 )
 
 
+def _completions_pg(done: Sequence[Completion], now: Any, deliver: bool) -> None:
+    database = _backend["database"]
+    complete = _PG_SQL.get(_COMPLETE) or _PG_SQL.setdefault(_COMPLETE, _COMPLETE.replace("?", "%s"))
+    rows = [(d.size, d.etag, d.checksum, d.options, d.version_id, now, d.record_id) for d in done]
+    with _AS_PEEWEE:
+        cursor = database.cursor()
+        cursor.executemany(complete, rows)
+        if deliver:
+            hook = _PG_SQL.get(_DELIVER) or _PG_SQL.setdefault(
+                _DELIVER, _DELIVER.replace("?", "%s")
+            )
+            cursor.executemany(hook, [(d.record_id, "complete", now, now, node()) for d in done])
+    for d in done:
+        if d.attempt > 0:
+            RetryAttempt.create(
+                file_record_id=d.record_id, attempt=d.attempt, outcome=Outcome.SUCCESS
+            )
+
+
+@_resilient
 def record_failed(
     record_id: int, reason: str, error: str, attempt: int, deliver: bool = False
 ) -> None:
@@ -655,7 +1081,7 @@ def record_failed(
         MultipartUpload.delete().where(MultipartUpload.record_id == record_id).execute()
         if deliver:
             now = _stamp(utcnow())
-            _sql(_DELIVER, (record_id, "failure", now, now))
+            _sql(_DELIVER, (record_id, "failure", now, now, node()))
         FileRecord.update(
             current_state=State.FAILED,
             upload_outcome=Outcome.FAILURE,
@@ -673,6 +1099,7 @@ def record_failed(
             )
 
 
+@_resilient
 def fail_open_passage(ref: FileRef, reason: str, error: str) -> None:
     """The passage in processing/ of a file whose handling keeps crashing: failed."""
     row = _newest(ref, (State.PROCESSING,))
@@ -680,6 +1107,7 @@ def fail_open_passage(ref: FileRef, reason: str, error: str) -> None:
         record_failed(int(row.id), reason, error, 0)
 
 
+@_resilient
 def record_retry_scheduled(
     record_id: int, attempt: int, due: dt.datetime, error: str, failed_attempt: int
 ) -> None:
@@ -702,6 +1130,7 @@ def record_retry_scheduled(
             )
 
 
+@_resilient
 def record_held(
     record_id: int, due: dt.datetime, error: str, failed_attempt: int | None, next_attempt: int
 ) -> None:
@@ -738,6 +1167,7 @@ class Waiting:
     error: str | None
 
 
+@_resilient
 def waiting_passages(
     profile: str | None = None, bucket: str | None = None, now: dt.datetime | None = None
 ) -> list[Waiting]:
@@ -746,6 +1176,7 @@ def waiting_passages(
         (FileRecord.current_state == State.PROCESSING)
         & FileRecord.next_attempt_at.is_null(False)
         & (FileRecord.next_attempt_at > (now or utcnow()))
+        & (FileRecord.node == node())
     )
     if profile is not None:
         query = query.where(FileRecord.profile == profile)
@@ -770,6 +1201,7 @@ _MAKE_DUE = (
 )
 
 
+@_resilient
 def make_due(ids: Sequence[int], note: str, now: dt.datetime | None = None) -> int:
     """Retries due now instead of later: each passage still waiting gets next_attempt_at =
     now and `note` after its error (the retry count and retry_attempts are left as they are:
@@ -782,6 +1214,7 @@ def make_due(ids: Sequence[int], note: str, now: dt.datetime | None = None) -> i
     return changed
 
 
+@_resilient
 def due_keys(profile: str, now: dt.datetime | None = None) -> set[tuple[str, str]]:
     """(bucket, key as stored) of the profile's passages in processing/ whose retry is due by
     now: what an uploader whose own schedule says later may take up at once."""
@@ -790,6 +1223,7 @@ def due_keys(profile: str, now: dt.datetime | None = None) -> set[tuple[str, str
         & (FileRecord.current_state == State.PROCESSING)
         & FileRecord.next_attempt_at.is_null(False)
         & (FileRecord.next_attempt_at <= (now or utcnow()))
+        & (FileRecord.node == node())
     )
     return {(bucket, key) for bucket, key in _tuples(query)}
 
@@ -803,11 +1237,12 @@ class Failing(NamedTuple):
     since: dt.datetime | None
 
 
+@_resilient
 def endpoint_failed(profile: str, key: str) -> Failing:
     """One more transient failure of the profile's server (refused, reset, timed out, 5xx)."""
     now = utcnow()
     with write():
-        row = Endpoint.get_or_none(Endpoint.profile == profile)
+        row = Endpoint.get_or_none((Endpoint.profile == profile) & (Endpoint.node == node()))
         if row is None:
             row = Endpoint.create(profile=profile, failures=0, failing_keys=0)
         row.failures = int(row.failures or 0) + 1
@@ -819,16 +1254,22 @@ def endpoint_failed(profile: str, key: str) -> Failing:
     return Failing(row.failures, row.failing_keys, _time(row.failing_since))
 
 
+@_resilient
 def endpoint_answered(profile: str) -> None:
     """The profile's server answered (a check passed): its run of failures is over."""
     with write():
-        _sql(_ANSWERED, (profile, _stamp(utcnow())))
+        _sql(_ANSWERED, (node(), profile, _stamp(utcnow())))
 
 
+@_resilient
 def answered_since_first_failure(profile: str, record_id: int) -> bool:
     """Whether the profile's server answered since this passage's first failed attempt."""
     first = FileRecord.select(FileRecord.first_failed_at).where(FileRecord.id == record_id).scalar()
-    last = Endpoint.select(Endpoint.last_success_at).where(Endpoint.profile == profile).scalar()
+    last = (
+        Endpoint.select(Endpoint.last_success_at)
+        .where((Endpoint.profile == profile) & (Endpoint.node == node()))
+        .scalar()
+    )
     first, last = _time(first), _time(last)
     return first is None or (last is not None and last >= first)
 
@@ -858,6 +1299,7 @@ class Upload:
     started_at: dt.datetime | None = None
 
 
+@_resilient
 def multipart_started(upload: Upload) -> None:
     """A new multipart upload of a passage (any earlier one of it is forgotten)."""
     with write():
@@ -876,18 +1318,27 @@ def multipart_started(upload: Upload) -> None:
         )
 
 
+@_resilient
 def part_done(record_id: int, part: Part) -> None:
     """The server acknowledged a part (recorded as soon as its answer is read)."""
+    query = MultipartPart.insert(
+        record_id=record_id,
+        number=part.number,
+        size=part.size,
+        etag=part.etag,
+        checksum=part.checksum,
+    )
+    if postgresql():  # no INSERT OR REPLACE there: the same replacement as an upsert
+        keys = [MultipartPart.record_id, MultipartPart.number]
+        changed = [MultipartPart.size, MultipartPart.etag, MultipartPart.checksum]
+        query = query.on_conflict(conflict_target=keys, preserve=[*changed, MultipartPart.done_at])
+    else:
+        query = query.on_conflict_replace()
     with write():
-        MultipartPart.insert(
-            record_id=record_id,
-            number=part.number,
-            size=part.size,
-            etag=part.etag,
-            checksum=part.checksum,
-        ).on_conflict_replace().execute()
+        query.execute()
 
 
+@_resilient
 def multipart_of(record_id: int) -> Upload | None:
     """The passage's multipart upload on record, with its parts, if it has one."""
     row = MultipartUpload.get_or_none(MultipartUpload.record_id == record_id)
@@ -912,6 +1363,7 @@ def multipart_of(record_id: int) -> Upload | None:
     )
 
 
+@_resilient
 def multipart_forget(record_id: int) -> None:
     """The passage's multipart upload is over (completed, aborted, or gone from the server)."""
     with write():
@@ -919,6 +1371,7 @@ def multipart_forget(record_id: int) -> None:
         MultipartUpload.delete().where(MultipartUpload.record_id == record_id).execute()
 
 
+@_resilient
 def upload_ids(bucket: str | None = None) -> set[str]:
     """The multipart uploads Flood's records know (the janitor leaves these alone)."""
     query = MultipartUpload.select(MultipartUpload.upload_id)
@@ -950,11 +1403,16 @@ class Due:
     ended: dt.datetime | None
 
 
+@_resilient
 def due_deliveries(now: dt.datetime, limit: int = 64) -> list[Due]:
     """Pending hook deliveries whose time has come, oldest first."""
     pending = list(
         Delivery.select()
-        .where((Delivery.state == "pending") & (Delivery.next_attempt_at <= now))
+        .where(
+            (Delivery.state == "pending")
+            & (Delivery.next_attempt_at <= now)
+            & (Delivery.node == node())
+        )
         .order_by(Delivery.id)
         .limit(limit)
     )
@@ -990,6 +1448,7 @@ def due_deliveries(now: dt.datetime, limit: int = 64) -> list[Due]:
     return found
 
 
+@_resilient
 def delivered(delivery_id: int) -> None:
     with write():
         Delivery.update(state="done", attempts=Delivery.attempts + 1, error=None).where(
@@ -997,6 +1456,7 @@ def delivered(delivery_id: int) -> None:
         ).execute()
 
 
+@_resilient
 def delivery_failed(delivery_id: int, error: str, due: dt.datetime | None) -> None:
     """One attempt failed: try again at `due`, or (None) its retries are spent."""
     with write():
@@ -1008,6 +1468,7 @@ def delivery_failed(delivery_id: int, error: str, due: dt.datetime | None) -> No
         ).where(Delivery.id == delivery_id).execute()
 
 
+@_resilient
 def deliveries_of(record_id: int) -> list[tuple[str, str, int, str | None]]:
     """A passage's hook deliveries: (event, state, attempts, last error)."""
     query = Delivery.select().where(Delivery.record_id == record_id).order_by(Delivery.id)
@@ -1015,12 +1476,14 @@ def deliveries_of(record_id: int) -> list[tuple[str, str, int, str | None]]:
 
 
 # -- the spool's lifecycle ---------------------------------------------------------------------
+@_resilient
 def record_removed(path: str, reason: str, record_id: int | None) -> None:
     """The lifecycle removed a file from completed/ (recorded, then logged)."""
     with write():
         Removal.create(record_id=record_id, path=text(path), reason=reason)
 
 
+@_resilient
 def completed_id(ref: FileRef) -> int | None:
     """The newest completed passage of a key (the one a file in completed/ stands for)."""
     row = _newest(ref, (State.COMPLETED,))
@@ -1036,6 +1499,7 @@ class Failed(NamedTuple):
     requeues: int
 
 
+@_resilient
 def newest_failure(ref: FileRef) -> Failed | None:
     """The key's newest passage if it failed, with the length of its chain of requeues."""
     row = _newest(ref)
@@ -1048,6 +1512,7 @@ def newest_failure(ref: FileRef) -> Failed | None:
     return Failed(int(row.id), row.reason, _time(row.last_updated), requeues)
 
 
+@_resilient
 def set_state(record_id: int, state: State, reason: str | None = None) -> None:
     with write():
         FileRecord.update(current_state=state, reason=reason, last_updated=utcnow()).where(
@@ -1055,8 +1520,10 @@ def set_state(record_id: int, state: State, reason: str | None = None) -> None:
         ).execute()
 
 
-def _newest(ref: FileRef, states: tuple[State, ...] | None = None) -> FileRecord | None:
-    query = FileRecord.select().where(_of(ref))
+def _newest(
+    ref: FileRef, states: tuple[State, ...] | None = None, mine: bool = True
+) -> FileRecord | None:
+    query = FileRecord.select().where(_of(ref, mine))
     if states is not None:
         query = query.where(FileRecord.current_state.in_(states))
     return query.order_by(FileRecord.id.desc()).first()  # type: ignore[no-any-return]
@@ -1079,12 +1546,13 @@ def open_passages() -> Iterator[OpenPassage]:
         FileRecord.bucket,
         FileRecord.filepath,
         FileRecord.current_state,
-    ).where(FileRecord.current_state.in_(OPEN))
+    ).where(FileRecord.current_state.in_(OPEN) & (FileRecord.node == node()))
     for row in query.iterator():
         ref = FileRef(row.profile, row.bucket, row.filepath)
         yield OpenPassage(int(row.id), ref, State(row.current_state))
 
 
+@_resilient
 def repair(record_id: int, state: State) -> None:
     """Make an open passage agree with where its file is: a copy wiped from incoming_tmp is
     abandoned, a file found in completed/ was uploaded."""
@@ -1101,10 +1569,11 @@ def repair(record_id: int, state: State) -> None:
 
 
 # -- holds -------------------------------------------------------------------------------------
+@_resilient
 def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
     """Put a profile (bucket '') or bucket on hold; True if it was not held already. An
     outage hold gives way to a more telling reason found meanwhile (a certificate, a key)."""
-    where = (Hold.profile == profile) & (Hold.bucket == bucket)
+    where = (Hold.profile == profile) & (Hold.bucket == bucket) & (Hold.node == node())
     with write():
         old = Hold.get_or_none(where)
         if old is None:
@@ -1116,20 +1585,27 @@ def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
         return True
 
 
+@_resilient
 def release(profile: str, bucket: str) -> bool:
     with write():
-        deleted = Hold.delete().where((Hold.profile == profile) & (Hold.bucket == bucket)).execute()
+        deleted = (
+            Hold.delete()
+            .where((Hold.profile == profile) & (Hold.bucket == bucket) & (Hold.node == node()))
+            .execute()
+        )
     return bool(deleted)
 
 
+@_resilient
 def release_all() -> None:
-    """Every hold lifted: start-up checks each profile and bucket afresh."""
+    """Every hold of this node lifted: start-up checks each profile and bucket afresh."""
     with write():
-        Hold.delete().execute()
+        Hold.delete().where(Hold.node == node()).execute()
 
 
+@_resilient
 def holds() -> dict[tuple[str, str], str]:
-    return {(h.profile, h.bucket): h.reason for h in Hold.select()}
+    return {(h.profile, h.bucket): h.reason for h in Hold.select().where(Hold.node == node())}
 
 
 @dataclass(frozen=True)
@@ -1141,12 +1617,14 @@ class HoldRecord:
     since: dt.datetime | None
 
 
+@_resilient
 def hold_records() -> list[HoldRecord]:
-    query = Hold.select().order_by(Hold.profile, Hold.bucket)
+    query = Hold.select().where(Hold.node == node()).order_by(Hold.profile, Hold.bucket)
     return [HoldRecord(h.profile, h.bucket, h.reason, h.detail, _time(h.since)) for h in query]
 
 
 # -- what flood-status and the metrics read ----------------------------------------------------
+@_resilient
 def waiting_retries() -> dict[tuple[str, str], tuple[int, dt.datetime | None]]:
     """Per profile and bucket: passages in processing/ waiting for a retry, and the next due."""
     query = (
@@ -1159,19 +1637,25 @@ def waiting_retries() -> dict[tuple[str, str], tuple[int, dt.datetime | None]]:
         .where(
             (FileRecord.current_state == State.PROCESSING)
             & FileRecord.next_attempt_at.is_null(False)
+            & (FileRecord.node == node())
         )
         .group_by(FileRecord.profile, FileRecord.bucket)
     )
     return {(p, b): (int(n), _time(due)) for p, b, n, due in _tuples(query)}
 
 
+@_resilient
 def completed_since(when: dt.datetime) -> dict[tuple[str, str], int]:
     """Per profile and bucket: passages completed at or after `when`."""
     query = (
         FileRecord.select(
             FileRecord.profile, FileRecord.bucket, pw.fn.COUNT(FileRecord.id).alias("n")
         )
-        .where((FileRecord.current_state == State.COMPLETED) & (FileRecord.last_updated >= when))
+        .where(
+            (FileRecord.current_state == State.COMPLETED)
+            & (FileRecord.last_updated >= when)
+            & (FileRecord.node == node())
+        )
         .group_by(FileRecord.profile, FileRecord.bucket)
     )
     return {(p, b): int(n) for p, b, n in _tuples(query)}
@@ -1192,10 +1676,14 @@ class Problem:
 def problems_since(when: dt.datetime) -> Iterator[Problem]:
     """Passages failed since `when`, then every passage now waiting for a retry, oldest first."""
     failed = FileRecord.select().where(
-        (FileRecord.current_state == State.FAILED) & (FileRecord.last_updated >= when)
+        (FileRecord.current_state == State.FAILED)
+        & (FileRecord.last_updated >= when)
+        & (FileRecord.node == node())
     )
     waiting = FileRecord.select().where(
-        (FileRecord.current_state == State.PROCESSING) & FileRecord.next_attempt_at.is_null(False)
+        (FileRecord.current_state == State.PROCESSING)
+        & FileRecord.next_attempt_at.is_null(False)
+        & (FileRecord.node == node())
     )
     for state, query in (("failed", failed), ("retrying", waiting)):
         for row in query.order_by(FileRecord.id).iterator():
@@ -1230,7 +1718,7 @@ def completed_passages(
         .where(FileRecord.current_state == State.COMPLETED)
         .group_by(FileRecord.profile, FileRecord.bucket, FileRecord.filepath)
     )
-    query = FileRecord.select().where(FileRecord.id.in_(newest))
+    query = FileRecord.select().where(FileRecord.id.in_(newest) & (FileRecord.node == node()))
     if since is not None:
         query = query.where(FileRecord.last_updated >= since)
     if profile is not None:
@@ -1250,6 +1738,7 @@ def completed_passages(
         )
 
 
+@_resilient
 def buckets_with_key(key: str) -> list[tuple[str, str]]:
     """Every (profile, bucket) with a passage of this key."""
     query = (
@@ -1261,9 +1750,10 @@ def buckets_with_key(key: str) -> list[tuple[str, str]]:
     return [(r.profile, r.bucket) for r in query]
 
 
+@_resilient
 def known(ref: FileRef) -> bool:
-    """Whether any passage of this key is on record."""
-    return _newest(ref) is not None
+    """Whether any passage of this key is on record, on any node."""
+    return _newest(ref, mine=False) is not None
 
 
 @dataclass(frozen=True)
@@ -1296,11 +1786,13 @@ class PassageRecord:
     version_id: str | None = None
     deliveries: list[tuple[str, str, int, str | None]] = field(default_factory=list)
     removed: list[tuple[str, dt.datetime | None]] = field(default_factory=list)  # (reason, at)
+    node: str = ""  # the node whose spool the passage went through
 
 
+@_resilient
 def passages(ref: FileRef) -> list[PassageRecord]:
     """Every passage of one key, oldest first, each with its retries."""
-    rows = list(FileRecord.select().where(_of(ref)).order_by(FileRecord.id))
+    rows = list(FileRecord.select().where(_of(ref, mine=False)).order_by(FileRecord.id))
     tries: dict[int, list[AttemptRecord]] = {}
     if rows:
         query = (
@@ -1330,6 +1822,7 @@ def passages(ref: FileRef) -> list[PassageRecord]:
             checksum=r.checksum,
             options=r.options,
             version_id=r.version_id,
+            node=r.node,
             deliveries=deliveries_of(int(r.id)),
             removed=[
                 (m.reason, _time(m.removed_at))
@@ -1353,6 +1846,7 @@ def _time(value: Any) -> dt.datetime | None:
 
 
 # -- what the audit reads ----------------------------------------------------------------------
+@_resilient
 def completed_page(
     after: int,
     limit: int,
@@ -1376,6 +1870,7 @@ def completed_page(
         (FileRecord.current_state == State.COMPLETED)
         & (FileRecord.id > after)
         & ~pw.fn.EXISTS(replaced)
+        & (FileRecord.node == node())
     )
     if since is not None:
         query = query.where(FileRecord.last_updated >= since)
@@ -1400,6 +1895,7 @@ def completed_page(
     ]
 
 
+@_resilient
 def superseded(done: Completed) -> bool:
     """Whether a newer passage of the key is under way or completed: its object is being (or
     has been) replaced since, so what the server holds now is not `done`'s to answer for."""
@@ -1414,3 +1910,72 @@ def superseded(done: Completed) -> bool:
         )
         .exists()
     )
+
+
+# -- the fleet: every node's passages, for flood-status ------------------------------------------
+@dataclass
+class NodeBucket:
+    """One node's profile and bucket as its records tell it (flood-status reads the directories
+    of its own node only: another node's spool lies on another host)."""
+
+    node: str
+    profile: str
+    bucket: str
+    incoming: int = 0
+    processing: int = 0  # in processing/, waiting for a retry or not
+    waiting_retry: int = 0
+    next_retry_at: dt.datetime | None = None
+    failed: int = 0  # keys whose newest passage failed
+    completed_today: int = 0
+
+
+@_resilient
+def nodes() -> list[str]:
+    """Every node with a row in the records, sorted."""
+    query = FileRecord.select(FileRecord.node).distinct().order_by(FileRecord.node)
+    return [str(n) for (n,) in _tuples(query)]
+
+
+@_resilient
+def node_buckets(since: dt.datetime) -> dict[tuple[str, str, str], NodeBucket]:
+    """Per (node, profile, bucket): open passages, retries waiting, failed keys, and passages
+    completed at or after `since`."""
+    found: dict[tuple[str, str, str], NodeBucket] = {}
+
+    def entry(n: str, p: str, b: str) -> NodeBucket:
+        return found.setdefault((n, p, b), NodeBucket(n, p, b))
+
+    where = FileRecord.node, FileRecord.profile, FileRecord.bucket
+    open_query = (
+        FileRecord.select(
+            *where,
+            FileRecord.current_state,
+            pw.fn.COUNT(FileRecord.id),
+            pw.fn.COUNT(FileRecord.next_attempt_at),
+            pw.fn.MIN(FileRecord.next_attempt_at),
+        )
+        .where(FileRecord.current_state.in_((State.INCOMING, State.PROCESSING)))
+        .group_by(*where, FileRecord.current_state)
+    )
+    for n, p, b, state, count, waiting, due in _tuples(open_query):
+        e = entry(n, p, b)
+        if state == State.INCOMING:
+            e.incoming = int(count)
+        else:
+            e.processing, e.waiting_retry, e.next_retry_at = int(count), int(waiting), _time(due)
+    done = (
+        FileRecord.select(*where, pw.fn.COUNT(FileRecord.id))
+        .where((FileRecord.current_state == State.COMPLETED) & (FileRecord.last_updated >= since))
+        .group_by(*where)
+    )
+    for n, p, b, count in _tuples(done):
+        entry(n, p, b).completed_today = int(count)
+    newest = FileRecord.select(pw.fn.MAX(FileRecord.id)).group_by(*where, FileRecord.filepath)
+    failed = (
+        FileRecord.select(*where, pw.fn.COUNT(FileRecord.id))
+        .where((FileRecord.current_state == State.FAILED) & FileRecord.id.in_(newest))
+        .group_by(*where)
+    )
+    for n, p, b, count in _tuples(failed):
+        entry(n, p, b).failed = int(count)
+    return found

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flood import dburl
 from flood.config import EMPTY, Config
 from flood.credentials import Profile
 
@@ -19,7 +20,7 @@ class Settings:
     """Everything a Flood process needs to know, in plain values (it crosses process starts)."""
 
     server_dir: Path
-    db_path: str
+    db_path: str  # a SQLite file, or a postgresql:// URL (which may carry a password)
     credentials_path: str
     profiles: Mapping[str, Profile] = field(repr=False)
     workers: int = 4
@@ -54,7 +55,10 @@ class Settings:
     # record knows are aborted once older than abandon_multipart_after seconds.
     janitor_interval: float = 3600.0
     abandon_multipart_after: float = 86400.0
+    node: str = ""  # the node its rows are written as ('': the host name)
 
     def secrets(self) -> list[str]:
         """What every log line is scrubbed of: keys, tokens, proxy passwords."""
-        return [secret for p in self.profiles.values() for secret in p.secrets()]
+        found = [secret for p in self.profiles.values() for secret in p.secrets()]
+        password = dburl.password_of(self.db_path)
+        return [*found, password] if password else found

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from flood import config, crashpoints, credentials, logs, records
 from flood.bandwidth import Bandwidth
 from flood.checks import MISSING, OK, UNREACHABLE, ProfileCheck
-from flood.errors import EX_SOFTWARE, FloodError
+from flood.errors import EX_SOFTWARE, DatabaseUnreachable, FloodError
 from flood.jobs import Drained, Ready, Rescan
 from flood.layout import Layout
 from flood.notify import Notifier, Watchdog
@@ -469,6 +469,8 @@ class HoldChecker(threading.Thread):
         while not self.halted.wait(min(1.0, self.settings.recheck_interval)):
             try:
                 self.check_due(time.monotonic())
+            except DatabaseUnreachable:
+                pass  # the records' outage is said once, by the supervisor's watch
             except Exception:
                 self.log.exception("hold_check_crashed")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from flood import metrics, records
 from flood.audit import Audit, Discrepancy, Report, Unchecked
+from flood.errors import DatabaseUnreachable
 from flood.layout import Layout
 from flood.settings import Settings
 from flood.states import Finding
@@ -38,6 +39,8 @@ class PeriodicAudit(threading.Thread):
         while not self.halted.wait(self.settings.audit_interval):
             try:
                 self.once()
+            except DatabaseUnreachable:
+                pass  # the records' outage is said once, by the supervisor's watch
             except Exception:
                 self.log.exception("audit_crashed")
             finally:

@@ -66,9 +66,17 @@ def parser() -> common.Parser:
     )
     p.add_argument(
         "--db",
-        metavar="PATH",
-        help="SQLite records (default: $FLOOD_DB, else the one this server dir's last "
-        f"supervisor used, SERVER_DIR/{DB_RECORD_NAME}, else ./flood.db); recorded there",
+        metavar="PATH|URL",
+        help="records: a SQLite file, or postgresql://USER@HOST[:PORT]/DB[?libpq parameters] "
+        "shared by a fleet, password from ~/.pgpass, $PGPASSFILE or $PGPASSWORD (default: "
+        f"$FLOOD_DB, else the one this server dir's last supervisor used, "
+        f"SERVER_DIR/{DB_RECORD_NAME}, else ./flood.db); recorded there",
+    )
+    p.add_argument(
+        "--node",
+        metavar="NAME",
+        help="the node (host) every row is written as; start-up repair, holds and requeue "
+        "touch this node's rows only (default: the host name)",
     )
     p.add_argument(
         "--retry-base",
@@ -322,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         audit_interval=args.audit_interval,
         janitor_interval=args.janitor_interval,
         abandon_multipart_after=args.abandon_multipart_after,
+        node=args.node or records.default_node(),
     )
     logs.export_options(settings.log_format, settings.log_successes)  # for the children
     log = logs.configure(
@@ -360,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return common.fail("flood-supervisor", why, 78)
         log.warning("credentials_file_exposed", path=str(creds.path), reason=why)
     try:
-        # A database that is not Flood's, or is newer, is refused before anything is touched.
-        records.check_db(settings.db_path)
+        # A database that is not Flood's, or is newer, is refused before anything is touched;
+        # PostgreSQL not answering yet is waited for.
+        startup.wait_for_database(settings, log)
         # The lock comes first: a second supervisor must not wipe the first one's incoming_tmp.
         startup.lock(settings.server_dir)
         layout = startup.prepare(settings, log)

@@ -15,6 +15,7 @@ from typing import Any
 
 from flood import crashpoints, logs, records, retry
 from flood.config import Hooks
+from flood.errors import DatabaseUnreachable
 from flood.records import Due
 from flood.settings import Settings
 from flood.snapshot import utc_text
@@ -73,6 +74,8 @@ class HookRunner(threading.Thread):
         while not self.halted.wait(POLL):
             try:
                 self.start_due()
+            except DatabaseUnreachable:
+                pass  # the records' outage is said once, by the supervisor's watch
             except Exception:
                 self.log.exception("hooks_crashed")
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flood import metrics, orphans
+from flood.errors import DatabaseUnreachable
 from flood.layout import Layout
 from flood.settings import Settings
 
@@ -35,6 +36,8 @@ class Janitor(threading.Thread):
         while not self.halted.is_set():
             try:
                 self.round()
+            except DatabaseUnreachable:
+                pass  # the records' outage is said once, by the supervisor's watch
             except Exception:
                 self.log.exception("janitor_crashed")
             self.halted.wait(self.settings.janitor_interval)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from flood import crashpoints, records
+from flood import crashpoints, dburl, records
 from flood.checks import CREDENTIALS, MISSING, OK, REJECTED, TLS, ProfileCheck
 from flood.credentials import INSECURE, Profile
 from flood.endpoints import endpoint_of, proxy_for
-from flood.errors import AlreadyRunning, LayoutError
+from flood.errors import AlreadyRunning, DatabaseUnreachable, LayoutError
 from flood.jobs import FileRef
 from flood.layout import DB_RECORD_NAME, LOCK_NAME, Layout
 from flood.settings import Settings
@@ -51,8 +52,15 @@ def prepare(settings: Settings, log: Any) -> Layout:
     layout = Layout(settings.server_dir)
     if not layout.root.is_dir():
         raise LayoutError(f"server directory {layout.root} does not exist or is not a directory")
-    records.open_db(settings.db_path)
+    records.open_db(settings.db_path, settings.node)
+    records.watch_outages(
+        records.Outages(
+            down=lambda error: log.error("database_unreachable", error=error),
+            up=lambda seconds: log.info("database_reachable", seconds=round(seconds, 1)),
+        )
+    )
     record_db(layout, settings.db_path, log)
+    record_node(layout, records.node(), log)
     os.makedirs(layout.state_dir(State.INCOMING_TMP), mode=0o750, exist_ok=True)
     wiped = layout.wipe_incoming_tmp()
     log.info("incoming_tmp_wiped", path=layout.state_dir(State.INCOMING_TMP), entries=wiped)
@@ -64,17 +72,47 @@ def prepare(settings: Settings, log: Any) -> Layout:
     return layout
 
 
+def wait_for_database(settings: Settings, log: Any) -> None:
+    """PostgreSQL records that do not answer at start: the supervisor keeps running, says so
+    once, and goes on (uploading nothing before) once they answer. A database that is not
+    Flood's, or is newer, is refused as ever."""
+    since = None
+    while True:
+        try:
+            records.check_db(settings.db_path)
+        except DatabaseUnreachable as exc:
+            if since is None:
+                since = time.monotonic()
+                log.error("database_unreachable", error=str(exc))
+            time.sleep(records.RECONNECT_EVERY)
+            continue
+        if since is not None:
+            log.info("database_reachable", seconds=round(time.monotonic() - since, 1))
+        return
+
+
 def record_db(layout: Layout, db_path: str, log: Any) -> None:
     """Say in the server dir which records this supervisor writes (it holds the lock), so the
     commands find them from any directory instead of guessing ./flood.db."""
     before = layout.recorded_db()
+    db_path = dburl.without_password(db_path)  # the file is world-readable; libpq has pgpass
     try:
         layout.record_db(db_path)
     except OSError as exc:
         raise LayoutError(
             f"cannot record the database's path in {layout.root / DB_RECORD_NAME}: {exc.strerror}"
         ) from None
-    log.info("db_recorded", path=db_path, previous=before if before != db_path else None)
+    previous = dburl.shown(before) if before is not None and before != db_path else None
+    log.info("db_recorded", path=dburl.shown(db_path), previous=previous)
+
+
+def record_node(layout: Layout, node: str, log: Any) -> None:
+    """Say in the server dir which node this supervisor writes as (the commands act as it)."""
+    try:
+        layout.record_node(node)
+    except OSError as exc:
+        raise LayoutError(f"cannot record the node in {layout.root}: {exc.strerror}") from None
+    log.info("node_recorded", node=node)
 
 
 def repair(layout: Layout, log: Any) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from flood import records
 from flood.config import Lifecycle
+from flood.errors import DatabaseUnreachable
 from flood.layout import Layout, shown
 from flood.requeue import candidates, requeue
 from flood.settings import Settings
@@ -48,6 +49,8 @@ class Sweeper(threading.Thread):
             try:
                 if self.wanted:  # a reload may turn the lifecycle on or off
                     self.sweep(time.time())
+            except DatabaseUnreachable:
+                pass  # the records' outage is said once, by the supervisor's watch
             except Exception:
                 self.log.exception("sweep_crashed")
             self.halted.wait(self.interval())

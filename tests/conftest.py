@@ -5,6 +5,8 @@ forward proxies (the suite's own and tinyproxy), real PostgreSQL and Prometheus 
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -77,6 +79,36 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
 def own_postgres(tmp_path: Path) -> Iterator[Postgres]:
     """A PostgreSQL server of the test's own, for outage tests (stop(), start(), restart())."""
     yield from _postgres(tmp_path / "postgres")
+
+
+@pytest.fixture
+def pg_database(postgres: Postgres, tmp_path: Path) -> Callable[[], tuple[str, Path]]:
+    """new(): a fresh, empty database on the session's server owned by its role, as (URL
+    without a password, a pgpass file for it)."""
+    pgpass = tmp_path / "pgpass"
+    fd = os.open(pgpass, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(f"{postgres.host}:{postgres.port}:*:{postgres.user}:{postgres.password}\n")
+
+    def new() -> tuple[str, Path]:
+        name = f"flood_{secrets.token_hex(6)}"
+        postgres.psql(f"CREATE DATABASE {name} OWNER {postgres.user}", database="postgres")
+        return f"postgresql://{postgres.user}@{postgres.host}:{postgres.port}/{name}", pgpass
+
+    return new
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records_backend(request: pytest.FixtureRequest) -> Callable[[Spool], Spool]:
+    """into(spool): the spool's records in SQLite (as made), then in a fresh PostgreSQL
+    database; the test id says which."""
+
+    def into(spool: Spool) -> Spool:
+        if request.param == "postgresql":
+            spool.use_postgres(*request.getfixturevalue("pg_database")())
+        return spool
+
+    return into
 
 
 @pytest.fixture

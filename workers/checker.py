@@ -39,7 +39,9 @@ def sweep_orphans(
         client = make_client(settings.profiles[profile], settings.profiles)
     except ConfigError as exc:
         return str(exc), {}
-    records.open_db(settings.db_path, checked=True)  # which uploads are Flood's, in flight
+    records.open_db(
+        settings.db_path, settings.node, checked=True
+    )  # which uploads are Flood's, in flight
     swept: dict[str, orphans.Sweep | str] = {}
     try:
         for bucket in buckets:

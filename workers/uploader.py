@@ -66,7 +66,21 @@ class UploaderRole:
         self.log = logs.configure(
             "uploader", self.settings.log_level, self.settings.log_file, self.settings.secrets()
         )
-        records.open_db(self.settings.db_path, checked=True)  # by the supervisor
+        records.open_db(
+            self.settings.db_path, self.settings.node, checked=True
+        )  # by the supervisor
+        # PostgreSQL away: this uploader waits for it inside the records call it was making
+        # (a claim not yet recorded is not uploaded, a proven upload moves once recorded),
+        # beating its heart meanwhile; the supervisor says it once, as an error.
+        records.watch_outages(
+            records.Outages(
+                down=lambda error: self.log.warning("database_waiting", error=error),
+                up=lambda seconds: self.log.info("database_back", seconds=round(seconds, 1)),
+                wait=True,
+                tick=self.heartbeat.beat,
+                alive=lambda: self.alive,
+            )
+        )
         connection = Connection(self.settings.profiles[self.profile], self.settings.profiles)
         account = self.settings.profiles[self.profile]
         in_flight = account.parts_in_flight or self.settings.parts_in_flight

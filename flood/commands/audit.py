@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from flood import credentials, records
+from flood import credentials, dburl, records
 from flood.audit import Audit, Discrepancy, Report, Seen, TokenBucket, Unchecked
 from flood.commands import common
 from flood.errors import ConfigError, FloodError
@@ -201,13 +201,13 @@ def run(args: argparse.Namespace) -> int:
             f"{', '.join(sorted(creds.profiles))}"
         )
     db = common.records_db(PROG, args.db, layout.root, create=False)
-    records.open_readonly(db)
+    records.open_readonly(db, common.node_name(args.node, layout.root))
     now = records.utcnow()
     since = None if args.since is None else now - dt.timedelta(seconds=args.since)
     args.since_text = utc_text(since)
     pacer = TokenBucket(args.rate) if args.rate else None
     report = Audit(creds.profiles, pacer).run(since, now, args.profile, args.bucket)
-    data = document(report, args, db, layout)
+    data = document(report, args, dburl.shown(db), layout)
     if args.json:
         print(json.dumps(data, indent=2))
     else:

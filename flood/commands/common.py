@@ -9,13 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flood import __version__, units
+from flood import __version__, dburl, records, units
 from flood.errors import ConfigError, LayoutError
-from flood.layout import DB_RECORD_NAME, Layout
+from flood.layout import DB_RECORD_NAME, NODE_RECORD_NAME, Layout
 
 DEFAULT_DB = "flood.db"
 DEFAULT_SERVER_DIR = "/srv/flood"
 DB_DEFAULT_HELP = f"$FLOOD_DB, else the supervisor's (SERVER_DIR/{DB_RECORD_NAME}), else ./flood.db"
+DB_HELP = (
+    "a SQLite file, or postgresql://USER@HOST[:PORT]/DB[?libpq parameters] shared by a fleet "
+    f"(password from ~/.pgpass, $PGPASSFILE or $PGPASSWORD) (default: {DB_DEFAULT_HELP})"
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -95,14 +99,30 @@ def db_location(option: str | None, root: Path | None = None) -> tuple[str, str]
     the supervisor of `root` recorded it uses, else ./flood.db; made absolute so every
     process agrees."""
     if option:
-        return os.path.abspath(option), "from --db"
+        return _absolute(option), "from --db"
     if os.environ.get("FLOOD_DB"):
-        return os.path.abspath(os.environ["FLOOD_DB"]), "from $FLOOD_DB"
+        return _absolute(os.environ["FLOOD_DB"]), "from $FLOOD_DB"
     if root is not None:
         recorded = Layout(root).recorded_db()
         if recorded is not None:
             return recorded, f"the supervisor's, recorded in {root / DB_RECORD_NAME}"
     return os.path.abspath(DEFAULT_DB), "the default ./flood.db: no supervisor recorded one"
+
+
+def _absolute(target: str) -> str:
+    """A SQLite path made absolute; a postgresql:// URL as given."""
+    return target if dburl.is_url(target) else os.path.abspath(target)
+
+
+def node_name(option: str | None, root: Path | None = None) -> str:
+    """--node, else the node the supervisor of `root` writes as, else the host name."""
+    if option:
+        return option
+    if root is not None:
+        recorded = Layout(root).recorded_node()
+        if recorded:
+            return recorded
+    return records.default_node()
 
 
 def db_path(option: str | None, root: Path | None = None) -> str:
@@ -116,6 +136,8 @@ def records_db(prog: str, option: str | None, root: Path, create: bool) -> str:
     nor at all unless `create`; one that exists but is not the supervisor's gets a note."""
     path, source = db_location(option, root)
     recorded = Layout(root).recorded_db()
+    if dburl.is_url(path):
+        return _records_url(prog, path, source, recorded, create)
     exists = os.path.exists(path)
     if recorded is not None and recorded != path:
         if not exists:
@@ -131,6 +153,30 @@ def records_db(prog: str, option: str | None, root: Path, create: bool) -> str:
     if not exists and not create:
         raise ConfigError(f"no records database at {path} ({source})")
     return path
+
+
+def _records_url(prog: str, url: str, source: str, recorded: str | None, create: bool) -> str:
+    """A PostgreSQL database: it exists or the URL is refused when opened; without `create`
+    it must hold Flood's schema already (check_db's version 0: none)."""
+    if recorded is not None and recorded != dburl.without_password(url):
+        print(
+            f"{prog}: note: records {dburl.shown(url)} ({source}) are not the supervisor's "
+            f"({dburl.shown(recorded)}, recorded in {DB_RECORD_NAME})",
+            file=sys.stderr,
+        )
+    if not create and records.check_db(url) == 0:
+        raise ConfigError(f"no Flood records in {dburl.shown(url)} ({source})")
+    return url
+
+
+def add_node_option(parser: argparse.ArgumentParser) -> None:
+    """--node: the node whose rows a command acts on (a fleet sharing PostgreSQL records)."""
+    parser.add_argument(
+        "--node",
+        metavar="NAME",
+        help=f"the node (host) this command acts as (default: the supervisor's, recorded in "
+        f"SERVER_DIR/{NODE_RECORD_NAME}, else the host name)",
+    )
 
 
 def server_dir(option: str | None) -> Path:
@@ -162,7 +208,8 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
         help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE "
         "nor ~/.aws/credentials exists",
     )
-    parser.add_argument("--db", metavar="PATH", help=f"SQLite records (default: {DB_DEFAULT_HELP})")
+    parser.add_argument("--db", metavar="PATH|URL", help=f"records: {DB_HELP}")
+    add_node_option(parser)
 
 
 def printable_output() -> None:

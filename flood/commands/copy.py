@@ -115,9 +115,8 @@ def parser() -> common.Parser:
         help="credentials file, used when neither $AWS_SHARED_CREDENTIALS_FILE nor "
         "~/.aws/credentials exists",
     )
-    p.add_argument(
-        "--db", metavar="PATH", help=f"SQLite records (default: {common.DB_DEFAULT_HELP})"
-    )
+    p.add_argument("--db", metavar="PATH|URL", help=f"records: {common.DB_HELP}")
+    common.add_node_option(p)
     p.add_argument(
         "--wait",
         action="store_true",
@@ -208,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: {line}", file=sys.stderr)
     layout = Layout(root)
     # Refused before any directory is made; never a new database beside the supervisor's.
-    records.open_db(common.records_db(PROG, args.db, root, create=True))
+    records.open_db(
+        common.records_db(PROG, args.db, root, create=True), common.node_name(args.node, root)
+    )
     prepare_dirs(layout, target)
     report = Copier(layout, target, _progress(plan.items, args.quiet), own).run(plan.items)
     code = report.tell(target, args.quiet, plan.failed)

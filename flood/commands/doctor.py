@@ -20,7 +20,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from flood import credentials, orphans, records
+from flood import credentials, dburl, orphans, records
 from flood import verdict as taxonomy
 from flood.commands import common
 from flood.commands.status import age_text
@@ -387,14 +387,16 @@ def _bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
-def check_records(option: str | None, root: Path) -> tuple[Check, Callable[[str], set[str]] | None]:
+def check_records(
+    option: str | None, root: Path, node: str | None = None
+) -> tuple[Check, Callable[[str], set[str]] | None]:
     """Which records database the commands use and why, opened read only, and the multipart
     uploads it knows (what the orphan check leaves out); None when there is none to read, so
     no orphan is claimed."""
     path, source = common.db_location(option, root)
     recorded = Layout(root).recorded_db()
-    elsewhere = recorded is not None and recorded != path
-    if not os.path.exists(path):
+    elsewhere = recorded is not None and recorded != dburl.without_password(path)
+    if not dburl.is_url(path) and not os.path.exists(path):
         if elsewhere:
             detail = f"no records database at {path} ({source}); the supervisor records into "
             check = Check("records", FAIL, "records", f"{detail}{recorded}: give --db {recorded}")
@@ -404,15 +406,16 @@ def check_records(option: str | None, root: Path) -> tuple[Check, Callable[[str]
             "start; orphan uploads are not looked for"
         )
         return Check("records", WARN, "records", detail), None
+    shown = dburl.shown(path)
     try:
         version = records.check_db(path)
         if version < records.SCHEMA_VERSION:
-            detail = f"{path} has schema {version}: flood-supervisor migrates it at start"
+            detail = f"{shown} has schema {version}: flood-supervisor migrates it at start"
             return Check("records", WARN, "records", detail), None
-        records.open_readonly(path)
+        records.open_readonly(path, common.node_name(node, root))
     except ConfigError as exc:
         return Check("records", FAIL, "records", str(exc)), None
-    detail = f"{path} ({source}), schema version {version}, read only"
+    detail = f"{shown} ({source}), schema version {version}, read only"
     if elsewhere:
         check = Check(
             "records", WARN, "records", f"{detail}; but the supervisor records into {recorded}"
@@ -502,7 +505,7 @@ def run(args: argparse.Namespace) -> list[Check]:
     root = common.server_dir(args.server_dir)
     layout = Layout(root)
     creds_check, creds = check_credentials(args.credentials)
-    records_check, known = check_records(args.db, root)
+    records_check, known = check_records(args.db, root, args.node)
     checks = [creds_check, check_server_dir(layout), check_inotify(layout), check_disk(root)]
     checks.append(records_check)
     if creds is None:

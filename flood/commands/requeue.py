@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flood import records
 from flood.commands import common
@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     root = common.server_dir(args.server_dir)
     layout = Layout(root)
     # Created if missing, as flood-copy does: files may be requeued before a supervisor ran.
-    records.open_db(common.records_db(PROG, args.db, root, create=True))
+    records.open_db(
+        common.records_db(PROG, args.db, root, create=True), common.node_name(args.node, root)
+    )
     selection = Selection(args.reason, args.profile, args.bucket, backups=args.all)
     chosen, notes = choose(layout, selection)
     moved, skipped = 0, 0
@@ -103,14 +105,33 @@ def run(args: argparse.Namespace) -> int:
         f"{'would move' if args.dry_run else 'moved'} {moved} {files} to incoming/"
         + (f"; skipped {skipped}" if skipped else "")
     )
+    others(lambda b: b.failed, "failed")
     return 1 if skipped else 0
+
+
+def others(count: Callable[[records.NodeBucket], int], what: str) -> None:
+    """Say which other nodes of shared records have files this command left alone: each
+    node's spool is on its own host, and only its own flood-requeue moves its files."""
+    per_node: dict[str, int] = {}
+    for entry in records.node_buckets(records.utcnow()).values():
+        if entry.node != records.node() and count(entry):
+            per_node[entry.node] = per_node.get(entry.node, 0) + count(entry)
+    if per_node:
+        listed = ", ".join(f"{n} ({k})" for n, k in sorted(per_node.items()))
+        print(
+            f"{PROG}: note: {what} files of other nodes left alone: {listed}; this acts on "
+            f"node {records.node()}'s only (run flood-requeue on those nodes)",
+            file=sys.stderr,
+        )
 
 
 def run_waiting(args: argparse.Namespace) -> int:
     """Retries due now: written in the records, which the uploaders of a running supervisor
     look at every second while files wait (nothing is restarted)."""
     root = common.server_dir(args.server_dir)
-    records.open_db(common.records_db(PROG, args.db, root, create=False))
+    records.open_db(
+        common.records_db(PROG, args.db, root, create=False), common.node_name(args.node, root)
+    )
     now = records.utcnow()
     waiting = records.waiting_passages(args.profile, args.bucket, now)
     verb = "would make due now" if args.dry_run else "due now"
@@ -118,6 +139,7 @@ def run_waiting(args: argparse.Namespace) -> int:
         uri = shown(f"s3://{w.ref.profile}/{w.ref.bucket}/{w.ref.key}")
         print(f"{verb}: {uri} (retry {w.retry_count}, was due {utc_text(w.due)})")
     files = "file" if len(waiting) == 1 else "files"
+    others(lambda b: b.waiting_retry, "waiting")
     if not waiting:
         print("no file waits for a retry")
         return 0

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from flood import credentials, records
+from flood import credentials, dburl, records
 from flood.commands import common
 from flood.credentials import Profile
 from flood.errors import ConfigError, FloodError
@@ -32,8 +32,12 @@ Without TARGET: per profile and bucket, the files in incoming/, processing/ (in 
 waiting for a retry (and when the next is due), in failed/, and completed today (UTC); the
 age of the oldest file still pending; paused profiles and buckets and why; the errors of the
 last 24 hours grouped by reason.
-With TARGET (or `why TARGET`): the history of one file from the records. TARGET is a path in
-the server dir, s3://PROFILE/BUCKET/KEY, PROFILE/BUCKET/KEY or a bare KEY."""
+With records shared by a fleet (PostgreSQL), a NODE column: this node's rows from its
+directories and records, every other node found in the records from its records alone
+(--node NAME: that node's only).
+With TARGET (or `why TARGET`): the history of one file from the records, its passages on
+every node. TARGET is a path in the server dir, s3://PROFILE/BUCKET/KEY, PROFILE/BUCKET/KEY
+or a bare KEY."""
 EPILOG = """\
 Pending age is counted from a file's ctime, the time it was renamed into incoming/ or
 processing/ (its mtime may be preserved from elsewhere by cp -p or rsync -a).
@@ -82,12 +86,14 @@ def history(ref: FileRef, layout: Layout) -> dict[str, Any]:
         "key": shown(ref.key),
         "on_disk": on_disk(ref, layout),
         "passages": [_passage(row, later.get(row.id)) for row in rows],
+        "nodes": sorted({row.node for row in rows}),
     }
 
 
 def _passage(row: records.PassageRecord, requeued_to: int | None) -> dict[str, Any]:
     return {
         "id": row.id,
+        "node": row.node,
         "state": row.state,
         "since": utc_text(row.since),
         "created": utc_text(row.created),
@@ -165,11 +171,21 @@ def _epoch(now: dt.datetime) -> float:
     return now.replace(tzinfo=dt.UTC).timestamp()
 
 
-def snapshot_json(snap: Snapshot, root: Path, db: str, sup: dict[str, Any]) -> dict[str, Any]:
+def snapshot_json(
+    snap: Snapshot,
+    root: Path,
+    db: str,
+    sup: dict[str, Any],
+    fleet: Sequence[records.NodeBucket] = (),
+    only: str | None = None,
+) -> dict[str, Any]:
+    """The snapshot of this node, and the rows of the other nodes (`fleet`, from the records);
+    `only`: one node's rows."""
     now = _epoch(snap.now)
     rows = []
-    for entry in snap.buckets.values():
-        row = asdict(entry)
+    own = records.node()
+    for entry in snap.buckets.values() if only in (None, own) else ():
+        row = {"node": own, **asdict(entry)}
         row["processing"] = entry.in_flight()
         row["next_retry_at"] = utc_text(entry.next_retry_at)
         del row["oldest_pending"]
@@ -177,11 +193,16 @@ def snapshot_json(snap: Snapshot, root: Path, db: str, sup: dict[str, Any]) -> d
             None if entry.oldest_pending is None else round(now - entry.oldest_pending, 3)
         )
         rows.append(row)
+    rows += [
+        _fleet_row(entry) for entry in fleet if entry.node != own and only in (None, entry.node)
+    ]
     oldest = snap.oldest_pending()
     return {
         "generated_at": utc_text(snap.now),
         "server_dir": str(root),
         "db": db,
+        "node": own,
+        "nodes": sorted({own} | {e.node for e in fleet}),
         "supervisor": sup,
         "buckets": rows,
         "totals": {
@@ -204,6 +225,24 @@ def snapshot_json(snap: Snapshot, root: Path, db: str, sup: dict[str, Any]) -> d
     }
 
 
+def _fleet_row(entry: records.NodeBucket) -> dict[str, Any]:
+    """Another node's bucket as its records tell it (its directories are on its own host)."""
+    return {
+        "node": entry.node,
+        "profile": entry.profile,
+        "bucket": entry.bucket,
+        "incoming": entry.incoming,
+        "processing": max(0, entry.processing - entry.waiting_retry),
+        "waiting_retry": entry.waiting_retry,
+        "next_retry_at": utc_text(entry.next_retry_at),
+        "failed": entry.failed,
+        "completed_today": entry.completed_today,
+        "ignored": 0,
+        "oldest_pending_age_seconds": None,
+        "paused": None,
+    }
+
+
 def print_table(data: dict[str, Any]) -> None:
     sup = data["supervisor"]
     running = (
@@ -215,6 +254,9 @@ def print_table(data: dict[str, Any]) -> None:
     )
     print(
         f"{data['server_dir']} (supervisor {running}); records {data['db']}; {data['generated_at']}"
+    )
+    fleet = len(data.get("nodes", [])) > 1 or any(
+        r["node"] != data.get("node") for r in data["buckets"]
     )
     header = (
         "PROFILE",
@@ -229,11 +271,16 @@ def print_table(data: dict[str, Any]) -> None:
         "PAUSED",
     )
     lines = [header] + [_table_row(r, data["generated_at"]) for r in data["buckets"]]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    if fleet:  # a NODE column where the records are a fleet's (one node's look as before)
+        lines = [("NODE", *header)] + [
+            (r["node"], *line) for r, line in zip(data["buckets"], lines[1:], strict=True)
+        ]
+    left = {0, 1, 9} if not fleet else {0, 1, 2, 10}
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for line in lines:
         print(
             "  ".join(
-                c.ljust(w) if i < 2 or i == 9 else c.rjust(w)
+                c.ljust(w) if i in left else c.rjust(w)
                 for i, (c, w) in enumerate(zip(line, widths, strict=True))
             ).rstrip()
         )
@@ -328,9 +375,11 @@ def print_history(item: dict[str, Any]) -> None:
     print(f"  on disk: {where or 'nowhere in the server dir'}")
     if not item["passages"]:
         print("  no record")
+    named = item.get("nodes", []) != [records.node()]  # another node's passages are here too
     for p in item["passages"]:
         link = f" (requeued from #{p['requeued_from']})" if p["requeued_from"] else ""
-        print(f"  passage #{p['id']}{link}: file created {p['created'] or '?'}")
+        where = f" on node {p['node'] or '?'}" if named else ""
+        print(f"  passage #{p['id']}{where}{link}: file created {p['created'] or '?'}")
         for a in p["attempts"]:
             error = f": {_one_line(a['error'])}" if a["error"] else ""
             print(f"    {a['at']}  retry {a['attempt']} {a['outcome']}{error}")
@@ -440,10 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def open_records(option: str | None, root: Path) -> str:
-    """Open the existing records database (a read-only command must not create one)."""
+    """Open the existing records database (a read-only command must not create one) as the
+    node of the server dir's supervisor; the records as shown (a URL's password masked)."""
     path = common.records_db(PROG, option, root, create=False)
-    records.open_db(path)
-    return path
+    records.open_db(path, common.node_name(None, root))
+    return dburl.shown(path)
 
 
 def credentials_of(option: str | None) -> credentials.CredentialsFile | None:
@@ -465,7 +515,9 @@ def run(args: argparse.Namespace, target: str | None) -> int:
     creds = credentials_of(args.credentials)
     profiles: Mapping[str, Profile] = creds.profiles if creds is not None else {}
     snap = snapshot(layout, sorted(profiles))
-    data = snapshot_json(snap, root, db, supervisor_state(root))
+    midnight = snap.now.replace(hour=0, minute=0, second=0, microsecond=0)
+    fleet = list(records.node_buckets(midnight).values())
+    data = snapshot_json(snap, root, db, supervisor_state(root), fleet, args.node)
     if creds is not None:
         data["credentials"] = str(creds.path)
         data["unknown_profiles"] = sorted(layout.profiles_present() - set(profiles))

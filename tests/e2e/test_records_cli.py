@@ -7,11 +7,13 @@ import hashlib
 import os
 import sqlite3
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from spool import BIN, Spool, wait_for
+from faultproxy import FaultProxy
+from spool import BIN, Spool, object_bytes, wait_for
 
 from flood import records
 
@@ -127,3 +129,108 @@ def test_every_command_refuses_a_database_it_cannot_use(
     assert leftover.read_bytes() == b"a producer is still writing"
     assert not (spool.dir / ".flood.lock").exists()
     assert not spool.path("incoming", "p1", bucket, "report.csv").exists()
+
+
+# -- the records' acceptance behaviours, on SQLite and on PostgreSQL ---------------------------
+FAST = ("--retry-base", "0.05", "--max-retries", "3")
+
+
+@pytest.fixture
+def proxy(s3: Any) -> Iterator[FaultProxy]:
+    with FaultProxy("127.0.0.1", s3.port) as fp:
+        yield fp
+
+
+def _spool(tmp_path: Path, s3: Any, into: Callable[[Spool], Spool], endpoint: str | None) -> Spool:
+    ini = s3.credentials_ini("p1", endpoint=endpoint) if endpoint else s3.credentials_ini("p1")
+    return into(Spool(tmp_path, s3, {"p1": ini}))
+
+
+def _started(sp: Spool) -> None:
+    wait_for(lambda: sp.events("startup_drain_queued"), 60, "the start-up drain")
+
+
+def test_each_passage_of_a_key_is_a_row_of_its_own(
+    tmp_path: Path, s3: Any, bucket: str, records_backend: Callable[[Spool], Spool]
+) -> None:
+    """The same key queued twice gives two completed rows, in order, each with its size, ETag,
+    UTC times and this node's name."""
+    sp = _spool(tmp_path, s3, records_backend, None)
+    try:
+        sp.start("--node", "node-a")
+        for data in (b"first", b"second!"):
+            sp.drop("p1", bucket, "twice.txt", data)
+            wait_for(lambda: sp.files("incoming") == [], 30, "the copy taken")
+            sp.wait_done("p1", bucket, ["twice.txt"])
+        wait_for(lambda: len(sp.records("twice.txt")) == 2, 30, "two rows")
+        rows = sp.records("twice.txt")
+        assert [(r["current_state"], r["upload_outcome"], r["size"]) for r in rows] == [
+            ("completed", "success", 5),
+            ("completed", "success", 7),
+        ]
+        assert rows[0]["id"] < rows[1]["id"]
+        assert rows[1]["etag"] == hashlib.md5(b"second!").hexdigest()
+        assert {r["node"] for r in rows} == {"node-a"}
+        assert str(rows[1]["last_updated"]) >= str(rows[1]["file_creation_date"])[:19]
+    finally:
+        sp.close()
+
+
+def test_retries_leave_a_row_each_and_the_upload_completes(
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    proxy: FaultProxy,
+    records_backend: Callable[[Spool], Spool],
+) -> None:
+    """Answers of 503 are retried: one retry_attempts row per retry (failures, then the
+    success), the passage completed with its retry count reset."""
+    sp = _spool(tmp_path, s3, records_backend, proxy.endpoint)
+    try:
+        sp.start(*FAST, workers=1)
+        _started(sp)
+        proxy.set_mode("503")
+        sp.drop("p1", bucket, "flaky.txt", b"flaky")
+        query = (
+            "SELECT a.attempt, a.outcome FROM retry_attempts a JOIN file_records r"
+            " ON a.file_record_id = r.id WHERE r.filepath = ? ORDER BY a.attempt"
+        )
+        wait_for(lambda: len(sp.query(query, "flaky.txt")) >= 1, 60, "a failed retry row")
+        proxy.set_mode("pass")
+        sp.wait_done("p1", bucket, ["flaky.txt"])
+        tries = [(r["attempt"], r["outcome"]) for r in sp.query(query, "flaky.txt")]
+        assert tries[-1][1] == "success" and all(o == "failure" for _, o in tries[:-1])
+        assert [n for n, _ in tries] == list(range(1, len(tries) + 1))
+        [row] = sp.records("flaky.txt")
+        assert (row["current_state"], row["retry_count"]) == ("completed", 0)
+    finally:
+        sp.close()
+
+
+def test_requeue_makes_a_new_row_linked_to_the_failure(
+    tmp_path: Path,
+    s3: Any,
+    bucket: str,
+    proxy: FaultProxy,
+    client: Any,
+    records_backend: Callable[[Spool], Spool],
+) -> None:
+    """A file failed for good is requeued: a new passage linked to the failed one completes,
+    the failed row stays as it was."""
+    sp = _spool(tmp_path, s3, records_backend, proxy.endpoint)
+    try:
+        sp.start("--max-retries", "0", workers=1)
+        _started(sp)
+        proxy.set_mode("503")
+        sp.drop("p1", bucket, "again.txt", b"again")
+        sp.wait_done("p1", bucket, ["again.txt"], state="failed")
+        proxy.set_mode("pass")
+        moved = sp.run("flood-requeue", "--server-dir", str(sp.dir), "--all")
+        assert moved.returncode == 0 and "moved 1 file" in moved.stdout, moved.stderr
+        sp.wait_done("p1", bucket, ["again.txt"])
+        assert object_bytes(client, bucket, "again.txt") == b"again"
+        old, new = sp.records("again.txt")
+        assert (old["current_state"], new["current_state"]) == ("failed", "completed")
+        assert new["requeued_from"] == old["id"]
+    finally:
+        sp.close()

@@ -123,11 +123,20 @@ class Spool:
         self.credentials.write_text("".join(profiles.values()))
         self.credentials.chmod(0o600)
         self.supervisors: list[Supervisor] = []
+        self.db_url: str | None = None  # PostgreSQL records instead of the SQLite file
+        self.pgpass: Path | None = None
+
+    def use_postgres(self, url: str, pgpass: Path) -> None:
+        """Records in PostgreSQL at `url` (no password in it: libpq reads `pgpass`)."""
+        self.db_url, self.pgpass = url, pgpass
 
     # -- processes -----------------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(HOME=str(self.home), FLOOD_DB=str(self.db), PYTHONUNBUFFERED="1", **extra)
+        env.update(HOME=str(self.home), FLOOD_DB=str(self.db), PYTHONUNBUFFERED="1")
+        if self.db_url is not None:
+            env.update(FLOOD_DB=self.db_url, PGPASSFILE=str(self.pgpass))
+        env.update(extra)
         return env
 
     def start(self, *args: str, workers: int = 2, env: dict[str, str] | None = None) -> Supervisor:
@@ -211,7 +220,17 @@ class Spool:
         return ", ".join(f"{s}={len(self.files(s))}" for s in STATES)
 
     # -- records and logs ----------------------------------------------------------------
-    def query(self, sql: str, *params: Any) -> list[sqlite3.Row]:
+    def query(self, sql: str, *params: Any) -> list[Any]:
+        """Rows as mappings, from whichever database the spool records into (SQL written with
+        ? placeholders; PostgreSQL hands times back as datetimes, SQLite as text)."""
+        if self.db_url is not None:
+            import psycopg  # the test extra's driver, as Flood's
+            from psycopg.rows import dict_row
+
+            with psycopg.connect(
+                self.db_url, passfile=str(self.pgpass), connect_timeout=10, row_factory=dict_row
+            ) as pg:
+                return list(pg.execute(sql.replace("?", "%s"), params).fetchall())
         con = sqlite3.connect(self.db, timeout=30)
         con.row_factory = sqlite3.Row
         try:
@@ -219,7 +238,7 @@ class Spool:
         finally:
             con.close()
 
-    def records(self, key: str | None = None) -> list[sqlite3.Row]:
+    def records(self, key: str | None = None) -> list[Any]:
         if key is None:
             return self.query("SELECT * FROM file_records ORDER BY id")
         return self.query("SELECT * FROM file_records WHERE filepath = ? ORDER BY id", key)

@@ -42,7 +42,7 @@ def test_core_and_roles_never_import_the_commands_or_the_harness(path: Path) -> 
 @pytest.mark.parametrize(
     ("modules", "owners"),
     [
-        (("peewee", "playhouse", "sqlite3"), {"flood/records.py"}),
+        (("peewee", "playhouse", "sqlite3", "psycopg"), {"flood/records.py"}),
         (("http.client",), {"flood/lean.py"}),
         # sd_notify's datagrams are the only other socket of the core (not HTTP)
         (("socket",), {"flood/lean.py", "flood/notify.py"}),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flood import records
+from flood import dburl, records
 from flood.errors import ConfigError
 from flood.jobs import FileRef
 from flood.records import Claim, Completion
@@ -300,3 +300,58 @@ def test_waiting_retries_made_due_now_keep_their_count(db: str) -> None:
     assert records.due_keys("p", now) == {("b", "w.txt")}
     [other] = records.passages(FileRef("p", "b", "f.txt"))
     assert (other.next_attempt_at, other.error) == (None, None)
+
+
+def test_migration_6_gives_every_existing_row_the_migrating_node(tmp_path: Path) -> None:
+    """A database of an earlier release was one host's: opened as node `old-host`, every row
+    it had is old-host's (holds keyed by node too), and that node's repair and holds see them
+    while another node's do not."""
+    path = str(tmp_path / "old.db")
+    shutil.copy(FIXTURE, path)
+    records.open_db(path, "old-host")
+    try:
+        con = sqlite3.connect(path)
+        for table in ("file_records", "retry_attempts", "holds"):
+            nodes = {r[0] for r in con.execute(f"SELECT node FROM {table}")}
+            assert nodes <= {"old-host"}, table
+        open_rows = con.execute(
+            "SELECT COUNT(*) FROM file_records WHERE current_state IN"
+            " ('incoming_tmp', 'incoming', 'processing')"
+        ).fetchone()[0]
+        con.close()
+        mine = list(records.open_passages())
+        held = records.holds()
+    finally:
+        records.close_db()
+    records.open_db(path, "other-host")
+    try:
+        assert list(records.open_passages()) == [] and records.holds() == {}
+        assert records.nodes() == ["old-host"]
+    finally:
+        records.close_db()
+    assert held and len(mine) == open_rows
+
+
+def test_a_url_is_shown_and_recorded_without_its_password() -> None:
+    """The password of a URL (user part or libpq's password= parameter) is masked where it
+    is shown and left out where it is recorded; a path and a URL without one are unchanged."""
+    url = "postgresql://flood:s3cr%40t@db.example:5433/flood?sslmode=verify-full"
+    assert dburl.password_of(url) == "s3cr@t"
+    assert dburl.shown(url) == "postgresql://flood:***@db.example:5433/flood?sslmode=verify-full"
+    assert (
+        dburl.without_password(url)
+        == "postgresql://flood@db.example:5433/flood?sslmode=verify-full"
+    )
+    query = "postgresql://flood@db/flood?password=pw1&sslmode=require"
+    assert dburl.shown(query) == "postgresql://flood@db/flood?password=***&sslmode=require"
+    assert dburl.without_password(query) == "postgresql://flood@db/flood?sslmode=require"
+    assert dburl.scrub("failed for pw1 at db", query) == "failed for *** at db"
+    for plain in ("/var/lib/flood/flood.db", "postgresql://flood@db/flood"):
+        assert dburl.shown(plain) == dburl.without_password(plain) == plain
+
+
+def test_a_connect_timeout_is_added_only_where_the_url_has_none() -> None:
+    """libpq waits for the system's TCP timeout by default: Flood asks for 10 s unless the
+    URL's own connect_timeout says otherwise (the URL's parameters are never overridden)."""
+    assert records._defaults("postgresql://flood@db/flood") == {"connect_timeout": 10}
+    assert records._defaults("postgresql://flood@db/flood?connect_timeout=3&sslmode=x") == {}

@@ -390,23 +390,20 @@ def _hand_psycopg_to_peewee() -> None:
     """peewee looks for psycopg once, when it is imported; Flood's daemons keep the driver out
     of their memory until a PostgreSQL database is opened (flood.drivers), so here it is let
     in and given to peewee as its import would have (peewee 4.5's names)."""
-    if pw.psycopg is not None:
+    if getattr(pw, "psycopg", None) is not None:
         return
     drivers.let_in("psycopg")
     import psycopg
     from psycopg.pq import TransactionStatus
     from psycopg.types.json import Json, Jsonb
 
-    pw.psycopg, pw.TransactionStatus, pw.Json_pg3, pw.Jsonb_pg3 = (
-        psycopg,
-        TransactionStatus,
-        Json,
-        Jsonb,
-    )
-    adapter = pw.Psycopg3Adapter
-    adapter.txn_idle = TransactionStatus.IDLE
-    adapter.txn_inerror = TransactionStatus.INERROR
-    adapter.txn_unknown = TransactionStatus.UNKNOWN
+    found = {"psycopg": psycopg, "TransactionStatus": TransactionStatus}
+    found.update(Json_pg3=Json, Jsonb_pg3=Jsonb)
+    for name, value in found.items():
+        setattr(pw, name, value)
+    states = {"txn_idle": "IDLE", "txn_inerror": "INERROR", "txn_unknown": "UNKNOWN"}
+    for name, state in states.items():
+        setattr(pw.Psycopg3Adapter, name, getattr(TransactionStatus, state))
 
 
 CONNECT_TIMEOUT = 10  # seconds, unless the URL's query says (libpq waits for the OS's TCP timeout)

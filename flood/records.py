@@ -10,20 +10,23 @@ import functools
 import os
 import re
 import sqlite3
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
 
 import peewee as pw
-from playhouse.migrate import SchemaMigrator, migrate
-from playhouse.pool import PooledPostgresqlDatabase
 
 from flood import dburl, drivers
 from flood.errors import ConfigError, DatabaseUnreachable
 from flood.jobs import FileRef
 from flood.states import OPEN, Outcome, Reason, State
+
+if TYPE_CHECKING:  # playhouse's migrations and pool are imported where they are used: a
+    # daemon's child on SQLite needs neither (about a MiB of every process)
+    from playhouse.migrate import SchemaMigrator
 
 BUSY_TIMEOUT_MS = 15_000
 DatabaseError = pw.PeeweeException  # what a failed query raises, for callers to catch
@@ -287,17 +290,17 @@ def _to_v2(migrator: SchemaMigrator) -> None:
 
 def _to_v3(migrator: SchemaMigrator) -> None:
     db.create_tables([Endpoint])
-    migrate(migrator.add_column("file_records", "first_failed_at", FileRecord.first_failed_at))
+    _apply(migrator.add_column("file_records", "first_failed_at", FileRecord.first_failed_at))
 
 
 def _to_v4(migrator: SchemaMigrator) -> None:
     db.create_tables([MultipartUpload, MultipartPart])
-    migrate(migrator.add_column("file_records", "checksum", FileRecord.checksum))
+    _apply(migrator.add_column("file_records", "checksum", FileRecord.checksum))
 
 
 def _to_v5(migrator: SchemaMigrator) -> None:
     db.create_tables([Delivery, Removal])
-    migrate(
+    _apply(
         migrator.add_column("file_records", "options", FileRecord.options),
         migrator.add_column("file_records", "version_id", FileRecord.version_id),
     )
@@ -453,9 +456,21 @@ def open_db(path: str, node_name: str | None = None, *, checked: bool = False) -
         raise ConfigError(f"cannot open the records database {path}: {exc}") from None
 
 
+def _apply(*operations: Any) -> None:
+    from playhouse.migrate import migrate
+
+    migrate(*operations)
+
+
+def _pooled(database: Any) -> bool:
+    """A PostgreSQL pool (playhouse.pool is imported only to make one)."""
+    pool = sys.modules.get("playhouse.pool")
+    return pool is not None and isinstance(database, pool.PooledPostgresqlDatabase)
+
+
 def _use(database: pw.Database) -> None:
     close_db()
-    if isinstance(db.obj, PooledPostgresqlDatabase):
+    if _pooled(db.obj):
         db.obj.close_all()  # a database opened again: the old pool's connections go
     _backend["postgresql"] = isinstance(database, pw.PostgresqlDatabase)
     _backend["database"] = database
@@ -488,6 +503,8 @@ def _open_pg(url: str, *, migrate: bool = True) -> None:
     # The URL goes to libpq as it is (its query holds libpq's parameters: sslmode, ...); the
     # password comes from it or from ~/.pgpass, $PGPASSFILE, $PGPASSWORD, as libpq finds it.
     _hand_psycopg_to_peewee()
+    from playhouse.pool import PooledPostgresqlDatabase
+
     _use(
         PooledPostgresqlDatabase(
             url,
@@ -523,6 +540,8 @@ def _migrate() -> None:
             f"records database has schema version {version}, newer than "
             f"this Flood knows ({SCHEMA_VERSION}); upgrade Flood"
         )
+    from playhouse.migrate import SchemaMigrator
+
     migrator = SchemaMigrator.from_database(db.obj)
     for step in range(version + 1, SCHEMA_VERSION + 1):
         MIGRATIONS[step](migrator)
@@ -656,7 +675,7 @@ def _drop_connection() -> None:
     if conn is not None:
         with contextlib.suppress(Exception):
             conn.close()
-    if isinstance(database, PooledPostgresqlDatabase):
+    if _pooled(database):
         if conn is not None:
             database._in_use.pop(database.conn_key(conn), None)
         with contextlib.suppress(Exception):

@@ -33,6 +33,7 @@ PROMETHEUS_OWN = {"up"}
 # Metrics without profile and bucket labels: alerts on them name the instance instead.
 INSTANCE_LEVEL = {
     "up",
+    "flood_database_up",
     "flood_process_restarts_total",
     "flood_watcher_events_total",
     "flood_watcher_overflows_total",

@@ -23,6 +23,8 @@ FORMATS = ("json", "text")
 # and file only): set in the environment before the forkserver starts, as metrics' dir is.
 FORMAT_ENV = "FLOOD_LOG_FORMAT"
 SUCCESSES_ENV = "FLOOD_LOG_SUCCESSES"
+# The libraries whose standard-library loggers Flood's own log takes in.
+LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "pyinotify", "peewee")
 # The two info lines every file makes; --no-log-successes leaves them out (failures, retries
 # and holds are always written).
 SUCCESS_EVENTS = frozenset({"file_claimed", "upload_succeeded"})
@@ -281,11 +283,20 @@ def configure(
     )
     root = logging.getLogger()
     root.handlers[:] = [_StdlibBridge()]
-    root.setLevel(max(level_no, logging.INFO))
-    # botocore's DEBUG output carries the Authorization header: never below INFO.
-    for name in ("botocore", "boto3", "s3transfer", "urllib3", "pyinotify", "peewee"):
-        lib = logging.getLogger(name)
-        lib.handlers[:] = []
-        lib.propagate = True
-        lib.setLevel(max(level_no, logging.INFO))
+    quiet_libraries(max(level_no, logging.INFO))
     return structlog.get_logger()  # type: ignore[no-any-return]
+
+
+def quiet_libraries(level: int = logging.INFO) -> None:
+    """The standard library's loggers at `level`: the root and the libraries', whose handlers
+    go (they reach ours through the root). botocore's DEBUG output carries the Authorization
+    header, so `level` is never below INFO. A level already set is left alone: setLevel clears
+    the cache of every logger there is, which in a child of the forkserver copies the pages
+    that hold them (flood.workers.preload sets INFO there, once)."""
+    for name in ("", *LIBRARIES):
+        lib = logging.getLogger(name)
+        if name:
+            lib.handlers[:] = []
+            lib.propagate = True
+        if lib.level != level:
+            lib.setLevel(level)

@@ -114,3 +114,23 @@ def test_every_logged_event_has_a_sentence() -> None:
     assert message("watchdog_withheld", {"children": ["a", "b"], "reason": "r"}) == (
         "watchdog withheld: a, b silent (r)"
     )
+
+
+@pytest.mark.parametrize(("level", "libraries"), [("debug", "INFO"), ("warning", "WARNING")])
+def test_library_loggers_never_go_below_info(tmp_path: Path, level: str, libraries: str) -> None:
+    """botocore's DEBUG lines carry the Authorization header: its loggers (and the other
+    libraries') stay at INFO or above, hand what they log to the root, and keep no handler."""
+    import logging
+
+    stray = logging.StreamHandler()
+    logging.getLogger("botocore").addHandler(stray)
+    logging.getLogger("urllib3").setLevel(logging.DEBUG)
+    logs.configure("uploader", level, str(tmp_path / "log"))
+    for name in logs.LIBRARIES:
+        lib = logging.getLogger(name)
+        assert (logging.getLevelName(lib.level), lib.handlers, lib.propagate) == (
+            libraries,
+            [],
+            True,
+        ), name
+    assert logging.getLevelName(logging.getLogger().level) == libraries

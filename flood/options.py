@@ -96,6 +96,8 @@ class ObjectOptions:
     def over(self, base: ObjectOptions) -> ObjectOptions:
         """These options laid over `base`: each key this level sets wins; metadata and tags
         merge key by key."""
+        if self is NONE:  # a level the config file leaves empty, as most are
+            return base
         changes: dict[str, Any] = {n: getattr(self, n) for n in HEADER_OPTIONS if getattr(self, n)}
         changes["metadata"] = {**base.metadata, **self.metadata}
         changes["tags"] = {**base.tags, **self.tags}
@@ -296,15 +298,23 @@ class Levels:
     profiles: Mapping[str, ObjectOptions] = field(default_factory=dict)
     buckets: Mapping[tuple[str, str], ObjectOptions] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    # [upload], the profile's and the bucket's levels laid on, per (profile, bucket): the same
+    # for every file of a bucket (a reload makes new Levels, so nothing stale is kept).
+    _merged: dict[tuple[str, str], ObjectOptions] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def resolve(
         self, profile: str, bucket: str, key: str, own: ObjectOptions | None = None
     ) -> ObjectOptions:
         """The options of one object: [upload], its profile's, its bucket's, every matching
         rule in file order, then the file's own (flood-copy's), and content_type settled."""
-        found = self.everywhere
-        found = self.profiles.get(profile, NONE).over(found)
-        found = self.buckets.get((profile, bucket), NONE).over(found)
+        found = self._merged.get((profile, bucket))
+        if found is None:
+            found = self.everywhere
+            found = self.profiles.get(profile, NONE).over(found)
+            found = self.buckets.get((profile, bucket), NONE).over(found)
+            self._merged[(profile, bucket)] = found
         if self.rules:
             path = f"{profile}/{bucket}/{key}"
             for rule in self.rules:

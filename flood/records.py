@@ -456,6 +456,13 @@ def open_db(path: str, node_name: str | None = None, *, checked: bool = False) -
         raise ConfigError(f"cannot open the records database {path}: {exc}") from None
 
 
+def initialise_sqlite() -> None:
+    """Have SQLite initialise itself (its allocator, page cache and mutexes, set up at its
+    first connection in a process) with a throwaway in-memory database: the forkserver does
+    it once for all its children."""
+    sqlite3.connect(":memory:").close()
+
+
 def _apply(*operations: Any) -> None:
     from playhouse.migrate import migrate
 
@@ -1470,6 +1477,18 @@ def delivered(delivery_id: int) -> None:
         Delivery.update(state="done", attempts=Delivery.attempts + 1, error=None).where(
             Delivery.id == delivery_id
         ).execute()
+
+
+@_resilient
+def delivery_current(delivery_id: int, attempts: int) -> bool:
+    """Whether a delivery is still pending after `attempts` attempts: a Due read before an
+    attempt of it ended is stale, and running it again would spend a retry twice."""
+    query = Delivery.select(Delivery.id).where(
+        (Delivery.id == delivery_id)
+        & (Delivery.state == "pending")
+        & (Delivery.attempts == attempts)
+    )
+    return query.exists()
 
 
 @_resilient

@@ -98,6 +98,8 @@ class HookRunner(threading.Thread):
             records.close_db()  # this thread's connection; the next delivery opens its own
 
     def run_one(self, due: Due) -> None:
+        if not records.delivery_current(due.id, due.attempts):
+            return  # read while its previous attempt was ending: the poll finds it anew
         command = self.hooks.on_complete if due.event == "complete" else self.hooks.on_failure
         if not command:
             records.delivered(due.id)  # the hook was taken out of the config since

@@ -215,6 +215,23 @@ def test_a_failed_passage_forgets_its_multipart_upload_and_may_queue_its_hook(db
     assert (due.event, due.key, due.reason) == ("failure", "big.bin", "SlowDown")
 
 
+def test_a_delivery_read_before_its_attempt_ended_is_no_longer_current(db: str) -> None:
+    """The hooks' poll may read a delivery while an attempt of it is ending; once that
+    attempt is recorded (failed and rescheduled, or done), the stale read is not current, so
+    the retry is not spent twice."""
+    ref = FileRef("p", "b", "h.txt")
+    [rid] = records.record_claims([Claim(ref, None, 1)])
+    records.record_failed(rid, "SlowDown", "retries exhausted", 3, deliver=True)
+    [due] = records.due_deliveries(records.utcnow() + dt.timedelta(seconds=1))
+    assert records.delivery_current(due.id, due.attempts)
+    records.delivery_failed(due.id, "exit 1", records.utcnow())
+    assert not records.delivery_current(due.id, due.attempts)
+    [again] = records.due_deliveries(records.utcnow() + dt.timedelta(seconds=1))
+    assert again.attempts == 1 and records.delivery_current(again.id, again.attempts)
+    records.delivered(again.id)
+    assert not records.delivery_current(again.id, again.attempts)
+
+
 # -- what the audit reads ----------------------------------------------------------------------
 def _complete(keys: list[str], profile: str = "p", bucket: str = "b") -> list[int]:
     ids = records.record_claims([Claim(FileRef(profile, bucket, k), None, 1) for k in keys])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import mimetypes
-import sqlite3
 import sys
 
 from flood import drivers
@@ -61,9 +60,7 @@ fill_loader()
 # The type table content_type = "auto" reads (/etc/mime.types and the like, ~2,000 entries),
 # read here once: read in each uploader at its first guess, it cost 1.9 MiB apiece.
 mimetypes.init()
-# SQLite initialises itself (allocator, page cache, mutexes) at its first connection: here,
-# once, rather than 0.5 MiB in every child that opens the records.
-sqlite3.connect(":memory:").close()
+records.initialise_sqlite()  # once here, not 0.5 MiB in every child that opens the records
 logs.quiet_libraries()  # the level every child's logs.configure sets, unless told otherwise
 # Everything made so far lives as long as the forkserver: a child's collections need not
 # visit it, and visiting would write to (and so copy) the shared pages that hold it.

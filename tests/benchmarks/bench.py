@@ -1192,9 +1192,11 @@ def run_peer(ctx: Context, tool: str, config: str, wl: Workload) -> dict[str, An
 # -- per-file accounting and profile ----------------------------------------------------------
 
 
-def account(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
+def account(ctx: Context, wl: Workload, workers: int, db: str | None = None) -> dict[str, Any]:
     """S3 requests and SQLite statements per file, counted by hooks loaded through
-    sitecustomize (count_hooks.py) in Flood's processes; no Flood code changes."""
+    sitecustomize (count_hooks.py) in Flood's processes; no Flood code changes. With `db`
+    (a postgresql:// URL), Flood records there, and the hooks count psycopg's statements and
+    its round trips (each time a process waits for the server's answer)."""
     counts_dir = ctx.workdir / "counts"
     shutil.rmtree(counts_dir, ignore_errors=True)
     counts_dir.mkdir()
@@ -1209,14 +1211,12 @@ def account(ctx: Context, wl: Workload, workers: int) -> dict[str, Any]:
 
         return after
 
-    result = flood_batch(
-        ctx,
-        wl,
-        workers,
-        "account",
-        {"PYTHONPATH": str(hooks), "FLOOD_BENCH_COUNT_DIR": str(counts_dir)},
-        during,
-    )
+    env = {"PYTHONPATH": str(hooks), "FLOOD_BENCH_COUNT_DIR": str(counts_dir)}
+    tool = MAIN
+    if db is not None:
+        env["FLOOD_BENCH_COUNT_PG"] = "1"
+        tool = FloodTool("flood", args=("--db", db))
+    result = flood_batch(ctx, wl, workers, "account", env, during, tool)
     totals: dict[str, Counter[str]] = defaultdict(Counter)
     for path in counts_dir.glob("*.json"):
         totals[roles.get(int(path.stem), "other")].update(json.loads(path.read_text()))
@@ -1751,6 +1751,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="count Flood's S3 requests and SQLite statements per file (hooked run)",
     )
     p.add_argument(
+        "--account-db",
+        metavar="URL",
+        help="the --account run again with records in this PostgreSQL database (a URL for "
+        "--db, password from PGPASSFILE): statements and round trips per file",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="py-spy Flood's processes during workload a; top costs per role",
@@ -1940,6 +1946,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.account:
             report["accounting"] = account(ctx, workloads["a"], args.flood_workers)
+        if args.account_db:
+            report["accounting_db"] = account(
+                ctx, workloads["a"], args.flood_workers, args.account_db
+            )
         if args.profile:
             report["profile"] = profile(ctx, workloads["a"], args.flood_workers)
         if args.workers_scaling:
@@ -1991,6 +2001,11 @@ def print_report(report: dict[str, Any], args: argparse.Namespace, unavailable: 
             )
     if "accounting" in report:
         print("flood per file (hooked run): " + json.dumps(report["accounting"]["per_file"]))
+    if "accounting_db" in report:
+        print(
+            "flood per file, records in PostgreSQL (hooked run): "
+            + json.dumps(report["accounting_db"]["per_file"])
+        )
     if "profile" in report:
         prof = report["profile"]
         for role, cats in prof.get("categories", {}).items():

@@ -1,6 +1,7 @@
 """Counting hooks for the benchmark's accounting run, loaded as `sitecustomize` (bench.py copies
 this file under that name onto PYTHONPATH): every HTTP request botocore or Flood's lean PUT
-sends and every SQL statement SQLite runs, per process, written to
+sends and every SQL statement SQLite runs (or psycopg sends, and its round trips, with
+$FLOOD_BENCH_COUNT_PG), per process, written to
 $FLOOD_BENCH_COUNT_DIR/<pid>.json as they happen.
 
 Loaded only when that variable is set; Flood's code is not touched. Children forked by the
@@ -73,6 +74,30 @@ def _install() -> None:
         return conn
 
     setattr(peewee.SqliteDatabase, "_connect", counted_connect)  # noqa: B010 - patching
+    if os.environ.get("FLOOD_BENCH_COUNT_PG"):
+        _install_psycopg()
+
+
+def _install_psycopg() -> None:
+    """psycopg's statements (by their first word) and its round trips: Connection.wait runs
+    one exchange with the server to its end (a statement, or a pipeline's sync)."""
+    import psycopg
+
+    wait = psycopg.Connection.wait
+
+    def counted_wait(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _bump("db_round_trip")
+        return wait(self, *args, **kwargs)
+
+    setattr(psycopg.Connection, "wait", counted_wait)  # noqa: B010 - patching
+    for name in ("execute", "executemany"):
+        method = getattr(psycopg.Cursor, name)
+
+        def counted(self: Any, query: Any, *args: Any, _method: Any = method, **kw: Any) -> Any:
+            _sql(query if isinstance(query, str) else "?")
+            return _method(self, query, *args, **kw)
+
+        setattr(psycopg.Cursor, name, counted)
 
 
 if _DIR:

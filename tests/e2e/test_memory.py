@@ -33,17 +33,9 @@ def rollup(pid: int) -> dict[str, int] | None:
     return {fields[0].rstrip(":"): int(fields[1]) for fields in lines}
 
 
-def pss(pid: int) -> int | None:
-    """Proportional set size in KiB: shared pages divided among the processes mapping them,
-    so a sum over processes counts each page once."""
-    fields = rollup(pid)
-    return None if fields is None else fields.get("Pss")
-
-
-def private(pid: int) -> int:
+def private(fields: dict[str, int]) -> int:
     """The KiB only this process maps (its own allocations and the pages it copied on
-    write), 0 if it exited."""
-    fields = rollup(pid) or {}
+    write), from its smaps_rollup."""
     return fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
 
 
@@ -95,10 +87,13 @@ class Peak:
         self.own: dict[int, int] = {}
 
     def sample(self) -> None:
-        now = {pid: kib for pid in tree(self.root) if (kib := pss(pid)) is not None}
+        # PSS: shared pages divided among the processes mapping them, so a sum over
+        # processes counts each page once; read once per process with its private part.
+        read = {pid: fields for pid in tree(self.root) if (fields := rollup(pid)) is not None}
+        now = {pid: fields.get("Pss", 0) for pid, fields in read.items()}
         if sum(now.values()) > self.total:
             self.total, self.each = sum(now.values()), now
-            self.own = {pid: private(pid) for pid in now}
+            self.own = {pid: private(fields) for pid, fields in read.items()}
 
     def table(self, spool: Spool) -> str:
         shown = names(spool, self.root, self.profiles)

@@ -126,6 +126,10 @@ class UploaderRole:
         if self.waiting and now >= self.next_due_check:
             self.next_due_check = now + DUE_CHECK
             self.take_up_made_due(now)
+            # A lift seen by no batch of this process (it had none to run) frees what
+            # waited on the hold all the same: they are due now, not HELD_WAIT later.
+            if self.uploads is not None and self.uploads.holds.lifted(now):
+                self.due_now(now)
         job = self.next_job(now)
         if job is None:
             return

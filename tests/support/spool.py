@@ -213,8 +213,25 @@ class Spool:
         wait_for(
             lambda: all(self.where(profile, bucket, k) == [state] for k in keys),
             timeout,
-            lambda: f"{len(keys)} files in {state}/ (left: {self.pending_summary()})",
+            lambda: (
+                f"{len(keys)} files in {state}/ (left: {self.pending_summary()})" + self.trouble()
+            ),
         )
+
+    def trouble(self, last: int = 12) -> str:
+        """The last warnings and errors of the log, one short line each, for a timeout's
+        message: what Flood said while the test waited."""
+        try:
+            events = self.log_lines()
+        except ValueError:  # a line half written as the wait ran out
+            return ""
+        lines = [
+            f"{e.get('@timestamp', '')[11:23]} {e.get('event', {}).get('action')}: "
+            f"{str(e.get('message', ''))[:160]}"
+            for e in events
+            if e.get("log.level") in ("warning", "error", "critical")
+        ]
+        return "".join(f"\n  {line}" for line in lines[-last:])
 
     def pending_summary(self) -> str:
         return ", ".join(f"{s}={len(self.files(s))}" for s in STATES)

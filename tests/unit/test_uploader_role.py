@@ -37,6 +37,9 @@ class Holds:
         released, self.released = self.released, False
         return released
 
+    def lifted(self, now: float) -> bool:
+        return self.take_released()
+
 
 class Uploads:
     """Plays the pipeline: results scripted per key (a list is consumed one pass at a time)."""
@@ -158,6 +161,19 @@ def test_a_lifted_hold_makes_every_waiting_file_due(tmp_path: Path) -> None:
     assert len(fake.batches) == 1
     fake.holds.released = True
     jobs.put(Job(State.INCOMING, "b", "other"))
-    up.loop(NOW + 2)  # this pass notices the release
-    up.loop(NOW + 2)
+    up.loop(NOW + 1.5)  # this pass's batch notices the release (before the once-a-second look)
+    up.loop(NOW + 1.5)
     assert fake.batches[-1] == [Job(State.PROCESSING, "b", "late")]
+
+
+def test_a_lifted_hold_frees_the_waiting_files_of_an_idle_uploader(tmp_path: Path) -> None:
+    """With nothing else queued (no batch to notice the lift), the loop still looks: the
+    file that waited for the hold goes up within a second of it, not when its wait ends."""
+    up, jobs, fake = role(tmp_path)
+    fake.script["held"] = [Result(Step.RETRY, NOW + 60)]
+    jobs.put(Job(State.INCOMING, "b", "held"))
+    up.loop(NOW)
+    fake.holds.released = True
+    up.loop(NOW + 1.5)  # the once-a-second look: due now
+    up.loop(NOW + 1.5)
+    assert fake.batches[-1] == [Job(State.PROCESSING, "b", "held")]

@@ -291,11 +291,17 @@ def test_a_proxy_that_does_not_relay_100_continue_costs_no_stall(
     that sends Expect wait a second), boto3's PUTs and parts send no Expect header at all."""
     with FaultProxy("127.0.0.1", s3.port, record=True) as relay:
         spool = new_spool(tmp_path, s3, profile_ini(s3, relay.endpoint))
-        upload_all(spool, new_bucket(s3), "--boto3-put", HTTP_PROXY=tinyproxy.url)
-        puts = [h for h in relay.received if h.method == "PUT"]
+        bucket = new_bucket(s3)
+        upload_all(spool, bucket, "--boto3-put", HTTP_PROXY=tinyproxy.url)
+        connections = [c for c in relay.received_by_connection if c]
+    puts = [h for c in connections for h in c if h.method == "PUT"]
     assert len(puts) >= len(SMALL) + 3  # the small files, and the parts of the large one
-    assert all(h.header("expect") is None for h in puts)
-    assert all(h.header("via") for h in puts)  # they did go through tinyproxy
+    assert [h.target for h in puts if h.header("expect") is not None] == []
+    # They did go through tinyproxy: it opened every connection the server saw, and the first
+    # request of each came rewritten (a Via header). tinyproxy parses only that one: a later
+    # request on a connection the client kept alive is piped on as it came (absolute-form,
+    # no Via), so only the first of each connection can show it.
+    assert [c[0].target for c in connections if not c[0].header("via")] == []
 
 
 def test_a_proxy_that_refuses_connect_holds_the_profile_naming_it(

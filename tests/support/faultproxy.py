@@ -432,6 +432,7 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.record = record
         self._received: list[RequestHead] = []
+        self._by_connection: list[list[RequestHead]] = []  # pass mode: per client connection
         self._refused: list[RequestHead] = []
         self.port = 0
         self._mode = "pass"
@@ -482,6 +483,13 @@ class FaultProxy:
             return list(self._received)
 
     @property
+    def received_by_connection(self) -> list[list[RequestHead]]:
+        """With `record`, in pass mode: the heads forwarded so far, one list per client
+        connection (in the order they were accepted)."""
+        with self._lock:
+            return [list(heads) for heads in self._by_connection]
+
+    @property
     def refused(self) -> list[RequestHead]:
         """The heads of the requests a provider mode answered itself, oldest first."""
         with self._lock:
@@ -491,6 +499,7 @@ class FaultProxy:
         """Forget the recorded and the refused heads."""
         with self._lock:
             self._received.clear()
+            self._by_connection.clear()
             self._refused.clear()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -633,19 +642,33 @@ class FaultProxy:
             stopping = self._stopping
         if not stopping:
             back = self._spawn(self._pump, upstream, client)
-            self._pump(client, upstream, RequestTap() if self.record else None)
+            if self.record:
+                sink: list[RequestHead] = []
+                with self._lock:
+                    self._by_connection.append(sink)
+                self._pump(client, upstream, RequestTap(), sink)
+            else:
+                self._pump(client, upstream)
             back.join()
         with self._lock:
             self._live.difference_update((client, upstream))
         _close(client)
         _close(upstream)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, tap: RequestTap | None = None) -> None:
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        tap: RequestTap | None = None,
+        sink: list[RequestHead] | None = None,
+    ) -> None:
         try:
             while data := src.recv(BUFSIZE):
                 if tap is not None and (heads := tap.feed(data)):
                     with self._lock:
                         self._received.extend(heads)
+                        if sink is not None:
+                            sink.extend(heads)
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # one side broke: stop the other direction too

@@ -1622,12 +1622,26 @@ def hold(profile: str, bucket: str, reason: str, detail: str) -> bool:
 
 @_resilient
 def release(profile: str, bucket: str) -> bool:
+    """Lift a hold; True if there was one. In the same transaction the retries it covers that
+    wait for later (the files that met the hold, and those an outage pushed back) become due
+    now: an uploader that sees the hold gone finds them due, not still waiting."""
     with write():
         deleted = (
             Hold.delete()
             .where((Hold.profile == profile) & (Hold.bucket == bucket) & (Hold.node == node()))
             .execute()
         )
+        if deleted:
+            now = utcnow()
+            waiting = (
+                (FileRecord.profile == profile)
+                & (FileRecord.node == node())
+                & (FileRecord.current_state == State.PROCESSING)
+                & (FileRecord.next_attempt_at > now)
+            )
+            if bucket:
+                waiting &= FileRecord.bucket == bucket
+            FileRecord.update(next_attempt_at=now).where(waiting).execute()
     return bool(deleted)
 
 

@@ -386,3 +386,21 @@ def test_holds_see_a_lift_without_a_file_to_claim(db: str) -> None:
     assert view.lifted(11.5)
     assert not view.lifted(13.0)  # once
     assert view.read_at == 11.5  # nothing held any more: no further reads
+
+
+def test_lifting_a_hold_makes_the_retries_it_covers_due(db: str) -> None:
+    """The passages that waited on a hold (their next attempt an HELD_WAIT away) are due as
+    soon as it is lifted, in the records too: an uploader resuming one finds it due. Another
+    bucket's, under a bucket hold, keep their time."""
+    later = records.utcnow() + dt.timedelta(hours=1)
+    ids = records.record_claims([Claim(FileRef("p", b, "k"), None, 1) for b in ("held", "other")])
+    for record_id in ids:
+        records.record_held(record_id, later, "no answer", None, 0)
+    assert records.due_keys("p") == set()
+    assert records.hold("p", "held", Reason.NO_SUCH_BUCKET, "missing")
+    assert records.release("p", "held")
+    assert records.due_keys("p") == {("held", "k")}
+    assert records.hold("p", "", Reason.UNREACHABLE, "no answer")
+    assert records.release("p", "")
+    assert records.due_keys("p") == {("held", "k"), ("other", "k")}
+    assert not records.release("p", "")  # no hold: nothing to lift

@@ -771,7 +771,7 @@ def _sql(query: str, params: tuple[Any, ...]) -> Any:
     """Run fixed SQL on this process's connection, written with SQLite's placeholders
     (PostgreSQL's driver takes %s)."""
     if _backend["postgresql"]:
-        query = _PG_SQL.get(query) or _PG_SQL.setdefault(query, query.replace("?", "%s"))
+        query = _pg(query)
     return _backend["database"].execute_sql(query, params)
 
 
@@ -934,32 +934,39 @@ def record_claims(claims: Sequence[Claim]) -> list[int]:
     """Files just moved into processing/, in one transaction: each continues its producer's
     passage or starts a new one. Their record ids, in order."""
     now = _stamp(utcnow())
+    if _backend["postgresql"]:
+        return _claims_pg(claims, now) if claims else []
     ids = []
     with write():
-        if _backend["postgresql"]:
-            return _claims_pg(claims, now)
         for ref, created, size in claims:
             ids.append(_claim(ref, text(ref.key), _stamp(created), size, now))
     return ids
 
 
-# PostgreSQL: one statement a claim (the same choice as _claim: the passage that reached
-# incoming/ first, else a newer copy's in incoming_tmp, else a new one), the batch's statements
-# sent in one pipeline: a round trip for the whole batch instead of three a file.
-_CLAIM_PG = (
-    "WITH found AS (SELECT id FROM file_records WHERE profile = %(profile)s"
-    " AND bucket = %(bucket)s AND filepath = %(key)s AND node = %(node)s"
-    " AND current_state IN ('incoming', 'incoming_tmp')"
-    " ORDER BY current_state = 'incoming' DESC, id DESC LIMIT 1),"
-    " continued AS (UPDATE file_records SET current_state = 'processing',"
-    " last_updated = %(now)s, size = %(size)s,"
-    " file_creation_date = COALESCE(file_creation_date, %(created)s)"
-    " WHERE id IN (SELECT id FROM found) RETURNING id),"
+# PostgreSQL: the batch's claims as one statement over arrays (the same choice as _claim for
+# each file: the passage that reached incoming/ first, else a newer copy's in incoming_tmp,
+# else a new one): one round trip, and one statement for the server to run, not one a file.
+# The new rows' ids are matched to their files by (profile, bucket, key), unique in a batch.
+_CLAIMS_PG = (
+    "WITH input AS (SELECT * FROM unnest(%(profiles)s::text[], %(buckets)s::text[],"
+    " %(keys)s::text[], %(created)s::timestamp[], %(sizes)s::bigint[]) WITH ORDINALITY"
+    " AS i(profile, bucket, filepath, created, size, n)),"
+    " found AS (SELECT DISTINCT ON (i.n) i.n, f.id FROM input i JOIN file_records f"
+    " ON f.profile = i.profile AND f.bucket = i.bucket AND f.filepath = i.filepath"
+    " AND f.node = %(node)s AND f.current_state IN ('incoming', 'incoming_tmp')"
+    " ORDER BY i.n, f.current_state = 'incoming' DESC, f.id DESC),"
+    " continued AS (UPDATE file_records f SET current_state = 'processing',"
+    " last_updated = %(now)s, size = i.size,"
+    " file_creation_date = COALESCE(f.file_creation_date, i.created)"
+    " FROM found JOIN input i USING (n) WHERE f.id = found.id RETURNING found.n, f.id),"
     " started AS (INSERT INTO file_records (profile, bucket, filepath, file_creation_date,"
     " current_state, last_updated, size, retry_count, node)"
-    " SELECT %(profile)s, %(bucket)s, %(key)s, %(created)s, 'processing', %(now)s, %(size)s, 0,"
-    " %(node)s WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING id)"
-    " SELECT id FROM continued UNION ALL SELECT id FROM started"
+    " SELECT i.profile, i.bucket, i.filepath, i.created, 'processing', %(now)s, i.size, 0,"
+    " %(node)s FROM input i WHERE i.n NOT IN (SELECT n FROM found) ORDER BY i.n"
+    " RETURNING id, profile, bucket, filepath)"
+    " SELECT n, id FROM continued UNION ALL SELECT i.n, s.id FROM started s JOIN input i"
+    " ON i.profile = s.profile AND i.bucket = s.bucket AND i.filepath = s.filepath"
+    " ORDER BY 1"
 )
 
 
@@ -967,29 +974,49 @@ _CLAIM_PG = (
 _AS_PEEWEE: Any = pw.__dict__["__exception_wrapper__"]
 
 
-def _claims_pg(claims: Sequence[Claim], now: Any) -> list[int]:
-    me = node()
-    rows = [
-        {
-            "profile": ref.profile,
-            "bucket": ref.bucket,
-            "key": text(ref.key),
-            "node": me,
-            "now": now,
-            "size": size,
-            "created": created,
-        }
-        for ref, created, size in claims
-    ]
-    database = _backend["database"]
-    ids = []
+@contextlib.contextmanager
+def _one_trip() -> Iterator[Any]:
+    """PostgreSQL: a write transaction sent as one pipeline (BEGIN, the block's statements,
+    COMMIT) and one wait for all their answers, where peewee's atomic() waits for BEGIN, for
+    each statement and for COMMIT. The statements' results are read after the block. An error
+    leaves nothing written (the server skips the rest; the transaction is rolled back) and
+    propagates as peewee's, as execute_sql's would."""
     with _AS_PEEWEE:
-        cursor = database.cursor()
-        cursor.executemany(_CLAIM_PG, rows, returning=True)
-        while True:
-            ids.append(int(cursor.fetchone()[0]))
-            if not cursor.nextset():
-                return ids
+        conn = _backend["database"].connection()
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+        except BaseException:
+            if not conn.closed:
+                with contextlib.suppress(Exception):
+                    conn.execute("ROLLBACK")
+            raise
+
+
+def _pg(query: str) -> str:
+    """Fixed SQL written with SQLite's placeholders, in the driver's (made once a statement)."""
+    return _PG_SQL.get(query) or _PG_SQL.setdefault(query, query.replace("?", "%s"))
+
+
+def _claims_pg(claims: Sequence[Claim], now: Any) -> list[int]:
+    keys = [(ref.profile, ref.bucket, text(ref.key)) for ref, _, _ in claims]
+    if len(set(keys)) < len(keys):  # never from an uploader (one claim a file); kept correct
+        return [_claims_pg([claim], now)[0] for claim in claims]
+    params = {
+        "profiles": [profile for profile, _, _ in keys],
+        "buckets": [bucket for _, bucket, _ in keys],
+        "keys": [key for _, _, key in keys],
+        "created": [created for _, created, _ in claims],
+        "sizes": [size for _, _, size in claims],
+        "node": node(),
+        "now": now,
+    }
+    rows = _backend["database"].execute_sql(_CLAIMS_PG, params).fetchall()
+    if [n for n, _ in rows] != list(range(1, len(claims) + 1)):
+        raise pw.IntegrityError(f"{len(claims)} claims recorded as {len(rows)} rows")
+    return [int(record_id) for _, record_id in rows]
 
 
 def _claim(ref: FileRef, key: str | None, created: Any, size: int, now: Any) -> int:
@@ -1056,12 +1083,12 @@ def record_completions(
     """Uploads proven, in one transaction; the profile's server answered; with `deliver`, the
     on_complete hook of each is due (in the same transaction: a crash cannot lose one)."""
     now = _stamp(utcnow())
+    if _backend["postgresql"]:  # the batch's transaction in one pipeline: one round trip
+        _completions_pg(done, profile, now, deliver)
+        return
     with write():
         if profile is not None and done:
             _sql(_ANSWERED, (node(), profile, now))
-        if _backend["postgresql"]:  # the batch's updates in one pipeline: one round trip
-            _completions_pg(done, now, deliver)
-            return
         for record_id, size, etag, attempt, checksum, options, version_id in done:
             _sql(_COMPLETE, (size, etag, checksum, options, version_id, now, record_id))
             if deliver:
@@ -1072,23 +1099,43 @@ def record_completions(
                 )
 
 
-def _completions_pg(done: Sequence[Completion], now: Any, deliver: bool) -> None:
-    database = _backend["database"]
-    complete = _PG_SQL.get(_COMPLETE) or _PG_SQL.setdefault(_COMPLETE, _COMPLETE.replace("?", "%s"))
-    rows = [(d.size, d.etag, d.checksum, d.options, d.version_id, now, d.record_id) for d in done]
-    with _AS_PEEWEE:
-        cursor = database.cursor()
-        cursor.executemany(complete, rows)
+# PostgreSQL: a batch's completions as one UPDATE over arrays (one statement for the server to
+# run, not one a file), its hook deliveries as one INSERT.
+_COMPLETE_PG = (
+    "UPDATE file_records AS f SET current_state = 'completed', upload_outcome = 'success',"
+    " size = v.size, etag = v.etag, checksum = v.checksum, options = v.options,"
+    " version_id = v.version_id, reason = NULL, error = NULL, retry_count = 0,"
+    " next_attempt_at = NULL, last_updated = %s"
+    " FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[])"
+    " AS v(id, size, etag, checksum, options, version_id) WHERE f.id = v.id"
+)
+_DELIVER_PG = (
+    "INSERT INTO deliveries (record_id, event, state, attempts, next_attempt_at, created_at,"
+    " node) SELECT id, 'complete', 'pending', 0, %s, %s, %s FROM unnest(%s::bigint[]) AS v(id)"
+)
+_RETRIED = (
+    "INSERT INTO retry_attempts (file_record_id, attempt, attempted_at, outcome, node)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _completions_pg(
+    done: Sequence[Completion], profile: str | None, now: Any, deliver: bool
+) -> None:
+    me = node()
+    ids = [d.record_id for d in done]
+    columns = ([d.size for d in done], [d.etag for d in done], [d.checksum for d in done])
+    columns += ([d.options for d in done], [d.version_id for d in done])
+    retried = [(d.record_id, d.attempt, now, Outcome.SUCCESS.value, me) for d in done if d.attempt]
+    with _one_trip() as conn:
+        cursor = conn.cursor()
+        if profile is not None and done:
+            cursor.execute(_pg(_ANSWERED), (me, profile, now))
+        cursor.execute(_COMPLETE_PG, (now, ids, *columns))
         if deliver:
-            hook = _PG_SQL.get(_DELIVER) or _PG_SQL.setdefault(
-                _DELIVER, _DELIVER.replace("?", "%s")
-            )
-            cursor.executemany(hook, [(d.record_id, "complete", now, now, node()) for d in done])
-    for d in done:
-        if d.attempt > 0:
-            RetryAttempt.create(
-                file_record_id=d.record_id, attempt=d.attempt, outcome=Outcome.SUCCESS
-            )
+            cursor.execute(_DELIVER_PG, (now, now, me, ids))
+        if retried:
+            cursor.executemany(_pg(_RETRIED), retried)
 
 
 @_resilient

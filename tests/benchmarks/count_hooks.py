@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 _DIR = os.environ.get("FLOOD_BENCH_COUNT_DIR")
+READ_ONLY = 1  # psycopg's Wait.R (selectors.EVENT_READ): the client waits to read, nothing to send
 _counts: dict[str, int] = {}
 _owner = 0
 
@@ -79,15 +80,31 @@ def _install() -> None:
 
 
 def _install_psycopg() -> None:
-    """psycopg's statements (by their first word) and its round trips: Connection.wait runs
-    one exchange with the server to its end (a statement, or a pipeline's sync)."""
+    """psycopg's statements (by their first word) and its round trips: each time the client
+    has sent what it had and waits to read the server's answer (a wait for reading alone;
+    a pipeline sends its statements while reading what has come back, and waits once, at its
+    sync), whatever the number of Connection.wait calls that take it there."""
     import psycopg
 
     wait = psycopg.Connection.wait
 
-    def counted_wait(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _bump("db_round_trip")
-        return wait(self, *args, **kwargs)
+    def watched(gen: Any) -> Any:
+        reading = False
+        try:
+            state = gen.send(None)
+            while True:
+                if int(state) == READ_ONLY:
+                    if not reading:
+                        _bump("db_round_trip")
+                    reading = True
+                else:
+                    reading = False
+                state = gen.send((yield state))
+        except StopIteration as done:
+            return done.value
+
+    def counted_wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        return wait(self, watched(gen), *args, **kwargs)
 
     setattr(psycopg.Connection, "wait", counted_wait)  # noqa: B010 - patching
     for name in ("execute", "executemany"):

@@ -8,9 +8,10 @@ import hashlib
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import peewee as pw
 import pytest
 
 from flood import dburl, records
@@ -27,6 +28,21 @@ BAD = os.fsdecode(b"bad-name-\xff.txt")
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[str]:
     path = str(tmp_path / "flood.db")
+    records.open_db(path)
+    yield path
+    records.close_db()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The records in SQLite, then in a fresh PostgreSQL database (the test id says which):
+    for the functions whose SQL differs between the two."""
+    path = str(tmp_path / "flood.db")
+    if request.param == "postgresql":
+        path, pgpass = request.getfixturevalue("pg_database")()
+        monkeypatch.setenv("PGPASSFILE", str(pgpass))
     records.open_db(path)
     yield path
     records.close_db()
@@ -141,20 +157,31 @@ def test_a_new_database_is_private_and_current(tmp_path: Path) -> None:
     assert records.check_db(path) == records.SCHEMA_VERSION
 
 
-def test_a_claim_continues_the_producers_passage(db: str) -> None:
-    """flood-copy's passage (incoming_tmp, then incoming) is the one the claim continues; a
-    file nobody recorded gets a passage of its own."""
+def test_a_claim_continues_the_producers_passage(any_db: str) -> None:
+    """flood-copy's passage (incoming_tmp, then incoming) is the one the claim continues, the
+    one in incoming/ before a newer copy's still in incoming_tmp; a file nobody recorded gets
+    a passage of its own; the ids come back in the claims' order."""
     copied = FileRef("p", "b", "copied.txt")
     rid = records.record_queued(copied, State.INCOMING_TMP, None, 3)
     records.record_queued(copied, State.INCOMING, None, 3, record_id=rid)
+    newer = records.record_queued(copied, State.INCOMING_TMP, None, 5)
     stray = FileRef("p", "b", "stray.txt")
-    ids = records.record_claims([Claim(copied, None, 3), Claim(stray, None, 4)])
-    assert ids[0] == rid and ids[1] != rid
-    assert [(p.state, p.size) for p in records.passages(copied)] == [("processing", 3)]
+    staged = FileRef("p", "b2", "staged.txt")
+    tmp_only = records.record_queued(staged, State.INCOMING_TMP, None, 6)
+    others = [Claim(FileRef("p", "b", f"new-{n}"), None, n) for n in range(5)]
+    claims = [Claim(stray, None, 4), Claim(copied, None, 3), *others, Claim(staged, None, 6)]
+    ids = records.record_claims(claims)
+    assert ids[1] == rid and ids[-1] == tmp_only and len(set(ids)) == len(claims)
+    assert [(p.id, p.state) for p in records.passages(copied)] == [
+        (rid, "processing"),
+        (newer, "incoming_tmp"),
+    ]
     assert [(p.state, p.size) for p in records.passages(stray)] == [("processing", 4)]
+    for claim, record_id in zip(others, ids[2:-1], strict=True):
+        assert [(p.id, p.size) for p in records.passages(claim.ref)] == [(record_id, claim.size)]
 
 
-def test_a_retry_keeps_its_due_time_and_count(db: str) -> None:
+def test_a_retry_keeps_its_due_time_and_count(any_db: str) -> None:
     """A scheduled retry is on record with its count and due time; its success adds a row."""
     ref = FileRef("p", "b", "k")
     [rid] = records.record_claims([Claim(ref, None, 1)])
@@ -168,7 +195,7 @@ def test_a_retry_keeps_its_due_time_and_count(db: str) -> None:
     assert [(a.attempt, a.outcome) for a in passage.attempts] == [(1, "success")]
 
 
-def test_non_utf8_names_are_stored_escaped_and_found_again(db: str) -> None:
+def test_non_utf8_names_are_stored_escaped_and_found_again(any_db: str) -> None:
     """A name that is not UTF-8 is stored with backslash escapes by every function that takes
     a key, and the escaped form leads back to the file's real name."""
     ref = FileRef("p", "b", BAD)
@@ -404,3 +431,36 @@ def test_lifting_a_hold_makes_the_retries_it_covers_due(db: str) -> None:
     assert records.release("p", "")
     assert records.due_keys("p") == {("held", "k"), ("other", "k")}
     assert not records.release("p", "")  # no hold: nothing to lift
+
+
+def test_a_postgresql_batch_that_fails_midway_writes_none_of_it(
+    pg_database: Callable[[], tuple[str, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a batch's completions go as one pipeline in one transaction: a value the
+    server refuses (after the batch's first statement ran) leaves every row as it was, and the
+    connection serves the next batch."""
+    url, pgpass = pg_database()
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    records.open_db(url)
+    try:
+        ids = records.record_claims([Claim(FileRef("p", "b", f"k{i}"), None, 1) for i in range(3)])
+        too_big = 2**63  # not a bigint: the server refuses the batch's update
+        batch = [Completion(i, too_big if n == 1 else 1, "e", 0) for n, i in enumerate(ids)]
+        with pytest.raises(pw.DataError):
+            records.record_completions(batch, "p")
+
+        def states() -> list[str]:
+            rows = records.FileRecord.select().where(records.FileRecord.id.in_(ids))
+            return sorted(str(r.current_state) for r in rows)
+
+        assert states() == ["processing"] * 3
+        assert records.due_deliveries(records.utcnow()) == []
+        done = [Completion(i, 1, "e", 2 if n == 0 else 0) for n, i in enumerate(ids)]
+        records.record_completions(done, "p", deliver=True)
+        assert states() == ["completed"] * 3
+        due = records.due_deliveries(records.utcnow() + dt.timedelta(seconds=1))
+        assert sorted(d.record_id for d in due) == sorted(ids)
+        retried = records.RetryAttempt.select().where(records.RetryAttempt.file_record_id == ids[0])
+        assert [(r.attempt, r.outcome) for r in retried] == [(2, "success")]
+    finally:
+        records.close_db()

@@ -1003,7 +1003,8 @@ def _pg(query: str) -> str:
 def _claims_pg(claims: Sequence[Claim], now: Any) -> list[int]:
     keys = [(ref.profile, ref.bucket, text(ref.key)) for ref, _, _ in claims]
     if len(set(keys)) < len(keys):  # never from an uploader (one claim a file); kept correct
-        return [_claims_pg([claim], now)[0] for claim in claims]
+        with write():
+            return [_claims_pg([claim], now)[0] for claim in claims]
     params = {
         "profiles": [profile for profile, _, _ in keys],
         "buckets": [bucket for _, bucket, _ in keys],

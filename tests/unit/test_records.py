@@ -179,6 +179,9 @@ def test_a_claim_continues_the_producers_passage(any_db: str) -> None:
     assert [(p.state, p.size) for p in records.passages(stray)] == [("processing", 4)]
     for claim, record_id in zip(others, ids[2:-1], strict=True):
         assert [(p.id, p.size) for p in records.passages(claim.ref)] == [(record_id, claim.size)]
+    twice = FileRef("p", "b", "twice.txt")  # one key twice in a batch: a passage each, in order
+    first, second = records.record_claims([Claim(twice, None, 1), Claim(twice, None, 2)])
+    assert [(p.id, p.size) for p in records.passages(twice)] == [(first, 1), (second, 2)]
 
 
 def test_a_retry_keeps_its_due_time_and_count(any_db: str) -> None:

@@ -1125,8 +1125,8 @@ def _completions_pg(
 ) -> None:
     me = node()
     ids = [d.record_id for d in done]
-    columns = ([d.size for d in done], [d.etag for d in done], [d.checksum for d in done])
-    columns += ([d.options for d in done], [d.version_id for d in done])
+    columns = [[d.size for d in done], [d.etag for d in done], [d.checksum for d in done]]
+    columns += [[d.options for d in done], [d.version_id for d in done]]
     retried = [(d.record_id, d.attempt, now, Outcome.SUCCESS.value, me) for d in done if d.attempt]
     with _one_trip() as conn:
         cursor = conn.cursor()

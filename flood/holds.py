@@ -62,15 +62,6 @@ class Holds:
         if before - set(self.cached):
             self.released = True
 
-    def lifted(self, now: float) -> bool:
-        """For an uploader with files waiting on a hold and nothing else to do: the records are
-        read again (at most once a second, and only while a hold of this profile is known),
-        and True once if a hold was lifted since."""
-        known = any(key[0] == self.profile for key in self.cached)
-        if known and now - self.read_at > HOLDS_TTL:
-            self.refresh(now)
-        return self.take_released()
-
     def take_released(self) -> bool:
         """True once after a hold of this profile (or of one of its buckets) was lifted."""
         released, self.released = self.released, False

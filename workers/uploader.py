@@ -126,10 +126,6 @@ class UploaderRole:
         if self.waiting and now >= self.next_due_check:
             self.next_due_check = now + DUE_CHECK
             self.take_up_made_due(now)
-            # A lift seen by no batch of this process (it had none to run) frees what
-            # waited on the hold all the same: they are due now, not HELD_WAIT later.
-            if self.uploads is not None and self.uploads.holds.lifted(now):
-                self.due_now(now)
         job = self.next_job(now)
         if job is None:
             return
@@ -153,7 +149,8 @@ class UploaderRole:
 
     def take_up_made_due(self, now: float) -> None:
         """Retries the records say are due now though this process has them for later
-        (flood-requeue --waiting wrote so): due now here too."""
+        (flood-requeue --waiting wrote so, or a lifted hold: records.release): due now here too,
+        also when no batch runs to notice a lift."""
         later = [w for w in self.waiting if w[0] > now]
         if not later:
             return

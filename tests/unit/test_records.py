@@ -16,7 +16,6 @@ import pytest
 
 from flood import dburl, records
 from flood.errors import ConfigError
-from flood.holds import Holds
 from flood.jobs import FileRef
 from flood.records import Claim, Completion
 from flood.states import Reason, State
@@ -403,19 +402,6 @@ def test_a_connect_timeout_is_added_only_where_the_url_has_none() -> None:
     URL's own connect_timeout says otherwise (the URL's parameters are never overridden)."""
     assert records._defaults("postgresql://flood@db/flood") == {"connect_timeout": 10}
     assert records._defaults("postgresql://flood@db/flood?connect_timeout=3&sslmode=x") == {}
-
-
-def test_holds_see_a_lift_without_a_file_to_claim(db: str) -> None:
-    """An uploader's view of the holds reads the records again while a hold is known (at most
-    once a second) and says once that it was lifted; with no hold known it reads nothing."""
-    view = Holds("p", client=None, log=None, checked={"b"})
-    assert records.hold("p", "", Reason.UNREACHABLE, "no answer")
-    assert view.held("b", 10.0)
-    records.release("p", "")
-    assert not view.lifted(10.5)  # read 0.5 s ago: not yet read again
-    assert view.lifted(11.5)
-    assert not view.lifted(13.0)  # once
-    assert view.read_at == 11.5  # nothing held any more: no further reads
 
 
 def test_lifting_a_hold_makes_the_retries_it_covers_due(db: str) -> None:

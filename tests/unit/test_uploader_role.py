@@ -7,6 +7,8 @@ import queue
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from flood.credentials import Profile
 from flood.jobs import SHUTDOWN, FileRef, Job
 from flood.layout import Layout
@@ -14,6 +16,7 @@ from flood.passage import Result
 from flood.settings import Settings
 from flood.states import Outcome, State, Step
 from flood.upload import BATCH
+from flood.workers import uploader
 from flood.workers.uploader import BUSY_WAIT, MAX_CRASHES, UploaderRole
 
 NOW = 1_000.0
@@ -37,9 +40,6 @@ class Holds:
         released, self.released = self.released, False
         return released
 
-    def lifted(self, now: float) -> bool:
-        return self.take_released()
-
 
 class Uploads:
     """Plays the pipeline: results scripted per key (a list is consumed one pass at a time)."""
@@ -58,6 +58,13 @@ class Uploads:
 
     def give_up(self, ref: FileRef, error: str) -> None:
         self.given_up.append(ref)
+
+
+@pytest.fixture(autouse=True)
+def no_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop asks the records once a second which waiting retries are due now (requeue
+    --waiting, a lifted hold); here none are, unless a test says so (no database is open)."""
+    monkeypatch.setattr(uploader.records, "due_keys", lambda profile: set())
 
 
 def role(tmp_path: Path) -> tuple[UploaderRole, queue.Queue[Any], Uploads]:
@@ -166,14 +173,20 @@ def test_a_lifted_hold_makes_every_waiting_file_due(tmp_path: Path) -> None:
     assert fake.batches[-1] == [Job(State.PROCESSING, "b", "late")]
 
 
-def test_a_lifted_hold_frees_the_waiting_files_of_an_idle_uploader(tmp_path: Path) -> None:
+def test_a_lifted_hold_frees_the_waiting_files_of_an_idle_uploader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With nothing else queued (no batch to notice the lift), the loop still looks: the
-    file that waited for the hold goes up within a second of it, not when its wait ends."""
+    file that waited for the hold goes up within a second of it, not when its wait ends
+    (lifting a hold makes its retries due in the records, which the loop reads once a second
+    while files wait)."""
     up, jobs, fake = role(tmp_path)
+    due: set[tuple[str, str]] = set()
+    monkeypatch.setattr(uploader.records, "due_keys", lambda profile: due)
     fake.script["held"] = [Result(Step.RETRY, NOW + 60)]
     jobs.put(Job(State.INCOMING, "b", "held"))
     up.loop(NOW)
-    fake.holds.released = True
+    due.add(("b", "held"))  # the hold lifted: records.release made its retry due
     up.loop(NOW + 1.5)  # the once-a-second look: due now
     up.loop(NOW + 1.5)
     assert fake.batches[-1] == [Job(State.PROCESSING, "b", "held")]
